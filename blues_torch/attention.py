@@ -1,0 +1,159 @@
+"""Rotary embeddings and causal GQA attention with interchangeable backends.
+
+All functions take q/k/v in the `[B, T, heads, Dh]` layout (flash-attn's native one). The
+`reference` backend is the definition (docs/architecture.md); `sdpa` and `flash_attn` compute the
+same function faster. `attention(..., impl="auto")` picks the fastest one that can do the job.
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+from blues.errors import ConfigError
+
+logger = logging.getLogger("blues")
+
+ATTN_IMPLS = ("auto", "flash_attn", "sdpa", "reference")
+
+
+# ---- RoPE ------------------------------------------------------------------------------------------
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of the rotary angles, float32, each half repeated: [*positions.shape, Dh]."""
+    # inv_freq[j] = theta^(-2j/Dh). Computed in float64 and rounded once, so both frameworks get
+    # the correctly rounded float32 frequencies; the angles themselves are float32 (design page).
+    exponent = torch.arange(0, head_dim // 2, dtype=torch.float64, device=positions.device) * 2.0 / head_dim
+    inv_freq = (theta ** -exponent).to(torch.float32)  # [Dh/2]
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # [..., Dh/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [..., Dh]: dimension i pairs with i + Dh/2
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE. x [B, T, heads, Dh]; cos/sin [T, Dh] or [B, T, Dh]. Same dtype out as in."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [..., T, 1, Dh]: broadcast over heads
+    xf = x.float()  # rotate in float32 so a bf16 input loses nothing beyond its own rounding
+    x1, x2 = xf.chunk(2, dim=-1)  # [B, T, heads, Dh/2] each
+    rotated = torch.cat([-x2, x1], dim=-1)  # [B, T, heads, Dh]: rotate_half
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+# ---- backends --------------------------------------------------------------------------------------
+
+def _causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
+    """[Tq, Tk] bool, True where attention is allowed. Queries are the last Tq of the Tk positions
+    (bottom-right alignment, as flash-attn), so the same mask serves a KV-cache decode step."""
+    q_pos = torch.arange(t_k - t_q, t_k, device=device)[:, None]  # [Tq, 1]
+    k_pos = torch.arange(t_k, device=device)[None, :]  # [1, Tk]
+    return k_pos <= q_pos
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                        softcap: float | None) -> torch.Tensor:
+    """The definition: q [B, T, H, Dh], k/v [B, S, K, Dh] -> [B, T, H, Dh]; float32 throughout."""
+    b, t, h, dh = q.shape
+    s, kv = k.shape[1], k.shape[2]
+    # Query head j reads kv head j // (H/K): split H into (K, H/K) instead of repeating K and V.
+    qg = q.float().view(b, t, kv, h // kv, dh)  # [B, T, K, G, Dh]
+    scores = torch.einsum("btkgd,bskd->bkgts", qg, k.float()) / math.sqrt(dh)  # [B, K, G, T, S]
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~_causal_mask(t, s, q.device), float("-inf"))
+    probs = scores.softmax(dim=-1)
+    out = torch.einsum("bkgts,bskd->btkgd", probs, v.float())  # [B, T, K, G, Dh]
+    return out.reshape(b, t, h, dh).to(q.dtype)
+
+
+def _sdpa_attention(q, k, v):
+    t, s = q.shape[1], k.shape[1]
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, heads, T, Dh]: SDPA's layout
+    if t == s:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    else:  # SDPA's is_causal is top-left aligned; a decode step needs bottom-right
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(t, s, q.device), enable_gqa=True)
+    return out.transpose(1, 2)  # [B, T, H, Dh]
+
+
+def _flash_attention(q, k, v, softcap):
+    from flash_attn import flash_attn_func
+    kwargs = {} if softcap is None else {"softcap": softcap}
+    return flash_attn_func(q, k, v, causal=True, **kwargs)  # [B, T, H, Dh]; GQA native
+
+
+_FLASH_STATUS: tuple[bool, bool] | None = None
+
+
+def _flash_attn_status() -> tuple[bool, bool]:
+    """(importable, supports softcap); checked once per process."""
+    global _FLASH_STATUS
+    if _FLASH_STATUS is None:
+        _FLASH_STATUS = (False, False)
+        if importlib.util.find_spec("flash_attn") is not None:
+            try:
+                from flash_attn import flash_attn_func
+                _FLASH_STATUS = (True, "softcap" in inspect.signature(flash_attn_func).parameters)
+            except Exception as e:  # a broken build (ABI mismatch) must not take the model down
+                logger.warning("flash_attn is installed but failed to import (%s); not using it", e)
+    return _FLASH_STATUS
+
+
+def _choose(impl: str, device_type: str, dtype: torch.dtype, has_softcap: bool) -> str:
+    if impl not in ATTN_IMPLS:
+        raise ConfigError(f"attn_impl '{impl}' is unknown; choose one of {', '.join(ATTN_IMPLS)}")
+    flash_ok, flash_softcap = _flash_attn_status()
+    flash_usable = flash_ok and device_type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    if impl == "flash_attn":
+        if not flash_usable:
+            raise ConfigError("attn_impl 'flash_attn' needs the flash-attn package, a CUDA device and "
+                              f"fp16/bf16 activations (have {device_type}, {dtype}); use attn_impl 'auto'")
+        if has_softcap and not flash_softcap:
+            raise ConfigError("attn_impl 'flash_attn': this flash-attn build has no softcap "
+                              "(needs flash-attn >= 2.6); use attn_impl 'auto' or 'reference'")
+        chosen = "flash_attn"
+    elif impl == "auto":
+        if flash_usable and (flash_softcap or not has_softcap):
+            chosen = "flash_attn"
+        elif has_softcap:
+            logger.warning("attention: attn_logit_softcap is set and no fast kernel here can apply it "
+                           "(%s, %s); falling back to the reference implementation", device_type, dtype)
+            return "reference"
+        else:
+            chosen = "sdpa"
+    elif impl == "sdpa" and has_softcap:
+        logger.warning("attention: SDPA cannot apply attn_logit_softcap; falling back to the "
+                       "reference implementation")
+        return "reference"
+    else:
+        chosen = impl
+    logger.info("attention backend: %s (requested %s, %s, %s)", chosen, impl, device_type, dtype)
+    return chosen
+
+
+# Resolved backends by (impl, device type, dtype, has softcap): each choice is made, and logged,
+# once per process rather than once per layer and step. A plain dict rather than functools.cache,
+# which torch.compile warns about and traces through anyway.
+_RESOLVED: dict[tuple[str, str, torch.dtype, bool], str] = {}
+
+
+def resolve_attn_impl(impl: str, device: torch.device | str, dtype: torch.dtype, softcap: float | None) -> str:
+    """The backend `attention` will use for these inputs: 'flash_attn', 'sdpa' or 'reference'."""
+    key = (impl, torch.device(device).type, dtype, softcap is not None)
+    if key not in _RESOLVED:
+        _RESOLVED[key] = _choose(*key)
+    return _RESOLVED[key]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softcap: float | None,
+              impl: str = "auto") -> torch.Tensor:
+    """Causal GQA attention, scale 1/sqrt(Dh). q [B, T, H, Dh], k/v [B, S, K, Dh] -> [B, T, H, Dh]."""
+    backend = resolve_attn_impl(impl, q.device, q.dtype, softcap)
+    if backend == "flash_attn":
+        return _flash_attention(q, k, v, softcap)
+    if backend == "sdpa":
+        return _sdpa_attention(q, k, v)
+    return reference_attention(q, k, v, softcap=softcap)

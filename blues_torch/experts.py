@@ -1,0 +1,139 @@
+"""Mixture-of-experts pieces: routing, the capacity rule, dropless expert compute, router losses.
+
+Everything works on flattened tokens: x [N, d] with N = B*T in (b, t) order, which is the "token
+order" of the capacity priority rule.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class Routing(NamedTuple):
+    logits: torch.Tensor  # [N, E] float32 router logits, before noise (the z-loss reads these)
+    probs: torch.Tensor  # [N, E] float32 softmax of the (noisy, in training) logits
+    weights: torch.Tensor  # [N, k] float32 gate weights of the chosen experts
+    indices: torch.Tensor  # [N, k] int64 chosen experts, best first, ties to the lower index
+
+
+def route(x: torch.Tensor, router: torch.Tensor, *, k: int, noise_std: float, normalize: bool,
+          generator: torch.Generator | None, training: bool, noise: torch.Tensor | None = None) -> Routing:
+    """Top-k softmax routing. x [N, d], router [d, E].
+
+    Noise N(0, 1) * noise_std is added to the logits in training only; `noise` [N, E] is a
+    pre-drawn standard-normal sample (the model draws all layers' noise up front so gradient
+    checkpointing recomputes identical routing), else it is drawn from `generator`.
+    """
+    # The router runs in float32 even under bf16 autocast: top-k choices must not flip with
+    # rounding, and the z-loss squares these logits.
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        logits = x.float() @ router.float()  # [N, E]
+    noisy = logits
+    if training and noise_std > 0:
+        if noise is None:
+            noise = torch.randn(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
+        noisy = logits + noise_std * noise
+    probs = noisy.softmax(dim=-1)  # [N, E]
+    # A stable descending sort keeps equal probabilities in index order, so ties go to the lower
+    # expert index; torch.topk leaves the order of ties unspecified.
+    order = torch.sort(probs, dim=-1, descending=True, stable=True).indices  # [N, E]
+    indices = order[:, :k]  # [N, k]
+    weights = probs.gather(1, indices)  # [N, k]
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return Routing(logits, probs, weights, indices)
+
+
+def capacity_keep(indices: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """keep [N, k] bool: which assignments an expert of `capacity` slots admits.
+
+    Priority: all first choices in token order, then all second choices in token order, ... Each
+    assignment's slot is the number of earlier assignments (in that order) to the same expert.
+    """
+    n, k = indices.shape
+    flat = indices.t().reshape(-1)  # [k*N] in (choice, token) order: the priority order
+    one_hot = (flat[:, None] == torch.arange(num_experts, device=flat.device)).long()  # [k*N, E]
+    slot = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1  # [k*N] 0-based slot in its expert
+    return (slot < capacity).view(k, n).t()  # [N, k]
+
+
+def expert_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64: how many entries of `indices` (any shape) name each expert."""
+    # index_add_ rather than torch.bincount: CUDA bincount reads the max back to the host (a sync).
+    flat = indices.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
+
+
+def _grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """torch._grouped_mm runs bf16 on Hopper/Blackwell and needs every row stride and base pointer
+    16-byte aligned, i.e. each inner dimension a multiple of 8 bf16 elements."""
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
+        return False
+    if torch.cuda.get_device_capability(x.device)[0] not in (9, 10):
+        return False
+    return all(w.dtype == torch.bfloat16 and w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0 for w in weights)
+
+
+def _expert_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_grouped: bool) -> torch.Tensor:
+    """Row block e of x (rows sorted by expert, counts[e] rows each) times w[e]. x [M, a], w [E, a, b] -> [M, b]."""
+    if use_grouped:
+        offs = counts.cumsum(0).to(torch.int32)  # [E] end row of each expert's block
+        return torch._grouped_mm(x, w, offs=offs)
+    # Portable path: one matmul per expert on its contiguous slice; an expert never sees a token
+    # it was not routed to, and empty experts cost nothing.
+    blocks = [x_e @ w[e] for e, x_e in enumerate(x.split(counts.tolist())) if x_e.shape[0] > 0]
+    return torch.cat(blocks) if blocks else x.new_zeros(0, w.shape[-1])
+
+
+def expert_mlp(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None,
+               w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+    """y[n] = sum_j keep[n,j] * weights[n,j] * Expert_{indices[n,j]}(x[n]).
+
+    x [N, d], indices/weights/keep [N, k] (keep None = dropless), w_in [E, d, 2F], w_out [E, F, d]
+    -> y [N, d]. Assignments are sorted by expert, their tokens gathered into one [M, d] block and
+    each projection is one grouped GEMM (or a loop over experts), so only routed pairs are computed.
+    """
+    n, k = indices.shape
+    num_experts = w_in.shape[0]
+    # Under autocast the experts run in the autocast dtype (grouped_mm is not on autocast's list,
+    # so cast explicitly); accumulation of the k contributions is float32.
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    w_in, w_out = w_in.to(dtype), w_out.to(dtype)
+
+    expert = indices.reshape(-1)  # [N*k] assignment -> expert
+    token = torch.arange(n, device=x.device).repeat_interleave(k)  # [N*k] assignment -> token
+    gate = weights.reshape(-1)  # [N*k]
+    if keep is not None:  # capacity mode: refused assignments are not computed at all (the
+        # kept count is data-dependent, so this boolean selection waits for the device)
+        kept = keep.reshape(-1)
+        expert, token, gate = expert[kept], token[kept], gate[kept]  # [M]
+    order = torch.argsort(expert, stable=True)  # [M] group assignments by expert
+    token, gate = token[order], gate[order]
+    counts = expert_counts(expert, num_experts)  # [E] rows per expert block
+
+    xs = x.to(dtype)[token]  # [M, d]
+    use_grouped = _grouped_mm_ok(xs, w_in, w_out)
+    hidden = _expert_matmul(xs, w_in, counts, use_grouped)  # [M, 2F]
+    # columns [0, F) value, [F, 2F) gate. chunk(), not two slices: its backward writes one [M, 2F]
+    # gradient instead of zero-filling a full-size buffer per slice.
+    value, gate_pre = hidden.chunk(2, dim=-1)  # [M, F] each
+    act = F.gelu(gate_pre) * value  # [M, F]; exact erf GeLU (the default)
+    out = _expert_matmul(act, w_out, counts, use_grouped)  # [M, d]
+    out = out.float() * gate[:, None]  # [M, d]
+    y = torch.zeros(n, x.shape[-1], device=x.device, dtype=torch.float32)
+    y.index_add_(0, token, out)  # [N, d]: scatter-add the k contributions back to their tokens
+    return y.to(x.dtype)
+
+
+def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch loss E * sum_e f_e * P_e. probs [N, E], indices [N, k] (before capacity) -> scalar."""
+    f = expert_counts(indices, num_experts).float() / indices.numel()  # [E] fraction of the N*k assignments
+    p = probs.float().mean(dim=0)  # [E] mean router probability
+    return num_experts * (f * p).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE z-loss: mean over tokens of logsumexp(r)^2. logits [N, E] (before noise) -> scalar."""
+    return torch.logsumexp(logits.float(), dim=-1).square().mean()

@@ -1,0 +1,328 @@
+"""KV-cached generation and scoring for the PyTorch model.
+
+- `KVCache`: static, pre-allocated key/value buffers, one pair per layer, `[B, S, K, Dh]`, S = the
+  model's context. Prompts are left-padded so they all end at the same slot: one write index serves
+  the whole batch, and each row's first real slot (`start`) gives its RoPE positions
+  (`slot - start`) and its padding mask. A prompt's tokens therefore get the positions, keys and
+  values they would get alone: its output does not depend on the other prompts in the batch.
+- `generate`: one prefill pass over the padded prompts, then a decode loop of one token per step.
+  Every step has the same shapes and no host synchronisation (the sampler is on the device, the
+  stop test is read only every `STOP_CHECK_EVERY` steps), so on a GPU the step is captured once in
+  a CUDA graph and replayed; a step that cannot be captured falls back, with a warning, to eager.
+- `sample`: the sampling specification of `blues/sampling.py`, on the device.
+- `score`: per-token NLL and routing of a batch of windows, for perplexity (`generate.py`).
+
+The model reads the cache through three calls (mirrored in blues_jax/generation.py):
+`cache.positions(t)` (RoPE positions of the t new tokens, [B, t]; also prepares the step's mask),
+`cache.update(layer, k, v)` (store k/v, return the layer's whole buffers and the [B, t, S] mask)
+and `cache.advance(t)` after the last layer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from blues.sampling import (FMIX_C1, FMIX_C2, MASK32, ROW_MUL, STEP_MUL, TOKEN_MUL, SamplingParams)
+
+logger = logging.getLogger("blues")
+
+STOP_CHECK_EVERY = 16  # decode steps between host reads of "have all rows emitted <|endoftext|>?"
+
+
+# ---- the cache -----------------------------------------------------------------------------------
+
+class KVCache:
+    """Per-layer key/value buffers for a left-padded batch (see the module doc)."""
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], index: torch.Tensor, start: torch.Tensor):
+        self.k, self.v = k, v  # L x [B, S, K, Dh]
+        self.index = index  # int64 []: slots written so far (the same for every row)
+        self.start = start  # int64 [B]: first real (non-padding) slot of each row
+        self._mask: torch.Tensor | None = None  # [B, t, S] of the step in progress
+
+    @classmethod
+    def allocate(cls, config, batch: int, length: int, *, device, dtype=torch.float32) -> "KVCache":
+        shape = (batch, length, config.num_key_value_heads, config.head_dim)
+        # Zeros, not empty: masked slots get probability exactly 0, and 0 * NaN would still be NaN.
+        k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        return cls(k, v, torch.zeros((), dtype=torch.int64, device=device),
+                   torch.zeros(batch, dtype=torch.int64, device=device))
+
+    @property
+    def length(self) -> int:
+        return self.k[0].shape[1]
+
+    def reset(self, start: torch.Tensor) -> None:
+        """Reuse the buffers for a new batch (in place, so a captured CUDA graph stays valid)."""
+        self.index.zero_()
+        self.start.copy_(start)
+
+    def positions(self, t: int) -> torch.Tensor:
+        """RoPE positions of the next t tokens, [B, t]; also builds this step's attention mask."""
+        slots = self.index + torch.arange(t, device=self.index.device)  # [t] slots being written
+        keys = torch.arange(self.length, device=self.index.device)  # [S]
+        causal = keys[None, :] <= slots[:, None]  # [t, S]
+        real = keys[None, None, :] >= self.start[:, None, None]  # [B, 1, S] not a padding slot
+        # A padding query attends to itself only (finite garbage that no real query ever reads),
+        # so no softmax row is empty.
+        self._mask = causal[None] & (real | (keys[None, :] == slots[:, None])[None])  # [B, t, S]
+        return (slots[None, :] - self.start[:, None]).clamp(min=0)  # [B, t]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k/v [B, t, K, Dh] at the next t slots; -> (k, v [B, S, K, Dh], mask [B, t, S])."""
+        slots = self.index + torch.arange(k.shape[1], device=k.device)  # [t]
+        self.k[layer].index_copy_(1, slots, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(1, slots, v.to(self.v[layer].dtype))
+        return self.k[layer], self.v[layer], self._mask
+
+    def advance(self, t: int) -> None:
+        self.index += t
+
+
+# ---- sampling on the device ----------------------------------------------------------------------
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    # uint32 arithmetic in int64: products of two 32-bit values wrap modulo 2^64, and the mask
+    # keeps the low 32 bits, which is exactly the uint32 product.
+    h = h ^ (h >> 16)
+    h = (h * FMIX_C1) & MASK32
+    h = h ^ (h >> 13)
+    h = (h * FMIX_C2) & MASK32
+    return h ^ (h >> 16)
+
+
+def row_keys(seed: int | torch.Tensor, step: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Mirror of blues.sampling.row_keys: [B] int64 holding uint32 values."""
+    s = _fmix32((torch.zeros_like(rows) + seed) & MASK32)
+    s = _fmix32(s ^ ((step * STEP_MUL) & MASK32))
+    return _fmix32(s ^ ((rows * ROW_MUL) & MASK32))
+
+
+def uniforms(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mirror of blues.sampling.uniform_bits: keys [B], ids [B, N] -> u in (0, 1) float32 [B, N]."""
+    h = _fmix32(keys[:, None] ^ ((ids * TOKEN_MUL) & MASK32))  # [B, N]
+    return ((h >> 9).to(torch.float32) + 0.5) * (2.0 ** -23)
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-3 of the spec: logits [B, V] -> (candidate logits [B, C], their ids [B, C]); rejected
+    candidates hold -inf. Greedy is handled by `sample`."""
+    z = logits.float() / params.temperature  # [B, V]
+    b, vocab = z.shape
+    k = params.active_top_k(vocab)
+    if k:
+        # Exactly k kept, ties at the k-th value to the lower ids (torch.topk leaves ties unordered).
+        kth = torch.topk(z, k, dim=-1).values[:, -1:]  # [B, 1]
+        above, tied = z > kth, z == kth  # [B, V]
+        room = k - above.sum(-1, keepdim=True)  # [B, 1] tied tokens that still fit
+        keep = above | (tied & (tied.cumsum(-1) <= room))  # [B, V]
+        vals, ids = torch.topk(z.masked_fill(~keep, float("-inf")), k, dim=-1)  # [B, k]: the kept set
+        if params.active_top_p:  # rank order: logit descending, then id ascending
+            ids, order = ids.sort(dim=-1)
+            vals = vals.gather(1, order)
+            vals, order = vals.sort(dim=-1, descending=True, stable=True)
+            ids = ids.gather(1, order)
+    elif params.active_top_p:
+        vals, ids = z.sort(dim=-1, descending=True, stable=True)  # [B, V] stable: ties by id
+    else:
+        vals, ids = z, torch.arange(vocab, device=z.device).expand(b, vocab)
+    if params.active_top_p:
+        probs = vals.softmax(dim=-1)  # [B, C]
+        cum = torch.cumsum(probs, dim=-1)  # [B, C]
+        before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=-1)  # [B, C] mass ranked ahead
+        vals = vals.masked_fill(before >= params.top_p, float("-inf"))  # rank 0 has 0 < p: always kept
+    return vals, ids
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, step: torch.Tensor, rows: torch.Tensor,
+           seed: torch.Tensor | None = None) -> torch.Tensor:
+    """The next token of each row: logits [B, V] -> ids [B] (int64). `step` int64 [] on the device;
+    `seed` (int64 [] on the device) overrides params.seed, so a captured graph serves every seed."""
+    if params.greedy:
+        return logits.argmax(dim=-1)  # first maximum: ties to the lower id
+    vals, ids = filter_logits(logits, params)  # [B, C]
+    keys = row_keys(params.seed if seed is None else seed, step, rows)  # [B]
+    g = -torch.log(-torch.log(uniforms(keys, ids)))  # [B, C] Gumbel noise
+    return ids.gather(1, (vals + g).argmax(dim=-1, keepdim=True)).squeeze(1)  # [B]
+
+
+# ---- generation ----------------------------------------------------------------------------------
+
+class _Decoder:
+    """The state of one batch shape: cache, token buffers and (on CUDA) the captured decode step."""
+
+    def __init__(self, model, batch: int, max_new: int, params: SamplingParams, eot_id: int, stop_at_eot: bool):
+        cfg = model.config
+        device = model.embed.device
+        self.model, self.params, self.eot_id, self.stop_at_eot = model, params, eot_id, stop_at_eot
+        # The cache spans the whole context, whatever this call's lengths: one static shape per batch
+        # size, so a captured graph serves every later call of that size.
+        self.cache = KVCache.allocate(cfg, batch, cfg.max_position_embeddings, device=device, dtype=model.embed.dtype)
+        self.rows = torch.arange(batch, device=device)
+        self.step = torch.zeros((), dtype=torch.int64, device=device)  # sampling step of the next token
+        self.seed = torch.zeros((), dtype=torch.int64, device=device)  # set per call: not baked in a graph
+        self.token = torch.zeros(batch, 1, dtype=torch.int64, device=device)  # [B, 1] last sampled
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.out = torch.full((batch, max_new), eot_id, dtype=torch.int64, device=device)  # [B, max_new]
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def emit(self, logits: torch.Tensor) -> None:
+        """Sample from logits [B, V], record the token at column `step`, advance (all on the device)."""
+        nxt = sample(logits, self.params, self.step, self.rows, self.seed)  # [B]
+        if self.stop_at_eot:
+            nxt = torch.where(self.finished, self.eot_id, nxt)
+            self.finished |= nxt == self.eot_id
+        self.out.index_copy_(1, self.step.clamp(max=self.out.shape[1] - 1).view(1), nxt[:, None])
+        self.token.copy_(nxt[:, None])
+        self.step += 1
+
+    def decode_step(self) -> None:
+        logits = self.model(self.token, cache=self.cache).logits[:, -1]  # [B, V]
+        self.emit(logits)
+
+    def capture(self) -> bool:
+        """Capture `decode_step` in a CUDA graph; False (and eager decoding) if it cannot be."""
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up: lazy inits and allocator pools, outside the graph
+                    self.decode_step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.decode_step()
+            self.graph = graph
+            return True
+        except Exception as e:  # e.g. a layer that synchronises with the host
+            logger.warning("decode step could not be captured in a CUDA graph (%s); decoding eagerly",
+                           str(e).splitlines()[0] if str(e) else type(e).__name__)
+            torch.cuda.synchronize()
+            return False
+
+
+_DECODERS: dict = {}
+
+
+def _decoder(model, batch: int, max_new: int, params: SamplingParams, eot_id: int, stop_at_eot: bool,
+             cuda_graphs: bool) -> _Decoder:
+    # One decoder per (model, shape, settings); the output buffer is sized for the context, so any
+    # max_new of a later call fits.
+    context = model.config.max_position_embeddings
+    key = (id(model), batch, dataclasses.replace(params, seed=0), eot_id, stop_at_eot, cuda_graphs)
+    dec = _DECODERS.get(key)
+    if dec is None or dec.model is not model:
+        dec = _Decoder(model, batch, context, params, eot_id, stop_at_eot)
+        if cuda_graphs and not dec.capture():
+            cuda_graphs = False
+        _DECODERS.clear()  # one live decoder at a time: each holds a full-context cache
+        _DECODERS[key] = dec
+    return dec
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [B, P] right-aligned, start [B] = number of padding slots in each row)."""
+    longest = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), longest), pad_id, dtype=np.int64)
+    start = np.zeros(len(prompts), dtype=np.int64)
+    for b, p in enumerate(prompts):
+        ids[b, longest - len(p):] = p
+        start[b] = longest - len(p)
+    return ids, start
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, params: SamplingParams, *,
+             eot_id: int, stop_at_eot: bool = True, on_token: Callable[[int, np.ndarray], None] | None = None,
+             row_offset: int = 0, cuda_graphs: bool | None = None) -> list[list[int]]:
+    """New token ids for each prompt (each prompt a non-empty id list; the caller checks lengths).
+
+    Rows stop at `<|endoftext|>` (not included) when `stop_at_eot`. `on_token(step, ids [B])` is
+    called after every step (it forces a host sync per token: streaming only). Row b draws its
+    random numbers as sample `row_offset + b` (so splitting a request into batches changes nothing).
+    `cuda_graphs`:
+    None = on when the model is on a CUDA device.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        device = model.embed.device
+        cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        ids, start = left_pad(prompts, eot_id)
+        batch, _ = ids.shape
+        dec = _decoder(model, batch, max_new_tokens, params, eot_id, stop_at_eot, cuda_graphs)
+        dec.cache.reset(torch.from_numpy(start).to(device))
+        dec.step.zero_()
+        dec.rows.copy_(torch.arange(batch, device=device) + row_offset)
+        dec.seed.fill_(params.seed & 0xFFFFFFFF)
+        dec.finished.zero_()
+        dec.out.fill_(eot_id)
+
+        logits = model(torch.from_numpy(ids).to(device), cache=dec.cache).logits[:, -1]  # prefill: [B, V]
+        dec.emit(logits)
+        done = 1
+        if on_token is not None:
+            on_token(0, dec.token[:, 0].cpu().numpy())
+        while done < max_new_tokens:
+            if stop_at_eot and done % STOP_CHECK_EVERY == 0 and bool(dec.finished.all()):
+                break
+            if dec.graph is not None:
+                dec.graph.replay()
+            else:
+                dec.decode_step()
+            if on_token is not None:
+                on_token(done, dec.token[:, 0].cpu().numpy())
+            done += 1
+        out = dec.out[:, :done].cpu().numpy()
+    finally:
+        model.train(was_training)
+    return [_until_eot(row, eot_id) if stop_at_eot else row.tolist() for row in out]
+
+
+def _until_eot(row: np.ndarray, eot_id: int) -> list[int]:
+    hits = np.flatnonzero(row == eot_id)
+    return row[:hits[0]].tolist() if hits.size else row.tolist()
+
+
+# ---- scoring (perplexity and routing) ------------------------------------------------------------
+
+@torch.no_grad()
+def score(model, input_ids: np.ndarray, targets: np.ndarray):
+    """Per-token NLL and routing of a batch of windows (plain forward, no cache).
+
+    input_ids, targets [B, T] int (targets -100 = not scored). Returns numpy arrays: nll [B, T]
+    float32 (0 where not scored), expert_indices [L, B, T, k], router_entropy [L, B, T] (nats).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        device = model.embed.device
+        ids = torch.as_tensor(input_ids, dtype=torch.int64, device=device)
+        tgt = torch.as_tensor(targets, dtype=torch.int64, device=device)
+        out = model(ids)
+        logits = out.logits.float()  # [B, T, V]
+        nll = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100,
+                              reduction="none").view(tgt.shape)  # [B, T]
+        probs = out.router_probs.float()  # [L, B, T, E]
+        entropy = -torch.special.xlogy(probs, probs).sum(-1)  # [L, B, T]
+        return nll.cpu().numpy(), out.expert_indices.cpu().numpy(), entropy.cpu().numpy()
+    finally:
+        model.train(was_training)
+
+
+def plain_logits(model, input_ids: np.ndarray) -> np.ndarray:
+    """Full-forward logits [B, T, V] as float32 numpy (tests compare the cache against this)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ids = torch.as_tensor(input_ids, dtype=torch.int64, device=model.embed.device)
+            return model(ids).logits.float().cpu().numpy()
+    finally:
+        model.train(was_training)

@@ -1,0 +1,244 @@
+"""The Blues model in PyTorch: a decoder of GQA attention + mixture-of-experts blocks.
+
+Mirrors blues_jax/model.py class for class and attribute for attribute (docs/architecture.md,
+"The shared module tree"). Every matrix is a raw parameter in `x @ W` orientation, so each
+parameter *is* its canonical tensor (blues/layout.py) and `model.get_parameter(spec.path)` works
+for every row of the layout table; the one exception is the embedding's zero padding rows.
+
+Precision: norms, softmaxes, the router and the losses run in float32; under bf16 autocast the
+matmuls run in bf16 while the residual stream stays in the parameters' dtype.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from blues.config import BluesConfig
+from blues.errors import BluesError, ConfigError
+from blues_torch.attention import ATTN_IMPLS, apply_rope, attention, rope_cos_sin
+from blues_torch.experts import (capacity_keep, expert_counts, expert_mlp, load_balancing_loss, route,
+                                 router_z_loss)
+from blues_torch.loss import chunked_lm_loss, cross_entropy, lm_head_logits
+
+
+@dataclass
+class BluesOutput:
+    logits: torch.Tensor | None  # [B, T, V]; None in training with targets (loss computed in chunks)
+    loss: torch.Tensor | None  # lm + aux_coef * aux + z_coef * z; None without targets
+    lm_loss: torch.Tensor | None  # mean cross-entropy over targets != -100; None without targets
+    aux_loss: torch.Tensor  # Switch load-balancing loss, mean over layers
+    z_loss: torch.Tensor  # router z-loss, mean over layers
+    expert_indices: torch.Tensor  # [L, B, T, k] chosen experts, best first
+    router_probs: torch.Tensor  # [L, B, T, E] router softmax (detached: a diagnostic)
+    expert_counts: torch.Tensor  # [L, E] assignments each expert received, before capacity
+    dropped: torch.Tensor  # [L] assignments refused by capacity (0 when dropless)
+
+
+class RouterStats(NamedTuple):
+    """What one MoE layer reports besides its output."""
+    indices: torch.Tensor  # [B, T, k]
+    probs: torch.Tensor  # [B, T, E]
+    aux_loss: torch.Tensor  # scalar
+    z_loss: torch.Tensor  # scalar
+    counts: torch.Tensor  # [E]
+    dropped: torch.Tensor  # scalar int
+
+
+class RMSNorm(nn.Module):
+    """y = x * rsqrt(mean(x^2) + eps) * scale, in float32, cast back to x's dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + self.eps) * self.scale.float()
+        return y.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention with RoPE; H query heads share K key/value heads."""
+
+    def __init__(self, config: BluesConfig, *, attn_impl: str = "auto"):
+        super().__init__()
+        d, dh = config.hidden_size, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, dh
+        self.softcap = config.attn_logit_softcap
+        self.attn_impl = attn_impl
+        self.q = nn.Parameter(torch.empty(d, self.n_heads * dh))  # column h*Dh + j: head h, dim j
+        self.k = nn.Parameter(torch.empty(d, self.n_kv_heads * dh))
+        self.v = nn.Parameter(torch.empty(d, self.n_kv_heads * dh))
+        self.o = nn.Parameter(torch.empty(self.n_heads * dh, d))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x [B, T, d]; cos/sin [T, Dh], the rotary angles of these T positions.
+        b, t, _ = x.shape
+        q = (x @ self.q).view(b, t, self.n_heads, self.head_dim)  # [B, T, H, Dh]
+        k = (x @ self.k).view(b, t, self.n_kv_heads, self.head_dim)  # [B, T, K, Dh]
+        v = (x @ self.v).view(b, t, self.n_kv_heads, self.head_dim)  # [B, T, K, Dh]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # A KV cache slots in here: append k, v to the cache and attend over all cached positions
+        # (attention() aligns the causal mask bottom-right, so Tq < Tk already works).
+        out = attention(q, k, v, softcap=self.softcap, impl=self.attn_impl)  # [B, T, H, Dh]
+        return out.reshape(b, t, self.n_heads * self.head_dim) @ self.o  # [B, T, d]
+
+
+class MoE(nn.Module):
+    """Top-k routed mixture of gated-GeLU experts (dropless, or capacity-limited)."""
+
+    def __init__(self, config: BluesConfig):
+        super().__init__()
+        d, e, f = config.hidden_size, config.tot_num_experts, config.expert_hidden_size
+        self.config = config
+        self.router = nn.Parameter(torch.empty(d, e))
+        self.w_in = nn.Parameter(torch.empty(e, d, 2 * f))  # columns [0, F) value, [F, 2F) gate
+        self.w_out = nn.Parameter(torch.empty(e, f, d))
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats]:
+        # x [B, T, d]; noise [N, E] standard normal for the router in training (None: draw here).
+        cfg = self.config
+        b, t, d = x.shape
+        e, k = cfg.tot_num_experts, cfg.chosen_num_experts
+        xf = x.reshape(b * t, d)  # [N, d], tokens in (b, t) order
+        r = route(xf, self.router, k=k, noise_std=cfg.router_noise_std, normalize=cfg.normalize_router_weights,
+                  generator=None, training=self.training, noise=noise)
+        capacity = cfg.expert_capacity(b * t)
+        keep = None if capacity is None else capacity_keep(r.indices, e, capacity)  # [N, k]
+        y = expert_mlp(xf, r.indices, r.weights, keep, self.w_in, self.w_out)  # [N, d]
+        stats = RouterStats(
+            indices=r.indices.view(b, t, k),
+            probs=r.probs.detach().view(b, t, e),
+            aux_loss=load_balancing_loss(r.probs, r.indices, e),
+            z_loss=router_z_loss(r.logits),
+            counts=expert_counts(r.indices, e),
+            dropped=(~keep).sum() if keep is not None else torch.zeros((), dtype=torch.int64, device=x.device))
+        return y.view(b, t, d), stats
+
+
+class Block(nn.Module):
+    """h += PostNorm(Attention(Norm(h))); h += PostNorm(MoE(Norm(h))). Post norms are optional."""
+
+    def __init__(self, config: BluesConfig, *, attn_impl: str = "auto"):
+        super().__init__()
+        d, eps = config.hidden_size, config.rms_norm_eps
+        self.dropout = config.dropout
+        self.attn_norm = RMSNorm(d, eps)
+        self.attn = Attention(config, attn_impl=attn_impl)
+        self.attn_post_norm = RMSNorm(d, eps) if config.use_post_norms else None
+        self.moe_norm = RMSNorm(d, eps)
+        self.moe = MoE(config)
+        self.moe_post_norm = RMSNorm(d, eps) if config.use_post_norms else None
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats]:
+        # h [B, T, d] -> [B, T, d]
+        a = self.attn(self.attn_norm(h), cos, sin)
+        if self.attn_post_norm is not None:
+            a = self.attn_post_norm(a)
+        h = h + F.dropout(a, self.dropout, self.training)  # residual-branch dropout (training only)
+        m, stats = self.moe(self.moe_norm(h), noise)
+        if self.moe_post_norm is not None:
+            m = self.moe_post_norm(m)
+        h = h + F.dropout(m, self.dropout, self.training)
+        return h, stats
+
+
+class BluesModel(nn.Module):
+    """Embedding (tied LM head) -> L blocks -> final RMSNorm -> logits."""
+
+    def __init__(self, config: BluesConfig, *, attn_impl: str = "auto", loss_chunk_size: int = 4096,
+                 gradient_checkpointing: bool = False):
+        super().__init__()
+        if attn_impl not in ATTN_IMPLS:
+            raise ConfigError(f"attn_impl '{attn_impl}' is unknown; choose one of {', '.join(ATTN_IMPLS)}")
+        if not (isinstance(loss_chunk_size, int) and loss_chunk_size > 0):
+            raise ConfigError(f"loss_chunk_size must be a positive integer, got {loss_chunk_size!r}")
+        self.config = config
+        self.loss_chunk_size = loss_chunk_size
+        self.gradient_checkpointing = gradient_checkpointing
+        # Vp >= V rows: the padding rows keep the LM-head GEMM tensor-core friendly (blues/config.py).
+        self.embed = nn.Parameter(torch.empty(config.padded_vocab_size, config.hidden_size))
+        self.layers = nn.ModuleList(Block(config, attn_impl=attn_impl) for _ in range(config.num_layers))
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Embedding N(0, 1/d) with zero padding rows; matrices N(0, 1/fan_in), the residual
+        output projections (attn.o, moe.w_out) further scaled by 1/sqrt(2L) (GPT-2); norms 1."""
+        cfg = self.config
+        out_scale = 1.0 / math.sqrt(2 * cfg.num_layers)
+        nn.init.normal_(self.embed, std=cfg.hidden_size ** -0.5)
+        self.embed[cfg.vocab_size:] = 0.0
+        for layer in self.layers:
+            for w in (layer.attn.q, layer.attn.k, layer.attn.v, layer.moe.router, layer.moe.w_in):
+                nn.init.normal_(w, std=w.shape[-2] ** -0.5)  # fan_in is the second-to-last axis
+            for w in (layer.attn.o, layer.moe.w_out):
+                nn.init.normal_(w, std=w.shape[-2] ** -0.5 * out_scale)
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                nn.init.ones_(module.scale)
+
+    def _router_noise(self, num_tokens: int, generator: torch.Generator | None) -> torch.Tensor | None:
+        """All layers' router noise [L, N, E] in one draw, before any layer runs: gradient
+        checkpointing then recomputes with the very same noise (its RNG-state preservation covers
+        the global generators, not a caller's `generator`), and the noise stream depends only on
+        the generator's seed and the step, not on whether checkpointing is on."""
+        cfg = self.config
+        if not (self.training and cfg.router_noise_std > 0):
+            return None
+        shape = (cfg.num_layers, num_tokens, cfg.tot_num_experts)
+        return torch.randn(shape, generator=generator, device=self.embed.device, dtype=torch.float32)
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
+                generator: torch.Generator | None = None) -> BluesOutput:
+        """input_ids [B, T] (int), targets [B, T] (int, -100 = ignore). `generator` (on the model's
+        device) feeds the router noise in training; None uses the global RNG."""
+        cfg = self.config
+        b, t = input_ids.shape
+        if t > cfg.max_position_embeddings:
+            raise BluesError(f"input has {t} positions but config field 'max_position_embeddings' is "
+                             f"{cfg.max_position_embeddings}; feed shorter sequences")
+
+        h = F.embedding(input_ids, self.embed) * math.sqrt(cfg.hidden_size)  # [B, T, d]
+        positions = torch.arange(t, device=input_ids.device)  # [T]; a KV cache would offset these
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)  # [T, Dh] each, float32
+        noise = self._router_noise(b * t, generator)  # [L, N, E] or None
+
+        stats: list[RouterStats] = []
+        for i, layer in enumerate(self.layers):
+            layer_noise = None if noise is None else noise[i]  # [N, E]
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h, s = checkpoint(layer, h, cos, sin, layer_noise, use_reentrant=False)
+            else:
+                h, s = layer(h, cos, sin, layer_noise)
+            stats.append(s)
+        h = self.final_norm(h)  # [B, T, d]
+
+        aux_loss = torch.stack([s.aux_loss for s in stats]).mean()
+        z_loss = torch.stack([s.z_loss for s in stats]).mean()
+        if targets is not None and self.training:
+            # Training never materialises [B, T, Vp] logits: the loss is computed chunk by chunk.
+            logits = None
+            lm_loss = chunked_lm_loss(h, self.embed, targets, cfg.vocab_size, self.loss_chunk_size)
+        else:
+            logits = lm_head_logits(h, self.embed, cfg.vocab_size)  # [B, T, V]
+            lm_loss = None if targets is None else cross_entropy(logits, targets)
+        loss = None
+        if lm_loss is not None:
+            loss = lm_loss + cfg.router_aux_loss_coef * aux_loss + cfg.router_z_loss_coef * z_loss
+
+        return BluesOutput(
+            logits=logits, loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, z_loss=z_loss,
+            expert_indices=torch.stack([s.indices for s in stats]),  # [L, B, T, k]
+            router_probs=torch.stack([s.probs for s in stats]),  # [L, B, T, E]
+            expert_counts=torch.stack([s.counts for s in stats]),  # [L, E]
+            dropped=torch.stack([s.dropped for s in stats]))  # [L]
