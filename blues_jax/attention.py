@@ -54,8 +54,10 @@ def causal_mask(t_q: int, t_k: int) -> jax.Array:
     return k_pos <= q_pos
 
 
-def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, softcap: float | None) -> jax.Array:
-    """The definition: q [B, T, H, Dh], k/v [B, S, K, Dh] -> [B, T, H, Dh]; float32 throughout."""
+def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, softcap: float | None,
+                        mask: jax.Array | None = None) -> jax.Array:
+    """The definition: q [B, T, H, Dh], k/v [B, S, K, Dh] -> [B, T, H, Dh]; float32 throughout.
+    `mask` [B, T, S] (True = attend), when given, replaces the causal mask (KV-cache decoding)."""
     b, t, h, dh = q.shape
     s, kv = k.shape[1], k.shape[2]
     # Query head j reads kv head j // (H/K): split H into (K, H/K) instead of repeating K and V.
@@ -63,15 +65,18 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, softcap: fl
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32)) / math.sqrt(dh)  # [B, K, G, T, S]
     if softcap is not None:
         scores = softcap * jnp.tanh(scores / softcap)
-    scores = jnp.where(causal_mask(t, s), scores, -jnp.inf)
+    allowed = causal_mask(t, s) if mask is None else mask[:, None, None]  # [T, S] or [B, 1, 1, T, S]
+    scores = jnp.where(allowed, scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32))  # [B, T, K, G, Dh]
     return out.reshape(b, t, h, dh).astype(q.dtype)
 
 
-def _fused_attention(q, k, v, implementation: str):
+def _fused_attention(q, k, v, implementation: str, mask=None):
     # GQA is native (K dividing H, no repeat); softmax is float32 inside both implementations.
     t, s = q.shape[1], k.shape[1]
+    if mask is not None:  # KV-cache decoding: the cache's own mask [B, T, S], broadcast over heads
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
     if t == s:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
     # is_causal is top-left aligned; a decode step against a longer cache needs bottom-right.
@@ -116,9 +121,13 @@ def resolve_attn_impl(impl: str, platform: str, dtype, softcap: float | None, he
     return _resolve(impl, platform, jnp.dtype(dtype).name, softcap is not None, head_dim)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, softcap: float | None, impl: str = "auto") -> jax.Array:
-    """Causal GQA attention, scale 1/sqrt(Dh). q [B, T, H, Dh], k/v [B, S, K, Dh] -> [B, T, H, Dh]."""
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, softcap: float | None, impl: str = "auto",
+              mask: jax.Array | None = None) -> jax.Array:
+    """Causal GQA attention, scale 1/sqrt(Dh). q [B, T, H, Dh], k/v [B, S, K, Dh] -> [B, T, H, Dh].
+    `mask` [B, T, S] bool (True = attend) replaces the causal mask: a KV cache's padding-aware mask."""
     backend = resolve_attn_impl(impl, jax.default_backend(), q.dtype, softcap, q.shape[-1])
+    if mask is not None and backend == "cudnn":  # cuDNN's fused kernel takes no arbitrary mask
+        backend = "xla"
     if backend == "reference":
-        return reference_attention(q, k, v, softcap=softcap)
-    return _fused_attention(q, k, v, backend)
+        return reference_attention(q, k, v, softcap=softcap, mask=mask)
+    return _fused_attention(q, k, v, backend, mask)

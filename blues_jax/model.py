@@ -95,17 +95,18 @@ class Attention(nnx.Module):
         self.v = _param(_normal(rngs, (d, self.n_kv_heads * dh), d ** -0.5), ("embed", "kv_heads"))
         self.o = _param(_normal(rngs, (self.n_heads * dh, d), out_std), ("heads", "embed"))
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        # x [B, T, d]; cos/sin [T, Dh] (or [B, T, Dh]), the rotary angles of these T positions.
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache=None, layer: int = 0) -> jax.Array:
+        # x [B, T, d]; cos/sin [T, Dh] (or [B, T, Dh] with a cache), the rotary angles of these T positions.
         b, t, _ = x.shape
         x = x.astype(self.dtype)
         q = (x @ self.q[...].astype(self.dtype)).reshape(b, t, self.n_heads, self.head_dim)  # [B, T, H, Dh]
         k = (x @ self.k[...].astype(self.dtype)).reshape(b, t, self.n_kv_heads, self.head_dim)  # [B, T, K, Dh]
         v = (x @ self.v[...].astype(self.dtype)).reshape(b, t, self.n_kv_heads, self.head_dim)  # [B, T, K, Dh]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # A KV cache slots in here: append k, v to the cache and attend over all cached positions
-        # (attention() aligns the causal mask bottom-right, so Tq < Tk already works).
-        out = attention(q, k, v, softcap=self.softcap, impl=self.attn_impl)  # [B, T, H, Dh]
+        mask = None
+        if cache is not None:  # decoding: store k, v and attend over every cached slot (generation.py)
+            k, v, mask = cache.update(layer, k, v)  # [B, S, K, Dh] each, mask [B, T, S]
+        out = attention(q, k, v, softcap=self.softcap, impl=self.attn_impl, mask=mask)  # [B, T, H, Dh]
         return out.reshape(b, t, self.n_heads * self.head_dim) @ self.o[...].astype(self.dtype)  # [B, T, d]
 
 
@@ -162,9 +163,9 @@ class Block(nnx.Module):
         self.moe_post_norm = RMSNorm(d, eps) if config.use_post_norms else None
 
     def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array,
-                 noise_key: jax.Array | None = None) -> tuple[jax.Array, RouterStats]:
+                 noise_key: jax.Array | None = None, cache=None, layer: int = 0) -> tuple[jax.Array, RouterStats]:
         # h [B, T, d] -> [B, T, d]
-        a = self.attn(self.attn_norm(h), cos, sin)
+        a = self.attn(self.attn_norm(h), cos, sin, cache, layer)
         if self.attn_post_norm is not None:
             a = self.attn_post_norm(a)
         h = h + self.dropout(a)
@@ -211,8 +212,10 @@ class BluesModel(nnx.Module):
             return None
         return jax.random.split(self.noise(), self.config.num_layers)
 
-    def __call__(self, input_ids: jax.Array, targets: jax.Array | None = None) -> BluesOutput:
-        """input_ids [B, T] (int), targets [B, T] (int, -100 = ignore)."""
+    def __call__(self, input_ids: jax.Array, targets: jax.Array | None = None, *, cache=None) -> BluesOutput:
+        """input_ids [B, T] (int), targets [B, T] (int, -100 = ignore). `cache`
+        (blues_jax.generation.KVCache): the T tokens continue the cached ones (its arrays are
+        replaced by the updated ones)."""
         cfg = self.config
         b, t = input_ids.shape
         if t > cfg.max_position_embeddings:
@@ -221,15 +224,22 @@ class BluesModel(nnx.Module):
 
         h = jnp.take(self.embed[...], input_ids, axis=0) * math.sqrt(cfg.hidden_size)  # [B, T, d] float32
         h = constrain_batch(h, self.mesh)
-        positions = jnp.arange(t)  # [T]; a KV cache would offset these
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)  # [T, Dh] each, float32
+        # [T], or per row [B, T] with a cache (left padding shifts each row's positions)
+        positions = jnp.arange(t) if cache is None else cache.positions(t)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)  # [T, Dh] or [B, T, Dh], float32
         noise_keys = self._router_noise_keys()  # [L] keys or None
 
         run = _run_block_remat if self.remat else _run_block
         stats: list[RouterStats] = []
         for i, layer in enumerate(self.layers):
-            h, s = run(layer, h, cos, sin, None if noise_keys is None else noise_keys[i])
+            key = None if noise_keys is None else noise_keys[i]
+            if cache is None:
+                h, s = run(layer, h, cos, sin, key)
+            else:  # decoding (no remat: nothing is differentiated)
+                h, s = layer(h, cos, sin, key, cache, i)
             stats.append(s)
+        if cache is not None:
+            cache.advance(t)
         h = self.final_norm(h)  # [B, T, d] float32
 
         aux_loss = jnp.mean(jnp.stack([s.aux_loss for s in stats]))

@@ -54,8 +54,9 @@ def _causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                        softcap: float | None) -> torch.Tensor:
-    """The definition: q [B, T, H, Dh], k/v [B, S, K, Dh] -> [B, T, H, Dh]; float32 throughout."""
+                        softcap: float | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The definition: q [B, T, H, Dh], k/v [B, S, K, Dh] -> [B, T, H, Dh]; float32 throughout.
+    `mask` [B, T, S] (True = attend), when given, replaces the causal mask (KV-cache decoding)."""
     b, t, h, dh = q.shape
     s, kv = k.shape[1], k.shape[2]
     # Query head j reads kv head j // (H/K): split H into (K, H/K) instead of repeating K and V.
@@ -63,16 +64,19 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     scores = torch.einsum("btkgd,bskd->bkgts", qg, k.float()) / math.sqrt(dh)  # [B, K, G, T, S]
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
-    scores = scores.masked_fill(~_causal_mask(t, s, q.device), float("-inf"))
+    allowed = _causal_mask(t, s, q.device) if mask is None else mask[:, None, None]  # [T, S] or [B, 1, 1, T, S]
+    scores = scores.masked_fill(~allowed, float("-inf"))
     probs = scores.softmax(dim=-1)
     out = torch.einsum("bkgts,bskd->btkgd", probs, v.float())  # [B, T, K, G, Dh]
     return out.reshape(b, t, h, dh).to(q.dtype)
 
 
-def _sdpa_attention(q, k, v):
+def _sdpa_attention(q, k, v, mask=None):
     t, s = q.shape[1], k.shape[1]
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, heads, T, Dh]: SDPA's layout
-    if t == s:
+    if mask is not None:  # KV-cache decoding: the cache's own mask [B, T, S], broadcast over heads
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
+    elif t == s:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     else:  # SDPA's is_causal is top-left aligned; a decode step needs bottom-right
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(t, s, q.device), enable_gqa=True)
@@ -149,11 +153,14 @@ def resolve_attn_impl(impl: str, device: torch.device | str, dtype: torch.dtype,
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softcap: float | None,
-              impl: str = "auto") -> torch.Tensor:
-    """Causal GQA attention, scale 1/sqrt(Dh). q [B, T, H, Dh], k/v [B, S, K, Dh] -> [B, T, H, Dh]."""
+              impl: str = "auto", mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal GQA attention, scale 1/sqrt(Dh). q [B, T, H, Dh], k/v [B, S, K, Dh] -> [B, T, H, Dh].
+    `mask` [B, T, S] bool (True = attend) replaces the causal mask: a KV cache's padding-aware mask."""
     backend = resolve_attn_impl(impl, q.device, q.dtype, softcap)
+    if mask is not None and backend == "flash_attn":  # flash-attn takes no arbitrary mask
+        backend = "sdpa" if softcap is None else "reference"
     if backend == "flash_attn":
         return _flash_attention(q, k, v, softcap)
     if backend == "sdpa":
-        return _sdpa_attention(q, k, v)
-    return reference_attention(q, k, v, softcap=softcap)
+        return _sdpa_attention(q, k, v, mask)
+    return reference_attention(q, k, v, softcap=softcap, mask=mask)

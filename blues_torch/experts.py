@@ -66,6 +66,10 @@ def expert_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
 
 
+# Below this many rows a CUDA expert block is computed densely (see _expert_matmul): decode steps.
+SMALL_BLOCK_ROWS = 256
+
+
 def _grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """torch._grouped_mm runs bf16 on Hopper/Blackwell and needs every row stride and base pointer
     16-byte aligned, i.e. each inner dimension a multiple of 8 bf16 elements."""
@@ -81,6 +85,13 @@ def _expert_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_g
     if use_grouped:
         offs = counts.cumsum(0).to(torch.int32)  # [E] end row of each expert's block
         return torch._grouped_mm(x, w, offs=offs)
+    if x.is_cuda and x.shape[0] <= SMALL_BLOCK_ROWS:
+        # Decode-sized blocks (KV-cached generation): every expert over all M rows in one batched
+        # GEMM, each row keeping its own expert's result. Each weight is still read once, and no
+        # split sizes travel to the host, so a decode step can be captured in a CUDA graph.
+        expert_of_row = torch.repeat_interleave(torch.arange(w.shape[0], device=x.device), counts,
+                                                output_size=x.shape[0])  # [M]; output_size: no sync
+        return torch.matmul(x, w)[expert_of_row, torch.arange(x.shape[0], device=x.device)]  # [E, M, b] -> [M, b]
     # Portable path: one matmul per expert on its contiguous slice; an expert never sees a token
     # it was not routed to, and empty experts cost nothing.
     blocks = [x_e @ w[e] for e, x_e in enumerate(x.split(counts.tolist())) if x_e.shape[0] > 0]

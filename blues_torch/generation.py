@@ -8,7 +8,9 @@
 - `generate`: one prefill pass over the padded prompts, then a decode loop of one token per step.
   Every step has the same shapes and no host synchronisation (the sampler is on the device, the
   stop test is read only every `STOP_CHECK_EVERY` steps), so on a GPU the step is captured once in
-  a CUDA graph and replayed; a step that cannot be captured falls back, with a warning, to eager.
+  a CUDA graph and replayed (optionally torch.compile'd first); a step that cannot be captured falls
+  back, with a warning, to eager. On CUDA the experts of a decode-sized block run sync-free
+  (blues_torch/experts.py, SMALL_BLOCK_ROWS), so a float32 step captures too.
 - `sample`: the sampling specification of `blues/sampling.py`, on the device.
 - `score`: per-token NLL and routing of a batch of windows, for perplexity (`generate.py`).
 
@@ -110,26 +112,27 @@ def uniforms(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return ((h >> 9).to(torch.float32) + 0.5) * (2.0 ** -23)
 
 
+def _rank_keys(z: torch.Tensor) -> torch.Tensor:
+    """int64 keys that order tokens exactly as the spec ranks them: logit descending, then id
+    ascending. z [B, V] float32 -> [B, V] int64, all distinct (torch.topk orders ties arbitrarily)."""
+    bits = z.view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # float order as int order
+    ids = torch.arange(z.shape[-1], device=z.device, dtype=torch.int64)
+    return (ordered << 32) | (0x7FFFFFFF - ids)  # low half: a smaller id is a larger key
+
+
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """Steps 1-3 of the spec: logits [B, V] -> (candidate logits [B, C], their ids [B, C]); rejected
-    candidates hold -inf. Greedy is handled by `sample`."""
+    """Steps 1-3 of the spec: logits [B, V] -> (candidate logits [B, C], their ids [B, C]) in rank
+    order; rejected candidates hold -inf. Greedy is handled by `sample`."""
     z = logits.float() / params.temperature  # [B, V]
     b, vocab = z.shape
     k = params.active_top_k(vocab)
     if k:
-        # Exactly k kept, ties at the k-th value to the lower ids (torch.topk leaves ties unordered).
-        kth = torch.topk(z, k, dim=-1).values[:, -1:]  # [B, 1]
-        above, tied = z > kth, z == kth  # [B, V]
-        room = k - above.sum(-1, keepdim=True)  # [B, 1] tied tokens that still fit
-        keep = above | (tied & (tied.cumsum(-1) <= room))  # [B, V]
-        vals, ids = torch.topk(z.masked_fill(~keep, float("-inf")), k, dim=-1)  # [B, k]: the kept set
-        if params.active_top_p:  # rank order: logit descending, then id ascending
-            ids, order = ids.sort(dim=-1)
-            vals = vals.gather(1, order)
-            vals, order = vals.sort(dim=-1, descending=True, stable=True)
-            ids = ids.gather(1, order)
+        # One top-k over distinct keys: exactly k kept, ties at the k-th value to the lower ids.
+        ids = torch.topk(_rank_keys(z), k, dim=-1).indices  # [B, k] in rank order
+        vals = z.gather(1, ids)  # [B, k]
     elif params.active_top_p:
-        vals, ids = z.sort(dim=-1, descending=True, stable=True)  # [B, V] stable: ties by id
+        vals, ids = z.sort(dim=-1, descending=True, stable=True)  # [B, V]; stable: ties by id
     else:
         vals, ids = z, torch.arange(vocab, device=z.device).expand(b, vocab)
     if params.active_top_p:
@@ -157,7 +160,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, step: torch.Tensor, row
 class _Decoder:
     """The state of one batch shape: cache, token buffers and (on CUDA) the captured decode step."""
 
-    def __init__(self, model, batch: int, max_new: int, params: SamplingParams, eot_id: int, stop_at_eot: bool):
+    def __init__(self, model, batch: int, max_new: int, params: SamplingParams, eot_id: int, stop_at_eot: bool,
+                 compile: bool = False):
         cfg = model.config
         device = model.embed.device
         self.model, self.params, self.eot_id, self.stop_at_eot = model, params, eot_id, stop_at_eot
@@ -171,6 +175,9 @@ class _Decoder:
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
         self.out = torch.full((batch, max_new), eot_id, dtype=torch.int64, device=device)  # [B, max_new]
         self.graph: torch.cuda.CUDAGraph | None = None
+        # torch.compile fuses the step's many small kernels (norms, RoPE, routing, sampling) into
+        # few; the compiled step is then captured like the eager one.
+        self.step_fn = torch.compile(self.decode_step, dynamic=False) if compile else self.decode_step
 
     def emit(self, logits: torch.Tensor) -> None:
         """Sample from logits [B, V], record the token at column `step`, advance (all on the device)."""
@@ -192,18 +199,19 @@ class _Decoder:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up: lazy inits and allocator pools, outside the graph
-                    self.decode_step()
+                for _ in range(3):  # warm-up: compilation, lazy inits and allocator pools, outside the graph
+                    self.step_fn()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self.decode_step()
+                self.step_fn()
             self.graph = graph
             return True
         except Exception as e:  # e.g. a layer that synchronises with the host
             logger.warning("decode step could not be captured in a CUDA graph (%s); decoding eagerly",
                            str(e).splitlines()[0] if str(e) else type(e).__name__)
             torch.cuda.synchronize()
+            self.step_fn = self.decode_step
             return False
 
 
@@ -211,16 +219,16 @@ _DECODERS: dict = {}
 
 
 def _decoder(model, batch: int, max_new: int, params: SamplingParams, eot_id: int, stop_at_eot: bool,
-             cuda_graphs: bool) -> _Decoder:
+             cuda_graphs: bool, compile: bool) -> _Decoder:
     # One decoder per (model, shape, settings); the output buffer is sized for the context, so any
     # max_new of a later call fits.
     context = model.config.max_position_embeddings
-    key = (id(model), batch, dataclasses.replace(params, seed=0), eot_id, stop_at_eot, cuda_graphs)
+    key = (id(model), batch, dataclasses.replace(params, seed=0), eot_id, stop_at_eot, cuda_graphs, compile)
     dec = _DECODERS.get(key)
     if dec is None or dec.model is not model:
-        dec = _Decoder(model, batch, context, params, eot_id, stop_at_eot)
-        if cuda_graphs and not dec.capture():
-            cuda_graphs = False
+        dec = _Decoder(model, batch, context, params, eot_id, stop_at_eot, compile)
+        if cuda_graphs:
+            dec.capture()  # on failure: a warning, and eager steps
         _DECODERS.clear()  # one live decoder at a time: each holds a full-context cache
         _DECODERS[key] = dec
     return dec
@@ -240,14 +248,14 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, params: SamplingParams, *,
              eot_id: int, stop_at_eot: bool = True, on_token: Callable[[int, np.ndarray], None] | None = None,
-             row_offset: int = 0, cuda_graphs: bool | None = None) -> list[list[int]]:
+             row_offset: int = 0, cuda_graphs: bool | None = None, compile: bool = False) -> list[list[int]]:
     """New token ids for each prompt (each prompt a non-empty id list; the caller checks lengths).
 
     Rows stop at `<|endoftext|>` (not included) when `stop_at_eot`. `on_token(step, ids [B])` is
     called after every step (it forces a host sync per token: streaming only). Row b draws its
     random numbers as sample `row_offset + b` (so splitting a request into batches changes nothing).
-    `cuda_graphs`:
-    None = on when the model is on a CUDA device.
+    `cuda_graphs`: capture the decode step (None = when the model is on a CUDA device); `compile`:
+    torch.compile it first (a one-time cost of tens of seconds for a faster step).
     """
     was_training = model.training
     model.eval()
@@ -256,7 +264,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, param
         cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         ids, start = left_pad(prompts, eot_id)
         batch, _ = ids.shape
-        dec = _decoder(model, batch, max_new_tokens, params, eot_id, stop_at_eot, cuda_graphs)
+        dec = _decoder(model, batch, max_new_tokens, params, eot_id, stop_at_eot, cuda_graphs, compile)
         dec.cache.reset(torch.from_numpy(start).to(device))
         dec.step.zero_()
         dec.rows.copy_(torch.arange(batch, device=device) + row_offset)
@@ -275,7 +283,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, param
             if dec.graph is not None:
                 dec.graph.replay()
             else:
-                dec.decode_step()
+                dec.step_fn()
             if on_token is not None:
                 on_token(done, dec.token[:, 0].cpu().numpy())
             done += 1

@@ -78,16 +78,17 @@ class Attention(nn.Module):
         self.v = nn.Parameter(torch.empty(d, self.n_kv_heads * dh))
         self.o = nn.Parameter(torch.empty(self.n_heads * dh, d))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x [B, T, d]; cos/sin [T, Dh], the rotary angles of these T positions.
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, layer: int = 0) -> torch.Tensor:
+        # x [B, T, d]; cos/sin [T, Dh] (or [B, T, Dh] with a cache), the rotary angles of these T positions.
         b, t, _ = x.shape
         q = (x @ self.q).view(b, t, self.n_heads, self.head_dim)  # [B, T, H, Dh]
         k = (x @ self.k).view(b, t, self.n_kv_heads, self.head_dim)  # [B, T, K, Dh]
         v = (x @ self.v).view(b, t, self.n_kv_heads, self.head_dim)  # [B, T, K, Dh]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # A KV cache slots in here: append k, v to the cache and attend over all cached positions
-        # (attention() aligns the causal mask bottom-right, so Tq < Tk already works).
-        out = attention(q, k, v, softcap=self.softcap, impl=self.attn_impl)  # [B, T, H, Dh]
+        mask = None
+        if cache is not None:  # decoding: store k, v and attend over every cached slot (generation.py)
+            k, v, mask = cache.update(layer, k, v)  # [B, S, K, Dh] each, mask [B, T, S]
+        out = attention(q, k, v, softcap=self.softcap, impl=self.attn_impl, mask=mask)  # [B, T, H, Dh]
         return out.reshape(b, t, self.n_heads * self.head_dim) @ self.o  # [B, T, d]
 
 
@@ -138,9 +139,9 @@ class Block(nn.Module):
         self.moe_post_norm = RMSNorm(d, eps) if config.use_post_norms else None
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats]:
+                noise: torch.Tensor | None = None, cache=None, layer: int = 0) -> tuple[torch.Tensor, RouterStats]:
         # h [B, T, d] -> [B, T, d]
-        a = self.attn(self.attn_norm(h), cos, sin)
+        a = self.attn(self.attn_norm(h), cos, sin, cache, layer)
         if self.attn_post_norm is not None:
             a = self.attn_post_norm(a)
         h = h + F.dropout(a, self.dropout, self.training)  # residual-branch dropout (training only)
@@ -199,9 +200,10 @@ class BluesModel(nn.Module):
         return torch.randn(shape, generator=generator, device=self.embed.device, dtype=torch.float32)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
-                generator: torch.Generator | None = None) -> BluesOutput:
+                generator: torch.Generator | None = None, cache=None) -> BluesOutput:
         """input_ids [B, T] (int), targets [B, T] (int, -100 = ignore). `generator` (on the model's
-        device) feeds the router noise in training; None uses the global RNG."""
+        device) feeds the router noise in training; None uses the global RNG. `cache`
+        (blues_torch.generation.KVCache): the T tokens continue the cached ones."""
         cfg = self.config
         b, t = input_ids.shape
         if t > cfg.max_position_embeddings:
@@ -209,18 +211,21 @@ class BluesModel(nn.Module):
                              f"{cfg.max_position_embeddings}; feed shorter sequences")
 
         h = F.embedding(input_ids, self.embed) * math.sqrt(cfg.hidden_size)  # [B, T, d]
-        positions = torch.arange(t, device=input_ids.device)  # [T]; a KV cache would offset these
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)  # [T, Dh] each, float32
+        # [T], or per row [B, T] with a cache (left padding shifts each row's positions)
+        positions = torch.arange(t, device=input_ids.device) if cache is None else cache.positions(t)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)  # [T, Dh] or [B, T, Dh], float32
         noise = self._router_noise(b * t, generator)  # [L, N, E] or None
 
         stats: list[RouterStats] = []
         for i, layer in enumerate(self.layers):
             layer_noise = None if noise is None else noise[i]  # [N, E]
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
                 h, s = checkpoint(layer, h, cos, sin, layer_noise, use_reentrant=False)
             else:
-                h, s = layer(h, cos, sin, layer_noise)
+                h, s = layer(h, cos, sin, layer_noise, cache, i)
             stats.append(s)
+        if cache is not None:
+            cache.advance(t)
         h = self.final_norm(h)  # [B, T, d]
 
         aux_loss = torch.stack([s.aux_loss for s in stats]).mean()
