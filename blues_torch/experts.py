@@ -85,10 +85,11 @@ def _expert_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_g
     if use_grouped:
         offs = counts.cumsum(0).to(torch.int32)  # [E] end row of each expert's block
         return torch._grouped_mm(x, w, offs=offs)
-    if x.is_cuda and x.shape[0] <= SMALL_BLOCK_ROWS:
-        # Decode-sized blocks (KV-cached generation): every expert over all M rows in one batched
-        # GEMM, each row keeping its own expert's result. Each weight is still read once, and no
-        # split sizes travel to the host, so a decode step can be captured in a CUDA graph.
+    if x.is_cuda and x.shape[0] <= SMALL_BLOCK_ROWS and not torch.is_grad_enabled():
+        # Decode-sized blocks (KV-cached generation, inference only): every expert over all M rows
+        # in one batched GEMM, each row keeping its own expert's result. At this size the GEMMs are
+        # bound by reading the weights, which happens once either way, and no split sizes travel
+        # to the host, so a decode step can be captured in a CUDA graph. Training never takes it.
         expert_of_row = torch.repeat_interleave(torch.arange(w.shape[0], device=x.device), counts,
                                                 output_size=x.shape[0])  # [M]; output_size: no sync
         return torch.matmul(x, w)[expert_of_row, torch.arange(x.shape[0], device=x.device)]  # [E, M, b] -> [M, b]

@@ -1,0 +1,172 @@
+"""Training throughput through DeepSpeed: ZeRO-2, bf16, one GPU — train_torch.py's `--deepspeed` path.
+
+The engine is built in this process with a single-rank process group (RANK 0 of WORLD_SIZE 1,
+set in the environment before `deepspeed.init_distributed`), so no launcher, ssh or hostfile is
+needed. The config is the project's `ds_config.json` (when present; else the same settings
+written here) with the bench's batch size, ZeRO stage 2 and bf16 forced, exactly as train_torch.py
+merges its flags into it; the optimizer is the config's AdamW built by DeepSpeed from the
+param groups of train_torch.py (decay on matrices only).
+
+The project's ds_config.json selects `optimizer.params.torch_adam` (DeepSpeed's own switch to
+`torch.optim.AdamW`, here with `fused: true`): DeepSpeed's FusedAdam is a CUDA extension built at
+run time unless the wheel carries it prebuilt, a build that takes minutes and needs nvcc. The
+bench keeps that choice (`--ds-optimizer auto`; also used whenever FusedAdam is not prebuilt) and
+says which optimizer ran in the row; `--ds-optimizer deepspeed` forces FusedAdam.
+
+DeepSpeed's bf16 mode casts the module to bf16 and keeps fp32 master weights and optimizer state
+in the ZeRO optimizer; gradients are clipped by global norm inside `engine.step()`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+from pathlib import Path
+
+from bench.report import Row
+from bench.timing import PeakMemory, log, time_steps, torch_sync
+from bench.train_step import (BETAS, EPS, GRAD_CLIP, LR, WEIGHT_DECAY, Workload, check_torch_attention,
+                              loss_check, random_batch, torch_device, torch_param_groups, _train_row)
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DS_CONFIG = {
+    "train_micro_batch_size_per_gpu": 1,
+    "gradient_accumulation_steps": 1,
+    "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WEIGHT_DECAY}},
+    "gradient_clipping": GRAD_CLIP,
+    "bf16": {"enabled": True},
+    "zero_optimization": {"stage": 2, "contiguous_gradients": True, "overlap_comm": True,
+                          "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8},
+    "steps_per_print": 10 ** 9,
+}
+
+
+def deepspeed_available() -> str | None:
+    """None when deepspeed imports, else the reason (one line) it cannot be used."""
+    try:
+        import deepspeed  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install raising anything at import
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return (f"deepspeed is not importable ({first}); install the wheels from .whl/ "
+                "(pip install --no-index --find-links .whl deepspeed --target /tmp/site) and put /tmp/site on PYTHONPATH")
+    return None
+
+
+def fused_adam_prebuilt() -> bool:
+    try:
+        from deepspeed.git_version_info import installed_ops
+        return bool(installed_ops.get("fused_adam"))
+    except Exception:
+        return False
+
+
+def ds_config_for(wl: Workload, optimizer: str) -> tuple[dict, str]:
+    """The project's ds_config.json with the bench's settings written in; -> (config, note)."""
+    path = REPO / "ds_config.json"
+    if path.exists():
+        cfg = json.loads(path.read_text())
+        source = "ds_config.json"
+    else:
+        cfg = copy.deepcopy(DEFAULT_DS_CONFIG)
+        source = "built-in ZeRO-2 config (no ds_config.json)"
+    cfg.pop("scheduler", None)
+    cfg["train_micro_batch_size_per_gpu"] = wl.batch
+    cfg["gradient_accumulation_steps"] = 1
+    cfg["train_batch_size"] = wl.batch
+    cfg.setdefault("zero_optimization", {})["stage"] = 2
+    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": True}
+    cfg.pop("fp16", None)
+    cfg.setdefault("gradient_clipping", GRAD_CLIP)
+    cfg["steps_per_print"] = 10 ** 9
+    cfg["wall_clock_breakdown"] = False
+    opt = cfg.setdefault("optimizer", copy.deepcopy(DEFAULT_DS_CONFIG["optimizer"]))
+    params = opt.setdefault("params", {})
+    params.setdefault("betas", list(BETAS))
+    params.setdefault("eps", EPS)
+    params["lr"] = LR
+    params.setdefault("weight_decay", WEIGHT_DECAY)
+    if optimizer == "deepspeed":
+        params.pop("torch_adam", None)
+        params.pop("fused", None)
+        note = f"{source}; optimizer: DeepSpeed FusedAdam" + ("" if fused_adam_prebuilt() else " (JIT-built)")
+    elif optimizer == "torch" or params.get("torch_adam") or not fused_adam_prebuilt():
+        why = ("the config's torch_adam" if params.get("torch_adam") and optimizer == "auto" else
+               "--ds-optimizer torch" if optimizer == "torch" else "FusedAdam op not prebuilt")
+        params["torch_adam"] = True
+        params.setdefault("fused", True)
+        note = f"{source}; optimizer: DeepSpeed torch_adam, fused={params['fused']} ({why})"
+    else:
+        note = f"{source}; optimizer: DeepSpeed FusedAdam (prebuilt)"
+    return cfg, note
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_single_rank() -> None:
+    """A process group of one (rank 0 of 1) on this machine, unless one exists already."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               auto_mpi_discovery=False)
+
+
+def deepspeed_train(wl: Workload, *, steps: int, warmup: int, optimizer: str = "auto", check: bool = True,
+                    seed: int = 0) -> Row:
+    reason = deepspeed_available()
+    if reason is not None:
+        return Row(framework="torch+deepspeed", workload=wl.name, variant="zero2", skipped=reason, config=wl.describe())
+    import deepspeed
+    import torch
+    from blues_torch import BluesModel
+
+    init_single_rank()
+    device = torch_device()
+    if device.type == "cuda":  # rank 0's GPU (set_device needs an index, not plain "cuda")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", torch.cuda.current_device())
+    mem = PeakMemory("torch", device)
+    mem.reset()
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = BluesModel(wl.config)
+    model.train()
+    checks = [check_torch_attention(wl.config, wl.batch, wl.seq, device)] if check else []
+    mem.reset()  # after the check: its buffers are not the training step's
+    ds_cfg, note = ds_config_for(wl, optimizer)
+    log(f"  deepspeed config: {note}")
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_cfg,
+                                           model_parameters=torch_param_groups(model, ds_cfg["optimizer"]["params"]["weight_decay"]))
+    ids_np, tgt_np = random_batch(wl.config, wl.batch, wl.seq, seed)
+    ids = torch.from_numpy(ids_np).long().to(device)  # [B, T]
+    tgt = torch.from_numpy(tgt_np).long().to(device)  # [B, T]
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    losses = []
+
+    def step():
+        out = engine(ids, tgt, generator=gen)  # bf16 module: no autocast (DeepSpeed casts the weights)
+        engine.backward(out.loss)
+        engine.step()
+        losses.append(out.loss.detach())
+        return None
+
+    times = time_steps(step, lambda _: torch_sync(device), warmup=warmup, steps=steps,
+                       label=f"deepspeed {wl.name}")
+    reading = mem.read()
+    checks.append(loss_check([float(x) for x in torch.stack(losses).float().cpu()]))
+    param_dtype = next(engine.module.parameters()).dtype
+    del engine, model, losses
+    return _train_row("torch+deepspeed", wl, "zero2", times, reading, checks, "torch",
+                      f"{device.type}; module {str(param_dtype).replace('torch.', '')}; {note}")
