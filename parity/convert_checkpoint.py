@@ -1,0 +1,544 @@
+"""Convert a Blues checkpoint between PyTorch, JAX and safetensors, optimizer state included.
+
+    python -m parity.convert_checkpoint SRC DST --to torch|jax|safetensors [--dtype bfloat16]
+
+SRC, detected:
+- a train_torch.py checkpoint directory (`.../checkpoints/step_XXXXXXXX`): plain (model.safetensors,
+  optimizer.pt, rng.pt) or DeepSpeed ZeRO-1/2 (`ds/`, read with DeepSpeed's zero_to_fp32 utilities,
+  whatever the number of ranks);
+- a train_jax.py checkpoint directory (Orbax `arrays/` + trainer state);
+- a run directory (either trainer's `--out_dir`) or its `checkpoints/`: the newest checkpoint that
+  verifies against its COMMITTED manifest;
+- an export: a directory with `model.safetensors` + `config.json` (or the `.safetensors` file), as this
+  script writes it, with `optimizer.safetensors` + `trainer_state.json` when it carries a training run.
+
+DST is a new (or empty) directory:
+- `--to torch`: a run directory holding `checkpoints/step_XXXXXXXX/` in train_torch.py's plain format;
+  continue with `python train_torch.py --out_dir DST --resume auto` and the run's flags;
+- `--to jax`: the same for train_jax.py (Orbax, written by Orbax's CheckpointManager);
+- `--to safetensors`: an export (`model.safetensors` + `config.json`, canonical names, float32 or
+  `--dtype bfloat16`), plus `optimizer.safetensors` (AdamW moments, float32) and `trainer_state.json`
+  when SRC carries a training run, so torch -> safetensors -> jax resumes too.
+
+What carries over: the weights (bit-exact in float32), the model config, the AdamW state (moments
+and step count; parity/optim_convert.py documents the exact torch <-> optax correspondence), the
+step, the data position and the bad-step counter, so the converted run's next update is the one the
+original run would have made. What cannot: the random streams (router noise, dropout) are
+framework-specific and restart from the run's seed in the other framework (a same-framework
+conversion keeps them); a ZeRO-partitioned layout is not written back (torch output is a plain
+checkpoint). The global batch (batch_size x data-parallel ranks) must stay the same on resume.
+
+A source without a training run (a weights-only export) becomes a weights-only checkpoint, which
+generate.py and parity.check read but a trainer does not resume (start a run from the export with
+`--init_from` instead).
+
+Failure is one line naming the problem (exit 1; 2 for a bad flag) and leaves nothing behind:
+everything is written into a hidden temporary directory next to DST, renamed into place at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from blues import checkpointing as ckpt
+from blues.cli import run_main
+from blues.config import BluesConfig
+from blues.errors import BluesError, CheckpointError, UsageError
+from blues.layout import canonical_layout
+from parity.convert import ConversionError, check_canonical, flatten, from_module_arrays, nest, to_module_arrays
+from parity.optim_convert import AdamWState
+
+TARGETS = ("torch", "jax", "safetensors")
+OPTIMIZER_NAME = "optimizer.safetensors"  # in an export: the AdamW moments, canonical names
+OPTIMIZER_FORMAT = "blues-adamw"
+ARRAYS, TRAINER = "arrays", "trainer_state"  # the Orbax items of a train_jax.py checkpoint
+TORCH_ROUTER_SEED = (7919, 1)  # train_torch.py seeds its router-noise generator with seed * 7919 + 1 + rank
+_STEP_RE = re.compile(r"^step_\d{8,}$")
+
+
+@dataclass
+class Loaded:
+    """Everything read from SRC, framework-neutral except the random streams."""
+
+    arrays: dict[str, np.ndarray]  # canonical float32 weights
+    config: BluesConfig
+    kind: str  # "torch", "torch-deepspeed", "jax", "export"
+    path: Path  # what was actually read
+    optimizer: AdamWState | None = None
+    trainer_state: dict | None = None  # trainer_state.json (step, flags, data position, ...); None: weights only
+    rng: object = None  # the source framework's random streams (kept only within the framework)
+    torch_flags: dict | None = None  # torch AdamW implementation flags (fused, foreach) of a torch source
+
+    @property
+    def framework(self) -> str | None:
+        return {"torch": "torch", "torch-deepspeed": "torch", "jax": "jax"}.get(self.kind)
+
+    @property
+    def step(self) -> int:
+        return int(self.trainer_state["step"]) if self.trainer_state else 0
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ==== reading ========================================================================================
+
+def read_source(path: str | os.PathLike, *, with_optimizer: bool = True) -> Loaded:
+    """Detect what `path` is and read it; CheckpointError (one line) on anything else.
+    `with_optimizer=False` skips the optimizer state where that saves reading (parity.check)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"SRC {path} does not exist (give a checkpoint directory, a run directory, "
+                              "an export directory or a .safetensors file)")
+    if path.is_file():
+        if path.name == "model.safetensors" and (path.parent / ckpt.MANIFEST).exists():
+            return _read_step_dir(path.parent, with_optimizer)
+        if path.suffix == ".safetensors":
+            return _read_export(path, with_optimizer)
+        raise CheckpointError(f"SRC {path} is not a Blues checkpoint (a file must be a .safetensors export; "
+                              "trainer checkpoints are directories)")
+    if (path / ckpt.MANIFEST).exists() or _STEP_RE.match(path.name):
+        return _read_step_dir(path, with_optimizer)
+    if (path / "model.safetensors").is_file():
+        return _read_export(path, with_optimizer)
+    for root in (path / "checkpoints", path):
+        if ckpt.list_checkpoints(root):
+            found = ckpt.latest_good(root)
+            if found is None:
+                raise CheckpointError(f"SRC {path}: every checkpoint under {root} is damaged or incomplete")
+            return _read_step_dir(found, with_optimizer)
+    raise CheckpointError(f"SRC {path} holds no Blues checkpoint (no COMMITTED manifest, no checkpoints/step_* "
+                          "directory, no model.safetensors)")
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: the {what} is incomplete") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is damaged ({e.__class__.__name__}); the {what} cannot be read") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a JSON object; the {what} cannot be read")
+    return data
+
+
+def _config_of(state: dict, where: Path) -> BluesConfig:
+    if "model_config" not in state or "step" not in state:
+        raise CheckpointError(f"{where} has no 'model_config'/'step' entry: not a Blues trainer state")
+    try:
+        return BluesConfig.from_dict(state["model_config"])
+    except BluesError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def _read_step_dir(path: Path, with_optimizer: bool = True) -> Loaded:
+    manifest = ckpt.verify(path)  # checksums: a truncated or damaged checkpoint stops here, named
+    state = _read_json(path / ckpt.TRAINER_STATE, "checkpoint")
+    config = _config_of(state, path / ckpt.TRAINER_STATE)
+    framework = manifest.get("framework")
+    log(f"reading {path}: {framework} checkpoint, step {state['step']}")
+    try:
+        if framework == "torch":
+            return _read_torch(path, state, config, with_optimizer)
+        if framework == "jax":
+            return _read_jax(path, state, config, with_optimizer)
+    except ConversionError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    raise CheckpointError(f"{path}: unknown framework {framework!r} in its manifest")
+
+
+def _torch_load(path: Path):
+    """torch.load with weights_only=True: a pickle that would run code is refused, never executed."""
+    import pickle
+
+    import torch
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = (str(e).strip().splitlines() or ["unsafe content"])[0][:120]
+        raise CheckpointError(f"{path} was refused: it holds pickled objects that are not plain tensors and "
+                              f"could run code when loaded ({first})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:160]
+        raise CheckpointError(f"{path} is not a readable PyTorch file ({first})") from None
+
+
+def _read_torch(path: Path, state: dict, config: BluesConfig, with_optimizer: bool = True) -> Loaded:
+    from parity import optim_convert
+
+    if state.get("deepspeed") or (path / "ds").is_dir():
+        weights, optimizer = optim_convert.from_deepspeed(path / "ds", config)
+        rng_file = path / "rng_rank00000.pt"
+        rng = _torch_load(rng_file) if rng_file.is_file() else None
+        return Loaded(weights, config, "torch-deepspeed", path, optimizer, state, rng)
+    from parity.safetensors_io import read_safetensors
+
+    module, _ = read_safetensors(path / "model.safetensors")
+    arrays = from_module_arrays(module, config)
+    optimizer, flags = None, None
+    if not with_optimizer:
+        pass
+    elif (path / "optimizer.pt").is_file():
+        sd = _torch_load(path / "optimizer.pt")
+        optimizer = optim_convert.from_torch(sd, config)
+        flags = {k: v for k, v in sd["param_groups"][0].items() if k in ("foreach", "fused", "capturable")}
+    elif not state.get("weights_only"):
+        raise CheckpointError(f"{path}: optimizer.pt is missing (damaged checkpoint)")
+    rng = _torch_load(path / "rng.pt") if (path / "rng.pt").is_file() else None
+    return Loaded(arrays, config, "torch", path, optimizer, None if state.get("weights_only") else state, rng,
+                  flags)
+
+
+def _read_jax(path: Path, state: dict, config: BluesConfig, with_optimizer: bool = True) -> Loaded:
+    """Orbax item `arrays/`: {"params", "opt_state", "rng"} restored as host numpy trees, whatever mesh
+    saved them."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from parity import optim_convert
+
+    item = (path / ARRAYS).resolve()  # Orbax wants absolute paths
+    if not item.is_dir():
+        raise CheckpointError(f"{path} is a JAX checkpoint without its {ARRAYS}/ item (damaged)")
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            meta = checkpointer.metadata(item).item_metadata.tree
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+            tree = checkpointer.restore(item, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    except Exception as e:  # Orbax/tensorstore raise many kinds; name the checkpoint and stop
+        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
+        raise CheckpointError(f"{item}: cannot read it ({first}); the checkpoint is damaged") from None
+    if not isinstance(tree, dict) or "params" not in tree:
+        raise CheckpointError(f"{item} holds no 'params' tree: not a train_jax.py checkpoint")
+    arrays = from_module_arrays(flatten(tree["params"]), config)
+    weights_only = state.get("weights_only") or "opt_state" not in tree
+    optimizer = None if weights_only or not with_optimizer else optim_convert.from_optax(tree["opt_state"], config)
+    return Loaded(arrays, config, "jax", path, optimizer, None if weights_only else state, tree.get("rng"))
+
+
+def _check_no_links(directory: Path, names: Sequence[str]) -> None:
+    """Files read from inside a directory the user named must be in it: a symbolic link placed there
+    could make a converter read (and copy out) any file of the machine."""
+    for name in names:
+        file = directory / name
+        if file.is_symlink():
+            raise CheckpointError(f"{file} is a symbolic link; only files inside {directory} are read (copy the "
+                                  "file there instead)")
+
+
+def _read_export(path: Path, with_optimizer: bool = True) -> Loaded:
+    from parity.safetensors_io import CONFIG_NAME, WEIGHTS_NAME, load_export, read_safetensors
+
+    directory = path if path.is_dir() else path.parent
+    _check_no_links(directory, ([WEIGHTS_NAME] if path.is_dir() else []) + [CONFIG_NAME, OPTIMIZER_NAME,
+                                                                            ckpt.TRAINER_STATE])
+    arrays, config = load_export(path)
+    log(f"reading {path}: safetensors export")
+    optimizer, state = None, None
+    if with_optimizer and (directory / OPTIMIZER_NAME).is_file():
+        tensors, meta = read_safetensors(directory / OPTIMIZER_NAME)
+        state = _read_json(directory / ckpt.TRAINER_STATE, "export's training state")
+        if _config_of(state, directory / ckpt.TRAINER_STATE) != config:
+            raise CheckpointError(f"{directory / ckpt.TRAINER_STATE} was made for another model config than "
+                                  f"{directory / 'config.json'}; re-export the checkpoint")
+        optimizer = _optimizer_from_tensors(tensors, meta, config, directory / OPTIMIZER_NAME)
+        if optimizer.step > int(state["step"]):  # fewer is fine: skipped (non-finite) steps apply no update
+            raise CheckpointError(f"{directory / OPTIMIZER_NAME}: optimizer step {optimizer.step} is past the "
+                                  f"training step {state['step']}")
+    return Loaded(arrays, config, "export", path, optimizer, state)
+
+
+def _optimizer_from_tensors(tensors: dict, meta: dict, config: BluesConfig, where: Path) -> AdamWState:
+    if meta.get("format") != OPTIMIZER_FORMAT:
+        raise CheckpointError(f"{where} is not a Blues optimizer export (format {meta.get('format')!r})")
+    try:
+        hp = json.loads(meta["blues.adamw"])
+        m = {k.removeprefix("exp_avg."): v for k, v in tensors.items() if k.startswith("exp_avg.")}
+        v = {k.removeprefix("exp_avg_sq."): a for k, a in tensors.items() if k.startswith("exp_avg_sq.")}
+        other = sorted(k for k in tensors if not k.startswith(("exp_avg.", "exp_avg_sq.")))
+        if other:
+            raise ConversionError(f"unexpected tensor '{other[0]}'")
+        state = AdamWState(step=int(hp["step"]), exp_avg=m, exp_avg_sq=v, lr=float(hp["lr"]),
+                           betas=(float(hp["betas"][0]), float(hp["betas"][1])), eps=float(hp["eps"]),
+                           weight_decay=float(hp["weight_decay"]))
+        state.check(config)
+    except (KeyError, TypeError, ValueError, IndexError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{where}: malformed optimizer metadata ({e!r})") from None
+    except ConversionError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    return state
+
+
+# ==== writing ========================================================================================
+
+def _target_state(src: Loaded, framework: str) -> dict:
+    """The trainer state of the converted checkpoint: the source's, re-labelled for `framework`."""
+    provenance = {"path": str(src.path), "kind": src.kind}
+    if src.trainer_state is None:
+        return {"step": 0, "framework": framework, "model_config": src.config.to_dict(), "weights_only": True,
+                "converted_from": provenance}
+    state = json.loads(json.dumps(src.trainer_state))  # a deep copy
+    state["framework"] = framework
+    state["converted_from"] = provenance
+    if isinstance(state.get("train_args"), dict):
+        state["train_args"]["framework"] = framework
+        if framework == "torch":
+            state["train_args"]["deepspeed"] = None
+    if framework == "torch":
+        state["deepspeed"] = False  # a plain checkpoint: resume without --deepspeed
+        state.pop("processes", None)
+        if "host_rng" not in state:
+            state["host_rng"] = _fresh_host_rng(_seed(state))
+    else:
+        state.pop("deepspeed", None)
+        state.pop("host_rng", None)
+        state.setdefault("processes", 1)
+    return state
+
+
+def _seed(state: dict) -> int:
+    args = state.get("train_args") or {}
+    return int(args.get("seed", 0) or 0)
+
+
+def _fresh_host_rng(seed: int) -> dict:
+    """python/numpy RNG states in train_torch.py's JSON form, freshly seeded."""
+    name, keys, pos, has_gauss, gauss = np.random.RandomState(seed).get_state()
+    version, internal, gauss_next = random.Random(seed).getstate()
+    return {"numpy": [name, keys.tolist(), pos, has_gauss, gauss], "python": [version, list(internal), gauss_next]}
+
+
+def write_torch(src: Loaded, staging: Path) -> Path:
+    """`staging/checkpoints/step_N/` in train_torch.py's plain format."""
+    import torch
+    from safetensors.torch import save_file
+
+    from parity import optim_convert
+
+    state = _target_state(src, "torch")
+    module = to_module_arrays(src.arrays, src.config)
+
+    def write(tmp: Path) -> None:
+        save_file({k: torch.from_numpy(a) for k, a in module.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        if src.optimizer is not None and src.trainer_state is not None:
+            # train_torch.py makes its AdamW with fused=True; a saved group's flags win on load.
+            flags = src.torch_flags if src.torch_flags is not None else {"fused": True}
+            torch.save(optim_convert.to_torch(src.optimizer, src.config, flags=flags), tmp / "optimizer.pt")
+            rng = src.rng if src.framework == "torch" and isinstance(src.rng, dict) else _fresh_torch_rng(_seed(state))
+            torch.save(rng, tmp / "rng.pt")
+        ckpt.write_json(tmp / ckpt.TRAINER_STATE, state)
+
+    return ckpt.save(staging / "checkpoints", src.step, write, framework="torch")
+
+
+def _fresh_torch_rng(seed: int) -> dict:
+    """rng.pt of a fresh train_torch.py run with this seed (rank 0)."""
+    import torch
+
+    mul, add = TORCH_ROUTER_SEED
+    return {"torch_cpu": torch.Generator().manual_seed(seed).get_state(),
+            "router": torch.Generator().manual_seed(seed * mul + add).get_state()}
+
+
+def write_jax(src: Loaded, staging: Path) -> Path:
+    """`staging/checkpoints/step_N/` in train_jax.py's format: Orbax items arrays/ and trainer_state/,
+    written by Orbax's CheckpointManager, then trainer_state.json and the COMMITTED manifest."""
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from parity import optim_convert
+
+    state = _target_state(src, "jax")
+    params = nest({k: jnp.asarray(a) for k, a in to_module_arrays(src.arrays, src.config).items()})
+    arrays = {"params": params}
+    if src.optimizer is not None and src.trainer_state is not None:
+        arrays["opt_state"] = optim_convert.to_optax(src.optimizer, src.config)
+        if src.framework == "jax" and src.rng is not None:
+            arrays["rng"] = nest({k: jnp.asarray(a) for k, a in flatten(src.rng).items()})
+        else:
+            arrays["rng"] = _fresh_jax_rng(src.config, _seed(state))
+    root = (staging / "checkpoints").resolve()
+    manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(
+        step_prefix="step", step_format_fixed_length=8, create=True, enable_async_checkpointing=False))
+    try:
+        manager.save(src.step, args=ocp.args.Composite(**{ARRAYS: ocp.args.StandardSave(arrays),
+                                                          TRAINER: ocp.args.JsonSave(state)}), force=True)
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+    path = root / ckpt.step_dirname(src.step)
+    ckpt.write_json(path / ckpt.TRAINER_STATE, state)
+    ckpt.seal(path, src.step, framework="jax")
+    return path
+
+
+def _fresh_jax_rng(config: BluesConfig, seed: int):
+    """The model's random streams (router noise, dropout) as train_jax.py starts them for this seed,
+    as the uint32 key data it stores.
+
+    The streams do not depend on the tensor shapes (parameter draws use their own stream), so they
+    are taken from a model of the same depth with the smallest sizes: the same keys, without
+    initialising a 200k-row embedding."""
+    import dataclasses
+
+    import jax
+    from flax import nnx
+
+    from blues_jax import BluesModel
+
+    small = dataclasses.replace(config, vocab_size=1, hidden_size=2, head_dim=2, num_attention_heads=1,
+                                num_key_value_heads=1, tot_num_experts=1, chosen_num_experts=1,
+                                embedding_multiplier_scale=1, max_position_embeddings=1)
+    key = jax.random.key(seed)
+    rngs = nnx.Rngs(params=jax.random.fold_in(key, 0), noise=jax.random.fold_in(key, 1),
+                    dropout=jax.random.fold_in(key, 2))
+    rng = nnx.to_pure_dict(nnx.state(BluesModel(small, rngs=rngs), nnx.RngState))
+    is_key = lambda x: hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)  # noqa: E731
+    return jax.tree.map(lambda x: jax.random.key_data(x) if is_key(x) else x, rng)
+
+
+def write_export(src: Loaded, staging: Path, dtype: str) -> Path:
+    """`staging/`: model.safetensors + config.json (+ optimizer.safetensors + trainer_state.json)."""
+    from parity.safetensors_io import save_export, write_safetensors
+
+    meta = {"blues.source": src.kind, "blues.step": str(src.step)}
+    save_export(staging, src.arrays, src.config, dtype=dtype, metadata=meta)
+    if src.optimizer is not None and src.trainer_state is not None:
+        opt = src.optimizer
+        tensors = {f"exp_avg.{k}": a for k, a in opt.exp_avg.items()}
+        tensors.update({f"exp_avg_sq.{k}": a for k, a in opt.exp_avg_sq.items()})
+        hp = {"step": opt.step, "lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps,
+              "weight_decay": opt.weight_decay, "decay": "tensors with ndim >= 2"}
+        write_safetensors(staging / OPTIMIZER_NAME, tensors, metadata={"format": OPTIMIZER_FORMAT,
+                                                                       "blues.adamw": json.dumps(hp)})
+        state = json.loads(json.dumps(src.trainer_state))
+        state["converted_from"] = {"path": str(src.path), "kind": src.kind}
+        ckpt.write_json(staging / ckpt.TRAINER_STATE, state)
+    return staging
+
+
+# ==== the command ====================================================================================
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m parity.convert_checkpoint",
+                description="Convert a Blues checkpoint (weights, config, AdamW state) between train_torch.py, "
+                            "train_jax.py and safetensors.")
+    p.add_argument("src", metavar="SRC", help="checkpoint, run directory, export directory or .safetensors file")
+    p.add_argument("dst", metavar="DST", help="new (or empty) output directory")
+    p.add_argument("--to", required=True, choices=TARGETS, help="output format")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="weights dtype of a safetensors export (default float32; torch/jax stay float32)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    return p
+
+
+def _check_dst(dst: Path, src: Path) -> None:
+    if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())):
+        raise UsageError(f"DST {dst} already exists and is not an empty directory; choose a new path "
+                         "(nothing is overwritten)")
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+        raise UsageError(f"DST {dst} must lie outside SRC {src}")
+
+
+def convert(src_path: str | os.PathLike, dst_path: str | os.PathLike, to: str, *, dtype: str = "float32") -> tuple[Loaded, Path]:
+    """Read SRC, write DST atomically; returns (what was read, the checkpoint/export written)."""
+    if to not in TARGETS:
+        raise UsageError(f"--to must be one of {', '.join(TARGETS)}, got '{to}'")
+    if dtype != "float32" and to != "safetensors":
+        raise UsageError(f"--dtype {dtype} applies to --to safetensors only; trainer checkpoints stay float32")
+    src_path, dst = Path(src_path), Path(dst_path)
+    if src_path.exists():  # (a missing SRC is reported first, by read_source)
+        _check_dst(dst, src_path)
+    src = read_source(src_path)
+    check_canonical(src.arrays, src.config)
+    if src.optimizer is not None:
+        log(f"converting {len(src.arrays)} tensors and the AdamW state (step {src.optimizer.step})")
+    made = [p for p in reversed(dst.parents) if not p.exists()]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = dst.parent.resolve() / f".{dst.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        log(f"writing {to} {'export' if to == 'safetensors' else 'checkpoint'} to {dst}")
+        if to == "torch":
+            written = write_torch(src, staging)
+        elif to == "jax":
+            written = write_jax(src, staging)
+        else:
+            written = write_export(src, staging, dtype)
+        written = dst / written.resolve().relative_to(staging)
+        if dst.exists():
+            dst.rmdir()  # an empty directory the user made for us
+        os.replace(staging, dst)
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        for parent in reversed(made):  # parents this call created, innermost first
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+        if isinstance(e, OSError) and not isinstance(e, BluesError):
+            raise CheckpointError(f"cannot write {dst}: {e.strerror or e}") from None
+        if isinstance(e, ConversionError):
+            raise CheckpointError(f"{src_path}: {e}") from None
+        raise
+    return src, written
+
+
+def summary(src: Loaded, written: Path, to: str, dtype: str) -> str:
+    n_params = sum(int(np.prod(s.shape)) for s in canonical_layout(src.config))
+    kind = {"torch": "train_torch.py checkpoint", "jax": "train_jax.py checkpoint (Orbax)",
+            "safetensors": "safetensors export"}[to]
+    lines = [f"wrote {written}: {kind}, step {src.step}",
+             f"  weights: {len(src.arrays)} tensors, {n_params:,} parameters, "
+             f"{dtype if to == 'safetensors' else 'float32'}"]
+    opt = src.optimizer if src.trainer_state is not None else None
+    if opt is not None:
+        lines.append(f"  optimizer: AdamW step {opt.step}, first and second moments of {opt.num_tensors} tensors "
+                     f"(float32); betas {opt.betas}, eps {opt.eps:g}, weight_decay {opt.weight_decay:g}")
+        state = src.trainer_state
+        batch = (state.get("train_args") or {}).get("batch_size")
+        world = int(state.get("world_size", 1) or 1)
+        if to != "safetensors":
+            script = f"train_{to}.py"
+            run_dir = written.parent.parent
+            lines.append(f"  resume: python {script} --out_dir {run_dir} --resume auto, with the run's other flags")
+            if batch is not None:
+                lines.append(f"  keep the global batch of {batch * world} sequences (it ran --batch_size {batch} x "
+                             f"{world} data-parallel rank(s)): --batch_size {batch * world} on one device")
+            if src.framework != to:
+                lines.append("  note: router-noise and dropout random streams restart from the seed (they are "
+                             "framework-specific)")
+    else:
+        lines.append("  optimizer: none (weights only: read by generate.py and parity.check; start training "
+                     "from an export with --init_from)")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    src, written = convert(args.src, args.dst, args.to, dtype=args.dtype)
+    print(summary(src, written, args.to, args.dtype), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
