@@ -1,0 +1,80 @@
+"""The two end-of-run plots, drawn from metrics.jsonl with matplotlib's Agg backend (no display).
+
+- `plot_losses`: training loss (per step) and validation loss (per evaluation) against step.
+- `plot_experts`: per-layer expert utilization of the last evaluation as a heatmap (layers x
+  experts, the share of the layer's assignments each expert received), with routing entropy and
+  drop rate per layer in the row labels.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from blues.metrics import eval_records, read_metrics, train_records  # noqa: E402
+
+
+def _save(fig, out_png) -> None:
+    # Write under a temporary name and rename, so a killed run never leaves half a PNG.
+    tmp = f"{out_png}.tmp.png"
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, out_png)
+
+
+def plot_losses(metrics_path, out_png) -> None:
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in train_records(records) if r["loss"] is not None]
+    val = [(r["step"], r["val_loss"]) for r in eval_records(records) if r["val_loss"] is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if train:
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, lw=1, alpha=0.8, label="train loss")
+    if val:
+        steps, losses = zip(*val)
+        ax.plot(steps, losses, "o-", lw=1.5, label="validation loss")
+        last_step, last = val[-1]
+        ax.set_title(f"Blues: validation loss {last:.3f} (perplexity {math.exp(min(last, 700)):.1f}) "
+                     f"at step {last_step}", fontsize=10)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    if train or val:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no records yet", ha="center", va="center", transform=ax.transAxes)
+    _save(fig, out_png)
+
+
+def plot_experts(metrics_path, out_png) -> None:
+    evals = [r for r in eval_records(read_metrics(metrics_path)) if r.get("experts")]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    if not evals:
+        ax.text(0.5, 0.5, "no evaluation with expert statistics yet", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_axis_off()
+        _save(fig, out_png)
+        return
+    last = evals[-1]
+    layers = last["experts"]
+    frac = np.array([layer["fractions"] for layer in layers])  # [L, E]
+    num_layers, num_experts = frac.shape
+    im = ax.imshow(frac, cmap="viridis", vmin=0.0, vmax=max(1.0 / num_experts * 2, float(frac.max())),
+                   aspect="auto")
+    for i in range(num_layers):
+        for e in range(num_experts):
+            ax.text(e, i, f"{frac[i, e]:.0%}", ha="center", va="center", fontsize=8,
+                    color="white" if frac[i, e] < frac.max() * 0.6 else "black")
+    ax.set_xticks(range(num_experts), [f"expert {e}" for e in range(num_experts)], fontsize=8)
+    ax.set_yticks(range(num_layers), [f"layer {layer['layer']}  H={layer['entropy']:.2f}"
+                                      + (f" drop={layer['drop_rate']:.1%}" if layer["drop_rate"] else "")
+                                      for layer in layers], fontsize=8)
+    ax.set_title(f"Share of routed tokens per expert (validation, step {last['step']}; "
+                 f"balanced = {1 / num_experts:.0%}, H max = {math.log(num_experts):.2f})", fontsize=9)
+    fig.colorbar(im, ax=ax, label="fraction of assignments")
+    _save(fig, out_png)

@@ -1,0 +1,325 @@
+"""Pieces of the training loop that do not depend on the framework (both trainers use them).
+
+- `GracefulStop`: SIGINT/SIGTERM set a flag; the trainer finishes the step, checkpoints, exits 0.
+- `BadStepGuard`: counts non-finite steps (skipped updates) and says when to give up.
+- `SpikeDetector`: logs a warning when the loss jumps far above its running mean.
+- `sample_continuation`: greedy / sampled continuation of a prompt from numpy logits.
+- `Progress`: the tqdm bar (loss, tokens/s); `summary_line`, `resume_command`.
+- `RunDir`: creates the output directory only once work starts, removes it if the run fails
+  before writing its first checkpoint (a run that failed leaves nothing half-written behind).
+- `EvalAccumulator`: token-weighted validation loss and expert statistics over batches.
+- `reuse_freed_host_memory`: keep glibc from returning big freed buffers to the OS (CPU speed).
+"""
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from blues.utilization import ExpertStats
+
+# The fixed prompt continued at every evaluation (greedy and sampled), and how.
+SAMPLE_PROMPT = "The old man said that"
+SAMPLE_TOKENS = 24
+SAMPLE_TEMPERATURE = 0.8
+SAMPLE_TOP_K = 50
+
+
+def reuse_freed_host_memory() -> bool:
+    """Make glibc serve large allocations from its heap and keep freed memory for reuse.
+
+    By default glibc hands every allocation above 32 MB to mmap and unmaps it on free, so each of
+    the LM head's [tokens, 200k] float32 buffers (hundreds of MB, several per step) is page-faulted
+    and zero-filled afresh: measured on 2 CPU cores, about a quarter of a tiny-preset step's CPU time
+    was kernel time. With a high mmap threshold (or mmap off) and no trimming the buffers are reused
+    and that time nearly vanishes. The cost: peak memory stays with the process. Linux/glibc only;
+    elsewhere (or if refused) a no-op. Returns whether it took effect.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4
+    ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1 or libc.mallopt(m_mmap_max, 0) == 1
+    return ok and libc.mallopt(m_trim_threshold, (1 << 31) - 1) == 1
+
+
+def log(message: str) -> None:
+    """A line for the user that does not break the tqdm bar."""
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+    except ImportError:  # pragma: no cover
+        print(message, file=sys.stderr, flush=True)
+
+
+class GracefulStop:
+    """Context manager: the first SIGINT/SIGTERM sets `requested`; a second SIGINT interrupts at once."""
+
+    def __init__(self, signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)):
+        self.signals = tuple(signals)
+        self.requested: str | None = None
+        self._old = {}
+
+    def _handler(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = name
+        log(f"{name} received: finishing this step, then writing a checkpoint and stopping "
+            f"(press Ctrl-C again to abort without saving)")
+
+    def __enter__(self):
+        for s in self.signals:
+            try:
+                self._old[s] = signal.signal(s, self._handler)
+            except ValueError:  # not the main thread: no signal handling
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old.clear()
+
+    def __bool__(self) -> bool:
+        return self.requested is not None
+
+
+class BadStepGuard:
+    """Tracks non-finite steps: `check(loss, grad_norm)` is True when the update may be applied.
+
+    A non-finite loss or gradient norm skips the update (`skipped` counts them all); after
+    `max_bad_steps` consecutive ones `should_stop` is True and the trainer stops with a checkpoint
+    of the last good state (the skipped steps never touched the weights).
+    """
+
+    def __init__(self, max_bad_steps: int, skipped: int = 0, consecutive: int = 0):
+        self.max_bad_steps = max_bad_steps
+        self.skipped = skipped
+        self.consecutive = consecutive
+
+    def check(self, loss: float, grad_norm: float) -> bool:
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.consecutive = 0
+            return True
+        self.skipped += 1
+        self.consecutive += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.consecutive >= self.max_bad_steps
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
+
+
+class SpikeDetector:
+    """Warns when a loss exceeds its exponential running mean by `factor` x (after a short warm-up).
+
+    Spikes are only logged (the update is applied); their steps are kept in `spikes`.
+    """
+
+    def __init__(self, factor: float = 1.5, beta: float = 0.9, warmup: int = 10):
+        self.factor, self.beta, self.warmup = factor, beta, warmup
+        self.mean: float | None = None
+        self.seen = 0
+        self.spikes: list[int] = []
+
+    def update(self, step: int, loss: float) -> bool:
+        if not math.isfinite(loss):
+            return False
+        spike = self.mean is not None and self.seen >= self.warmup and loss > self.factor * self.mean
+        if spike:
+            self.spikes.append(step)
+            log(f"warning: loss spike at step {step}: {loss:.4f} vs running mean {self.mean:.4f}")
+        self.mean = loss if self.mean is None else self.beta * self.mean + (1 - self.beta) * loss
+        self.seen += 1
+        return spike
+
+
+def sample_next(logits: np.ndarray, *, temperature: float, top_k: int | None, rng: np.random.Generator) -> int:
+    """One token id from a [V] logit vector: temperature, then top-k, then sample; T=0 is greedy."""
+    logits = np.asarray(logits, dtype=np.float64)  # [V]
+    if temperature == 0:
+        return int(np.argmax(logits))  # argmax takes the lowest id on ties
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.size:
+        kth = np.partition(logits, -top_k)[-top_k]
+        logits = np.where(logits < kth, -np.inf, logits)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    return int(rng.choice(logits.size, p=probs))
+
+
+def sample_continuation(next_logits: Callable[[np.ndarray], np.ndarray], prompt_ids: Sequence[int], *,
+                        max_new_tokens: int = SAMPLE_TOKENS, context: int, temperature: float = 0.0,
+                        top_k: int | None = SAMPLE_TOP_K, seed: int = 0, stop_id: int | None = None) -> list[int]:
+    """Continue `prompt_ids`; `next_logits(ids [1, t] int32) -> [V]` logits for the last position.
+
+    No KV cache: each token re-runs the (short) window; only for the small evaluation samples.
+    The generator is private (seeded), so sampling never disturbs the training RNG streams.
+    """
+    rng = np.random.default_rng(seed)
+    ids = list(prompt_ids)
+    out = []
+    for _ in range(max_new_tokens):
+        window = np.asarray(ids[-context:], dtype=np.int32)[None, :]  # [1, t]
+        token = sample_next(next_logits(window), temperature=temperature, top_k=top_k, rng=rng)
+        if stop_id is not None and token == stop_id:
+            break
+        ids.append(token)
+        out.append(token)
+    return out
+
+
+def log_samples(tokenizer, next_logits, *, step: int, context: int, seed: int, metrics=None) -> dict[str, str]:
+    """Greedy and sampled continuations of SAMPLE_PROMPT, logged (and to TensorBoard); returns them."""
+    prompt = tokenizer.encode(SAMPLE_PROMPT)
+    texts = {}
+    for name, temperature in (("greedy", 0.0), ("sampled", SAMPLE_TEMPERATURE)):
+        ids = sample_continuation(next_logits, prompt, context=context, temperature=temperature,
+                                  seed=seed * 1_000_003 + step, stop_id=tokenizer.eot_id)
+        texts[name] = tokenizer.decode(ids)
+        log(f"  sample ({name}, step {step}): {SAMPLE_PROMPT!s}|{texts[name]!r}")
+        if metrics is not None:
+            metrics.text(f"sample/{name}", f"{SAMPLE_PROMPT}**{texts[name]}**", step)
+    return texts
+
+
+class EvalAccumulator:
+    """Token-weighted mean validation loss and expert utilization over evaluation batches."""
+
+    def __init__(self):
+        self.loss_sum = 0.0
+        self.tokens = 0
+        self.experts = ExpertStats()
+
+    def update(self, lm_loss: float, num_tokens: int, expert_counts=None, dropped=None) -> None:
+        self.loss_sum += float(lm_loss) * num_tokens
+        self.tokens += num_tokens
+        if expert_counts is not None:
+            self.experts.update(expert_counts, dropped)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.tokens if self.tokens else float("nan")
+
+
+class Progress:
+    """tqdm bar over optimizer steps, showing loss and tokens/s (only on rank 0)."""
+
+    def __init__(self, total: int, initial: int = 0, *, enabled: bool = True):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,
+                            mininterval=0.5)
+
+    def update(self, step: int, loss: float, tokens_per_s: float, lr: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.4f} | {tokens_per_s:,.0f} tok/s | lr {lr:.2e}", refresh=False)
+            self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class StepTimer:
+    """tokens/s of the last step, excluding evaluation and checkpoint time."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def restart(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def tokens_per_s(self, tokens: int) -> float:
+        dt = time.perf_counter() - self.t0
+        return tokens / dt if dt > 0 else 0.0
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def summary_line(*, steps: int, elapsed: float, train_loss: float | None, val_loss: float | None,
+                 skipped: int, checkpoint, out_dir) -> str:
+    parts = [f"trained {steps} steps in {format_duration(elapsed)}"]
+    if train_loss is not None:
+        parts.append(f"train loss {train_loss:.4f}")
+    if val_loss is not None and math.isfinite(val_loss):
+        parts.append(f"val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 700)):.1f})")
+    if skipped:
+        parts.append(f"{skipped} non-finite steps skipped")
+    if checkpoint is not None:
+        parts.append(f"checkpoint {checkpoint}")
+    parts.append(f"plots {Path(out_dir) / 'loss.png'}, {Path(out_dir) / 'experts.png'}")
+    return "done: " + "; ".join(parts)
+
+
+def resume_command(script: str, argv: Sequence[str], out_dir) -> str:
+    """The command that resumes this run: the same flags with --out_dir DIR --resume auto."""
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--resume", "--out_dir"):
+            skip = True
+            continue
+        if a.startswith(("--resume=", "--out_dir=", "--local_rank")):
+            continue
+        args.append(a)
+    return shlex.join(["python", script, *args, "--out_dir", str(out_dir), "--resume", "auto"])
+
+
+class RunDir:
+    """The run's output directory: created on `create()`, removed on failure if it held no checkpoint.
+
+    Use as a context manager around the work; a BluesError (or any exception) before the first
+    checkpoint removes a directory this run created, so a failed run leaves nothing behind.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, is_main: bool = True):
+        self.path = Path(path)
+        self.is_main = is_main  # only rank 0 cleans up
+        self.existed = self.path.exists()  # looked at before any rank can have created it
+        self.created = False
+
+    def create(self) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.created = self.is_main and not self.existed
+        return self.path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and self.created:
+            ckpts = self.path / "checkpoints"
+            if not (ckpts.is_dir() and any(p.name.startswith("step_") for p in ckpts.iterdir())):
+                shutil.rmtree(self.path, ignore_errors=True)
+        return False
