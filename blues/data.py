@@ -463,13 +463,20 @@ class BatchIterator:
         self.epoch, self.step = epoch, step
 
 
+# Evaluation samples its windows with this fixed seed, whatever the training seed: every run, and
+# both frameworks, evaluate on the same windows.
+EVAL_SEED = 1234
+
+
 def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int | None = None, *,
                  rank: int = 0, world_size: int = 1, vocab_size: int | None = None,
                  name: str = "validation split") -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """A fixed sequence of evaluation batches: windows in stream order, global batch i holding
-    windows [i * B * W, (i + 1) * B * W), rank r its slice; at most `max_batches` batches."""
+    """A fixed sequence of evaluation batches, the same at every call: the windows of one seeded
+    permutation (not stream order: the first windows of a split are its first documents, and a
+    few batches of them would estimate the split's loss with a bias), global batch i holding
+    permuted windows [i * B * W, (i + 1) * B * W), rank r its slice; at most `max_batches` batches."""
     # Built here, not inside a generator, so a too-small split fails at the call, not at first use.
     it = BatchIterator(tokens, seq_len=seq_len, batch_size=batch_size, rank=rank, world_size=world_size,
-                       shuffle=False, vocab_size=vocab_size, name=name)
+                       seed=EVAL_SEED, shuffle=True, vocab_size=vocab_size, name=name)
     n = it.steps_per_epoch if max_batches is None else min(max_batches, it.steps_per_epoch)
     return (next(it) for _ in range(n))
