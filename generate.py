@@ -8,8 +8,9 @@
 
 `--checkpoint` takes a run directory (its newest good checkpoint), a checkpoint directory of either
 trainer, a safetensors export, a `.pt` state dict, or the seed's `DIR/model_iter_N.pt` name for
-step N (blues/checkpoint_io.py). `--backend auto` runs the framework that wrote the checkpoint
-(torch for a neutral export); either backend runs any checkpoint through the canonical tensors.
+step N (parity/checkpoint_read.py reads them all; only the weights, not the optimizer state).
+`--backend auto` runs the framework that wrote the checkpoint (torch for a neutral export); either
+backend runs any checkpoint through the canonical tensors.
 
 Generation: every prompt is preceded by `<|endoftext|>` (the document boundary of training), so the
 model continues a fresh document; it stops after `--max_length` new tokens or at `<|endoftext|>`.
@@ -119,15 +120,15 @@ def load_model(path: str, backend: str = "auto", device: str | None = None, dtyp
     `dtype` "bfloat16" runs the matmuls in bf16 (torch: bf16 weights; JAX: bf16 compute, float32
     weights); norms, softmaxes and sampling stay float32. "float32" (default) is the parity setting.
     `compile` (torch on CUDA): torch.compile the decode step: a one-time cost, then faster decoding."""
-    from blues.checkpoint_io import read_checkpoint
     from blues.tokenizer import load_tokenizer
+    from parity.checkpoint_read import read_source
     from parity.convert import from_canonical
 
     if backend not in BACKENDS:
         raise UsageError(f"--backend: unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     if dtype not in DTYPES:
         raise UsageError(f"--dtype: unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
-    ckpt = read_checkpoint(path)
+    ckpt = read_source(path, with_optimizer=False)
     if backend == "auto":
         backend = ckpt.framework or "torch"
     tokenizer = load_tokenizer()

@@ -2,15 +2,16 @@
 
     python -m parity.convert_checkpoint SRC DST --to torch|jax|safetensors [--dtype bfloat16]
 
-SRC, detected:
+SRC is anything parity/checkpoint_read.py reads (`read_source`, re-exported here, as `Loaded`):
 - a train_torch.py checkpoint directory (`.../checkpoints/step_XXXXXXXX`): plain (model.safetensors,
   optimizer.pt, rng.pt) or DeepSpeed ZeRO-1/2 (`ds/`, read with DeepSpeed's zero_to_fp32 utilities,
   whatever the number of ranks);
 - a train_jax.py checkpoint directory (Orbax `arrays/` + trainer state);
 - a run directory (either trainer's `--out_dir`) or its `checkpoints/`: the newest checkpoint that
-  verifies against its COMMITTED manifest;
+  verifies against its COMMITTED manifest; the seed's name `DIR/model_iter_N.pt` for its step N;
 - an export: a directory with `model.safetensors` + `config.json` (or the `.safetensors` file), as this
-  script writes it, with `optimizer.safetensors` + `trainer_state.json` when it carries a training run.
+  script writes it, with `optimizer.safetensors` + `trainer_state.json` when it carries a training run;
+- a `.pt` state dict with its config (weights only).
 
 DST is a new (or empty) directory:
 - `--to torch`: a run directory holding `checkpoints/step_XXXXXXXX/` in train_torch.py's plain format;
@@ -28,7 +29,7 @@ framework-specific and restart from the run's seed in the other framework (a sam
 conversion keeps them); a ZeRO-partitioned layout is not written back (torch output is a plain
 checkpoint). The global batch (batch_size x data-parallel ranks) must stay the same on resume.
 
-A source without a training run (a weights-only export) becomes a weights-only checkpoint, which
+A source without a training run (a weights-only export or .pt file) becomes a weights-only checkpoint, which
 generate.py and parity.check read but a trainer does not resume (start a run from the export with
 `--init_from` instead).
 
@@ -41,11 +42,9 @@ import argparse
 import json
 import os
 import random
-import re
 import shutil
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,230 +54,16 @@ from blues.cli import run_main
 from blues.config import BluesConfig
 from blues.errors import BluesError, CheckpointError, UsageError
 from blues.layout import canonical_layout
-from parity.convert import ConversionError, check_canonical, flatten, from_module_arrays, nest, to_module_arrays
-from parity.optim_convert import AdamWState
+from parity.checkpoint_read import (ARRAYS, OPTIMIZER_FORMAT, OPTIMIZER_NAME, TRAINER, Loaded, read_source,
+                                    resolve_source)
+from parity.convert import ConversionError, check_canonical, flatten, nest, to_module_arrays
 
 TARGETS = ("torch", "jax", "safetensors")
-OPTIMIZER_NAME = "optimizer.safetensors"  # in an export: the AdamW moments, canonical names
-OPTIMIZER_FORMAT = "blues-adamw"
-ARRAYS, TRAINER = "arrays", "trainer_state"  # the Orbax items of a train_jax.py checkpoint
 TORCH_ROUTER_SEED = (7919, 1)  # train_torch.py seeds its router-noise generator with seed * 7919 + 1 + rank
-_STEP_RE = re.compile(r"^step_\d{8,}$")
-
-
-@dataclass
-class Loaded:
-    """Everything read from SRC, framework-neutral except the random streams."""
-
-    arrays: dict[str, np.ndarray]  # canonical float32 weights
-    config: BluesConfig
-    kind: str  # "torch", "torch-deepspeed", "jax", "export"
-    path: Path  # what was actually read
-    optimizer: AdamWState | None = None
-    trainer_state: dict | None = None  # trainer_state.json (step, flags, data position, ...); None: weights only
-    rng: object = None  # the source framework's random streams (kept only within the framework)
-    torch_flags: dict | None = None  # torch AdamW implementation flags (fused, foreach) of a torch source
-
-    @property
-    def framework(self) -> str | None:
-        return {"torch": "torch", "torch-deepspeed": "torch", "jax": "jax"}.get(self.kind)
-
-    @property
-    def step(self) -> int:
-        return int(self.trainer_state["step"]) if self.trainer_state else 0
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-# ==== reading ========================================================================================
-
-def read_source(path: str | os.PathLike, *, with_optimizer: bool = True) -> Loaded:
-    """Detect what `path` is and read it; CheckpointError (one line) on anything else.
-    `with_optimizer=False` skips the optimizer state where that saves reading (parity.check)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"SRC {path} does not exist (give a checkpoint directory, a run directory, "
-                              "an export directory or a .safetensors file)")
-    if path.is_file():
-        if path.name == "model.safetensors" and (path.parent / ckpt.MANIFEST).exists():
-            return _read_step_dir(path.parent, with_optimizer)
-        if path.suffix == ".safetensors":
-            return _read_export(path, with_optimizer)
-        raise CheckpointError(f"SRC {path} is not a Blues checkpoint (a file must be a .safetensors export; "
-                              "trainer checkpoints are directories)")
-    if (path / ckpt.MANIFEST).exists() or _STEP_RE.match(path.name):
-        return _read_step_dir(path, with_optimizer)
-    if (path / "model.safetensors").is_file():
-        return _read_export(path, with_optimizer)
-    for root in (path / "checkpoints", path):
-        if ckpt.list_checkpoints(root):
-            found = ckpt.latest_good(root)
-            if found is None:
-                raise CheckpointError(f"SRC {path}: every checkpoint under {root} is damaged or incomplete")
-            return _read_step_dir(found, with_optimizer)
-    raise CheckpointError(f"SRC {path} holds no Blues checkpoint (no COMMITTED manifest, no checkpoints/step_* "
-                          "directory, no model.safetensors)")
-
-
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing: the {what} is incomplete") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is damaged ({e.__class__.__name__}); the {what} cannot be read") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} is not a JSON object; the {what} cannot be read")
-    return data
-
-
-def _config_of(state: dict, where: Path) -> BluesConfig:
-    if "model_config" not in state or "step" not in state:
-        raise CheckpointError(f"{where} has no 'model_config'/'step' entry: not a Blues trainer state")
-    try:
-        return BluesConfig.from_dict(state["model_config"])
-    except BluesError as e:
-        raise CheckpointError(f"{where}: {e}") from None
-
-
-def _read_step_dir(path: Path, with_optimizer: bool = True) -> Loaded:
-    manifest = ckpt.verify(path)  # checksums: a truncated or damaged checkpoint stops here, named
-    state = _read_json(path / ckpt.TRAINER_STATE, "checkpoint")
-    config = _config_of(state, path / ckpt.TRAINER_STATE)
-    framework = manifest.get("framework")
-    log(f"reading {path}: {framework} checkpoint, step {state['step']}")
-    try:
-        if framework == "torch":
-            return _read_torch(path, state, config, with_optimizer)
-        if framework == "jax":
-            return _read_jax(path, state, config, with_optimizer)
-    except ConversionError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    raise CheckpointError(f"{path}: unknown framework {framework!r} in its manifest")
-
-
-def _torch_load(path: Path):
-    """torch.load with weights_only=True: a pickle that would run code is refused, never executed."""
-    import pickle
-
-    import torch
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = (str(e).strip().splitlines() or ["unsafe content"])[0][:120]
-        raise CheckpointError(f"{path} was refused: it holds pickled objects that are not plain tensors and "
-                              f"could run code when loaded ({first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:160]
-        raise CheckpointError(f"{path} is not a readable PyTorch file ({first})") from None
-
-
-def _read_torch(path: Path, state: dict, config: BluesConfig, with_optimizer: bool = True) -> Loaded:
-    from parity import optim_convert
-
-    if state.get("deepspeed") or (path / "ds").is_dir():
-        weights, optimizer = optim_convert.from_deepspeed(path / "ds", config)
-        rng_file = path / "rng_rank00000.pt"
-        rng = _torch_load(rng_file) if rng_file.is_file() else None
-        return Loaded(weights, config, "torch-deepspeed", path, optimizer, state, rng)
-    from parity.safetensors_io import read_safetensors
-
-    module, _ = read_safetensors(path / "model.safetensors")
-    arrays = from_module_arrays(module, config)
-    optimizer, flags = None, None
-    if not with_optimizer:
-        pass
-    elif (path / "optimizer.pt").is_file():
-        sd = _torch_load(path / "optimizer.pt")
-        optimizer = optim_convert.from_torch(sd, config)
-        flags = {k: v for k, v in sd["param_groups"][0].items() if k in ("foreach", "fused", "capturable")}
-    elif not state.get("weights_only"):
-        raise CheckpointError(f"{path}: optimizer.pt is missing (damaged checkpoint)")
-    rng = _torch_load(path / "rng.pt") if (path / "rng.pt").is_file() else None
-    return Loaded(arrays, config, "torch", path, optimizer, None if state.get("weights_only") else state, rng,
-                  flags)
-
-
-def _read_jax(path: Path, state: dict, config: BluesConfig, with_optimizer: bool = True) -> Loaded:
-    """Orbax item `arrays/`: {"params", "opt_state", "rng"} restored as host numpy trees, whatever mesh
-    saved them."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    from parity import optim_convert
-
-    item = (path / ARRAYS).resolve()  # Orbax wants absolute paths
-    if not item.is_dir():
-        raise CheckpointError(f"{path} is a JAX checkpoint without its {ARRAYS}/ item (damaged)")
-    try:
-        with ocp.PyTreeCheckpointer() as checkpointer:
-            meta = checkpointer.metadata(item).item_metadata.tree
-            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-            tree = checkpointer.restore(item, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-    except Exception as e:  # Orbax/tensorstore raise many kinds; name the checkpoint and stop
-        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
-        raise CheckpointError(f"{item}: cannot read it ({first}); the checkpoint is damaged") from None
-    if not isinstance(tree, dict) or "params" not in tree:
-        raise CheckpointError(f"{item} holds no 'params' tree: not a train_jax.py checkpoint")
-    arrays = from_module_arrays(flatten(tree["params"]), config)
-    weights_only = state.get("weights_only") or "opt_state" not in tree
-    optimizer = None if weights_only or not with_optimizer else optim_convert.from_optax(tree["opt_state"], config)
-    return Loaded(arrays, config, "jax", path, optimizer, None if weights_only else state, tree.get("rng"))
-
-
-def _check_no_links(directory: Path, names: Sequence[str]) -> None:
-    """Files read from inside a directory the user named must be in it: a symbolic link placed there
-    could make a converter read (and copy out) any file of the machine."""
-    for name in names:
-        file = directory / name
-        if file.is_symlink():
-            raise CheckpointError(f"{file} is a symbolic link; only files inside {directory} are read (copy the "
-                                  "file there instead)")
-
-
-def _read_export(path: Path, with_optimizer: bool = True) -> Loaded:
-    from parity.safetensors_io import CONFIG_NAME, WEIGHTS_NAME, load_export, read_safetensors
-
-    directory = path if path.is_dir() else path.parent
-    _check_no_links(directory, ([WEIGHTS_NAME] if path.is_dir() else []) + [CONFIG_NAME, OPTIMIZER_NAME,
-                                                                            ckpt.TRAINER_STATE])
-    arrays, config = load_export(path)
-    log(f"reading {path}: safetensors export")
-    optimizer, state = None, None
-    if with_optimizer and (directory / OPTIMIZER_NAME).is_file():
-        tensors, meta = read_safetensors(directory / OPTIMIZER_NAME)
-        state = _read_json(directory / ckpt.TRAINER_STATE, "export's training state")
-        if _config_of(state, directory / ckpt.TRAINER_STATE) != config:
-            raise CheckpointError(f"{directory / ckpt.TRAINER_STATE} was made for another model config than "
-                                  f"{directory / 'config.json'}; re-export the checkpoint")
-        optimizer = _optimizer_from_tensors(tensors, meta, config, directory / OPTIMIZER_NAME)
-        if optimizer.step > int(state["step"]):  # fewer is fine: skipped (non-finite) steps apply no update
-            raise CheckpointError(f"{directory / OPTIMIZER_NAME}: optimizer step {optimizer.step} is past the "
-                                  f"training step {state['step']}")
-    return Loaded(arrays, config, "export", path, optimizer, state)
-
-
-def _optimizer_from_tensors(tensors: dict, meta: dict, config: BluesConfig, where: Path) -> AdamWState:
-    if meta.get("format") != OPTIMIZER_FORMAT:
-        raise CheckpointError(f"{where} is not a Blues optimizer export (format {meta.get('format')!r})")
-    try:
-        hp = json.loads(meta["blues.adamw"])
-        m = {k.removeprefix("exp_avg."): v for k, v in tensors.items() if k.startswith("exp_avg.")}
-        v = {k.removeprefix("exp_avg_sq."): a for k, a in tensors.items() if k.startswith("exp_avg_sq.")}
-        other = sorted(k for k in tensors if not k.startswith(("exp_avg.", "exp_avg_sq.")))
-        if other:
-            raise ConversionError(f"unexpected tensor '{other[0]}'")
-        state = AdamWState(step=int(hp["step"]), exp_avg=m, exp_avg_sq=v, lr=float(hp["lr"]),
-                           betas=(float(hp["betas"][0]), float(hp["betas"][1])), eps=float(hp["eps"]),
-                           weight_decay=float(hp["weight_decay"]))
-        state.check(config)
-    except (KeyError, TypeError, ValueError, IndexError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{where}: malformed optimizer metadata ({e!r})") from None
-    except ConversionError as e:
-        raise CheckpointError(f"{where}: {e}") from None
-    return state
 
 
 # ==== writing ========================================================================================
@@ -464,10 +249,10 @@ def convert(src_path: str | os.PathLike, dst_path: str | os.PathLike, to: str, *
         raise UsageError(f"--to must be one of {', '.join(TARGETS)}, got '{to}'")
     if dtype != "float32" and to != "safetensors":
         raise UsageError(f"--dtype {dtype} applies to --to safetensors only; trainer checkpoints stay float32")
-    src_path, dst = Path(src_path), Path(dst_path)
-    if src_path.exists():  # (a missing SRC is reported first, by read_source)
-        _check_dst(dst, src_path)
+    src_path, dst = resolve_source(src_path), Path(dst_path)  # (a missing SRC is reported first)
+    _check_dst(dst, src_path)
     src = read_source(src_path)
+    log(f"read {src.path}: {src.kind} checkpoint" + (f", step {src.step}" if src.trainer_state else ", weights only"))
     check_canonical(src.arrays, src.config)
     if src.optimizer is not None:
         log(f"converting {len(src.arrays)} tensors and the AdamW state (step {src.optimizer.step})")

@@ -195,6 +195,31 @@ def test_run_directory_means_its_latest_checkpoint(runs, tmp_path):
                for k in direct.arrays)
 
 
+def test_weights_only_reads_and_other_sources(runs, tmp_path):
+    """`with_optimizer=False` (generate.py, parity.check) gives the same weights and no training state;
+    the seed's `model_iter_N.pt` name means step N of a run; a `.pt` state dict converts, weights only."""
+    import torch
+
+    from parity.convert import to_module_arrays
+    from parity.convert_checkpoint import read_source
+
+    for framework in ("torch", "jax"):
+        full = read_source(step_dir(runs[framework], 2))
+        light = read_source(step_dir(runs[framework], 2), with_optimizer=False)
+        assert full.optimizer is not None and full.trainer_state is not None
+        assert light.optimizer is None and light.trainer_state is None and light.rng is None
+        assert light.kind == full.kind == framework and light.config == full.config
+        assert all(np.array_equal(full.arrays[k], light.arrays[k]) for k in full.arrays)
+    alias = read_source(runs["jax"] / "model_iter_4.pt", with_optimizer=False)
+    assert alias.path == step_dir(runs["jax"], 4) and alias.framework == "jax"
+    module = {k: torch.from_numpy(v) for k, v in to_module_arrays(full.arrays, full.config).items()}
+    torch.save({"model": module, "config": full.config.to_dict()}, tmp_path / "weights.pt")
+    rc, out, err = convert(tmp_path / "weights.pt", tmp_path / "export", "--to", "safetensors")
+    assert rc == 0 and "optimizer: none" in out, err
+    export = read_source(tmp_path / "export")
+    assert all(np.array_equal(full.arrays[k], export.arrays[k]) for k in full.arrays)
+
+
 def test_the_module_runs_as_a_script(runs, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "parity.convert_checkpoint", str(step_dir(runs["torch"], 4)),
                            str(tmp_path / "export"), "--to", "safetensors", "--dtype", "bfloat16"],
@@ -271,6 +296,7 @@ def bad_cases(runs, tmp: Path):
     ok = step_dir(runs["torch"], 2)
     return [  # (argv, exit status, what the one line must say)
         ([tmp / "nowhere", tmp / "o1", "--to", "jax"], 1, "does not exist"),
+        ([tmp / "model_iter_9.pt", tmp / "o16", "--to", "jax"], 1, "neither does step 9"),
         ([tmp / "notes.txt", tmp / "o2", "--to", "jax"], 1, "not a Blues checkpoint"),
         ([tmp / "empty", tmp / "o3", "--to", "torch"], 1, "holds no Blues checkpoint"),
         ([truncated, tmp / "o4", "--to", "jax"], 1, "does not match its checksum"),

@@ -498,7 +498,9 @@ BAD_INPUT = [
     ("prompt_too_long", ["EXPORT", "--prompt", "word " * 20, "--max_length", "20"], 2,
      ["context length is 32", "--max_length"]),
     ("missing_checkpoint", ["--checkpoint", "BAD/nope", "--prompt", "x"], 1, ["does not exist"]),
-    ("not_a_checkpoint", ["--checkpoint", "BAD/random.bin", "--prompt", "x"], 1, ["not a checkpoint"]),
+    ("not_a_checkpoint", ["--checkpoint", "BAD/random.bin", "--prompt", "x"], 1, ["not a Blues checkpoint"]),
+    ("seed_name_no_step", ["--checkpoint", "BAD/model_iter_5.pt", "--prompt", "x"], 1,
+     ["does not exist", "step 5", "step_00000005"]),
     ("truncated_export", ["--checkpoint", "BAD/truncated.safetensors", "--prompt", "x"], 1, ["truncated"]),
     ("dir_without_weights", ["--checkpoint", "BAD/config_only", "--prompt", "x"], 1, ["no Blues checkpoint"]),
     ("eval_file_missing", ["EXPORT", "--eval_file", "BAD/none.csv"], 1, ["does not exist"]),
@@ -573,6 +575,21 @@ def test_reads_a_train_jax_checkpoint_and_runs_it_in_torch(tmp_path, text_arrays
         assert np.array_equal(restored[name], value), name
     greedy = dict(max_length=10, temperature=0.0, top_p=1.0, top_k=0)
     assert generate.sample_text(jm, "Once upon", **greedy) == generate.sample_text(tm, "Once upon", **greedy)
+
+
+def test_reads_a_pt_state_dict_with_config_json_next_to_it(tmp_path, text_arrays):
+    """A bare bfloat16 state dict by layout path (padded embedding), its config in config.json beside it."""
+    from parity.convert import to_module_arrays
+
+    cfg, arrays = text_arrays
+    module = to_module_arrays(arrays, cfg)
+    torch.save({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in module.items()}, tmp_path / "weights.pt")
+    (tmp_path / "config.json").write_text(cfg.to_json())
+    lm = generate.load_model(str(tmp_path / "weights.pt"), backend="auto", device="cpu")
+    assert lm.backend == "torch" and lm.source.endswith("(pt)")
+    restored = to_canonical(lm.model)
+    for name, value in arrays.items():  # exactly the bf16 values, widened to float32
+        assert np.array_equal(restored[name], torch.from_numpy(value).to(torch.bfloat16).float().numpy()), name
 
 
 # The seed README's example commands, verbatim.
