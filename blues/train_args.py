@@ -42,20 +42,21 @@ PRECISIONS = ("fp32", "bf16")
 # The defaults make `python train_jax.py` / `python train_torch.py` with no arguments train the
 # tiny preset on the embedded corpus in well under 10 minutes on a 2-core CPU with the loss visibly
 # falling. Measured (train_torch.py, 2 dedicated Xeon cores): the 200k-vocabulary LM head dominates,
-# so a step costs about 2.2 s per 512 tokens; batch 2 x 256 tokens beat batch 1 and batch 4 per
-# wall-clock second; 120 steps take ~4.5 min plus start-up, evaluations and checkpoints, and the
-# training loss falls from 12.7 to ~7.3. Larger runs (GPU, bigger presets) pass their own values.
+# so a step costs about 2.2 s (torch) to 3.2 s (JAX) per 512 tokens; batch 2 x 256 tokens beat
+# batch 1 and batch 4 per wall-clock second; 80 steps take ~4.5 min (JAX) plus start-up,
+# evaluations and checkpoints, leaving room for `make demo`'s install inside 10 minutes, and the
+# training loss falls from 12.7 to ~7.5. Larger runs (GPU, bigger presets) pass their own values.
 DEFAULTS: dict[str, Any] = dict(
     data=None,  # None = the embedded corpus (blues.data.DEFAULT_CORPUS)
     preset="tiny",
     config=None,
     out_dir=None,  # None = runs/<timestamp>
-    max_steps=120,
+    max_steps=80,
     batch_size=2,
     grad_accum=1,
     lr=3e-3,
     min_lr=3e-4,
-    warmup_steps=12,
+    warmup_steps=8,
     weight_decay=0.1,
     grad_clip=1.0,
     eval_every=40,
