@@ -69,6 +69,7 @@ import numpy as np
 
 from blues import checkpointing as ckpt
 from blues.cli import run_main
+from parity.safetensors_io import load_init_weights
 from blues.errors import BluesError, CheckpointError, UsageError
 from blues.metrics import MetricsLogger
 from blues.plots import plot_experts, plot_losses
@@ -546,7 +547,7 @@ def prepare(args: TrainArgs) -> dict:
     init_arrays = None
     if args.init_from is not None:
         if resume_path is None:
-            init_arrays = load_init_weights(args)
+            init_arrays = load_init_weights(args.init_from, args.model_config)
         elif topo["process"] == 0:
             log(f"note: --init_from {args.init_from} is ignored: the run resumes from {resume_path}")
     return {"mesh": mesh, "topo": topo, "tokenizer": tokenizer, "splits": splits, "train_iter": train_iter,
@@ -627,19 +628,6 @@ def create_model(args: TrainArgs, mesh, init_arrays: dict | None):
 
         load_canonical(model, init_arrays)  # checked against the config in load_init_weights
     return shard_model(model, mesh)
-
-
-def load_init_weights(args: TrainArgs) -> dict:
-    """--init_from: canonical arrays from an export, checked against this run's config."""
-    from parity.convert import ConversionError, check_canonical
-    from parity.safetensors_io import load_export
-
-    arrays, _ = load_export(args.init_from)
-    try:
-        check_canonical(arrays, args.model_config)
-    except ConversionError as e:
-        raise CheckpointError(f"--init_from {args.init_from}: {e}") from None
-    return arrays
 
 
 def _optimizer_shardings(tx, params, param_shardings, replicated):

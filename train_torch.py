@@ -55,6 +55,7 @@ import numpy as np
 
 from blues import checkpointing as ckpt
 from blues.cli import run_main
+from parity.safetensors_io import load_init_weights
 from blues.errors import CheckpointError, ConfigError, UsageError
 from blues.metrics import MetricsLogger
 from blues.schedule import learning_rate
@@ -385,19 +386,6 @@ class Checkpointer:
                 f"router noise restarts from the seed")
 
 
-def load_init_weights(args: TrainArgs) -> dict:
-    """--init_from: canonical arrays from an export, checked against this run's config (as train_jax.py)."""
-    from parity.convert import ConversionError, check_canonical
-    from parity.safetensors_io import load_export
-
-    arrays, _ = load_export(args.init_from)
-    try:
-        check_canonical(arrays, args.model_config)
-    except ConversionError as e:
-        raise CheckpointError(f"--init_from {args.init_from}: {e}") from None
-    return arrays
-
-
 def write_param_hash(model, out_dir, rank: int, tag: str) -> None:
     """Test hook (BLUES_WRITE_PARAM_HASH=1): sha256 over this rank's parameters, in order."""
     if os.environ.get("BLUES_WRITE_PARAM_HASH") != "1":
@@ -526,7 +514,7 @@ def main(argv) -> int:
     resume_path = dist.broadcast(str(resume_path) if resume_path else None)
     resume_path = Path(resume_path) if resume_path else None
     resume_state = check_resumable(resume_path, args, dist) if resume_path else None
-    init_arrays = load_init_weights(args) if args.init_from is not None and resume_path is None else None
+    init_arrays = load_init_weights(args.init_from, args.model_config) if args.init_from is not None and resume_path is None else None
 
     with RunDir(args.out_dir, is_main=dist.is_main) as run_dir, GracefulStop() as stop:
         # Data: rank 0 tokenizes into the cache first, the others then read it.

@@ -229,3 +229,15 @@ def load_export(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], BluesCo
     except ConversionError as e:
         raise CheckpointError(f"{weights}: {e}") from None
     return arrays, config
+
+
+def load_init_weights(path: str | os.PathLike, config: BluesConfig) -> dict[str, np.ndarray]:
+    """The trainers' `--init_from`: canonical arrays from an export, checked against the run's config."""
+    from parity.convert import ConversionError, check_canonical
+
+    arrays, _ = load_export(path)
+    try:
+        check_canonical(arrays, config)
+    except ConversionError as e:
+        raise CheckpointError(f"--init_from {path}: {e}") from None
+    return arrays
