@@ -1,0 +1,119 @@
+"""GPU fast paths against their reference paths (marked `gpu`; skipped without a CUDA device).
+
+Each fast kernel must compute the function its reference defines: SDPA / cuDNN attention vs the
+plain einsum attention, `torch._grouped_mm` experts vs the per-expert loop, the chunked LM loss vs
+materialised logits, and the two frameworks against each other in bf16 (by KL, as bf16 rounding
+makes elementwise float32 tolerances meaningless). The same checks run inside the benchmark
+(`bench/`) before anything is timed. Tolerances: bf16 has an 8-bit mantissa (relative rounding
+~4e-3 per operation); after a few accumulated operations 2e-2 relative is the honest bound.
+"""
+import numpy as np
+import pytest
+
+from blues.config import BluesConfig
+from oracle import random_canonical
+
+torch = pytest.importorskip("torch")
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+JAX_GPU = any(d.platform == "gpu" for d in jax.devices()) if CUDA else False
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (torch)")
+needs_jax_gpu = pytest.mark.skipif(not JAX_GPU, reason="needs a GPU visible to JAX")
+pytestmark = pytest.mark.gpu
+
+BF16_REL = 2e-2
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def qkv(seed=0, b=2, t=256, h=4, kv=2, dh=48):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape).astype(np.float32)
+            for shape in ((b, t, h, dh), (b, t, kv, dh), (b, t, kv, dh))]
+
+
+@needs_cuda
+def test_sdpa_matches_reference_attention_gpu():
+    from blues_torch.attention import attention, reference_attention
+    q, k, v = (torch.from_numpy(a).cuda() for a in qkv())
+    fast = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), softcap=None, impl="sdpa")
+    ref = reference_attention(q, k, v, softcap=None)
+    assert rel_err(fast.float().cpu(), ref.cpu()) < BF16_REL
+
+
+@needs_jax_gpu
+def test_cudnn_matches_reference_attention_gpu():
+    from blues_jax.attention import attention, reference_attention
+    q, k, v = (jnp.asarray(a) for a in qkv())
+    fast = attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16),
+                     softcap=None, impl="cudnn")
+    ref = reference_attention(q, k, v, softcap=None)
+    assert rel_err(np.asarray(fast, np.float32), np.asarray(ref)) < BF16_REL
+
+
+@needs_cuda
+def test_grouped_gemm_matches_expert_loop_gpu():
+    from blues_torch.experts import _grouped_mm_ok, expert_mlp
+    rng = np.random.default_rng(1)
+    n, d, f, e, k = 1024, 256, 512, 8, 2
+    x = torch.from_numpy(rng.standard_normal((n, d)).astype(np.float32)).cuda()
+    w_in = torch.from_numpy(rng.standard_normal((e, d, 2 * f)).astype(np.float32) / d ** 0.5).cuda()
+    w_out = torch.from_numpy(rng.standard_normal((e, f, d)).astype(np.float32) / f ** 0.5).cuda()
+    indices = torch.from_numpy(np.stack([rng.permutation(e)[:k] for _ in range(n)])).cuda()
+    weights = torch.softmax(torch.randn(n, k, device="cuda"), -1)
+    assert _grouped_mm_ok(x.bfloat16(), w_in.bfloat16(), w_out.bfloat16()), "the grouped path must be taken"
+    fast = expert_mlp(x.bfloat16(), indices, weights, None, w_in.bfloat16(), w_out.bfloat16())
+    loop = expert_mlp(x, indices, weights, None, w_in, w_out)  # float32: the per-expert loop
+    assert rel_err(fast.float().cpu(), loop.cpu()) < BF16_REL
+
+
+@needs_cuda
+def test_chunked_loss_matches_plain_gpu():
+    from blues_torch.loss import chunked_lm_loss, cross_entropy, lm_head_logits
+    rng = np.random.default_rng(2)
+    n, d, v, vp = 4096, 192, 200019, 200064
+    h = torch.from_numpy(rng.standard_normal((n, d)).astype(np.float32)).cuda().requires_grad_()
+    embed = torch.zeros(vp, d, device="cuda")
+    embed[:v] = torch.from_numpy(rng.standard_normal((v, d)).astype(np.float32) / d ** 0.5).cuda()
+    embed.requires_grad_()
+    targets = torch.from_numpy(rng.integers(0, v, n)).cuda()
+    targets[::7] = -100
+    chunked = chunked_lm_loss(h, embed, targets, v, 1024)
+    g_chunked = torch.autograd.grad(chunked, (h, embed))
+    plain = cross_entropy(lm_head_logits(h, embed, v), targets)
+    g_plain = torch.autograd.grad(plain, (h, embed))
+    # float32 on both sides (TF32 off by default for matmuls in torch): rounding-level agreement.
+    assert abs(chunked.item() - plain.item()) <= 1e-5 * abs(plain.item())
+    for a, b in zip(g_chunked, g_plain):
+        assert rel_err(a.cpu(), b.cpu()) < 1e-4
+    assert torch.count_nonzero(g_chunked[1][v:]) == 0  # padding rows get exactly zero gradient
+
+
+@needs_cuda
+@needs_jax_gpu
+def test_bf16_frameworks_agree_by_kl_gpu():
+    from parity.convert import from_canonical
+    config = BluesConfig(vocab_size=512, hidden_size=64, head_dim=16, num_attention_heads=4,
+                         num_key_value_heads=2, tot_num_experts=4, chosen_num_experts=2,
+                         max_position_embeddings=64)
+    arrays = random_canonical(config, seed=3)
+    ids = np.random.default_rng(4).integers(0, config.vocab_size, (2, 64))
+    tm = from_canonical(arrays, config, "torch").cuda().eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        lt = tm(torch.from_numpy(ids).cuda()).logits.float().cpu().numpy()
+    jm = from_canonical(arrays, config, "jax", dtype=jnp.bfloat16)
+    jm.eval()
+    lj = np.asarray(jm(jnp.asarray(ids)).logits, np.float32)
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    pt, pj = log_softmax(lt.astype(np.float64)), log_softmax(lj.astype(np.float64))
+    kl = (np.exp(pt) * (pt - pj)).sum(-1)
+    assert kl.mean() < 1e-2, kl.mean()  # MaxText's bf16 checker works at this scale
