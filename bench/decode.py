@@ -61,6 +61,20 @@ def _teacher_forced_match(plain_logits_fn, model, prompts, generated) -> tuple[i
 
 # ==== PyTorch =========================================================================================
 
+def _decode_row(framework: str, backend: str, cfg: BluesConfig, *, preset, batch, prompt, new, quick,
+                times, reading, tokens, check_msg, check_ok) -> Row:
+    """One decode row: tokens/s over the whole generate call (prefill included)."""
+    n_out = sum(len(r) for r in tokens)
+    return Row(framework=framework, workload=f"decode b{batch}", variant="bf16",
+               tokens_per_s=batch * new / times.median_s,
+               flops_per_token=decode_flops_per_token(cfg, prompt, new), dense_framework=framework,
+               step_ms=times.median_s * 1e3, spread=times.spread, peak_gib=reading.peak_gib,
+               peak_exact=reading.exact, check=check_msg + f"; {n_out}/{batch * new} tokens out",
+               check_ok=None if check_ok is None else (check_ok and n_out == batch * new),
+               notes=f"{backend}; prompt {prompt}, {new} new; ms per call (prefill included)",
+               config={"preset": preset, "batch": batch, "prompt": prompt, "new": new, "quick": quick})
+
+
 def torch_decode(preset: str, *, quick: bool, steps: int, warmup: int, seed: int = 0, check: bool = True) -> list[Row]:
     import torch
     from blues_torch import BluesModel
@@ -98,15 +112,9 @@ def torch_decode(preset: str, *, quick: bool, steps: int, warmup: int, seed: int
         times = time_steps(call, lambda _: torch_sync(device), warmup=warmup, steps=steps,
                            label=f"torch decode b{batch}")
         reading = mem.read()
-        n_out = sum(len(r) for r in out["tokens"])
-        rows.append(Row(framework="torch", workload=f"decode b{batch}", variant="bf16",
-                        tokens_per_s=batch * new / times.median_s,
-                        flops_per_token=decode_flops_per_token(cfg, prompt, new), dense_framework="torch",
-                        step_ms=times.median_s * 1e3, spread=times.spread, peak_gib=reading.peak_gib,
-                        peak_exact=reading.exact, check=check_msg + f"; {n_out}/{batch * new} tokens out",
-                        check_ok=None if check_ok is None else (check_ok and n_out == batch * new),
-                        notes=f"{device.type}; prompt {prompt}, {new} new; ms per call (prefill included)",
-                        config={"preset": preset, "batch": batch, "prompt": prompt, "new": new, "quick": quick}))
+        rows.append(_decode_row("torch", device.type, cfg, preset=preset, batch=batch, prompt=prompt, new=new,
+                                quick=quick, times=times, reading=reading, tokens=out["tokens"],
+                                check_msg=check_msg, check_ok=check_ok))
     del model
     return rows
 
@@ -155,13 +163,7 @@ def jax_decode(preset: str, *, quick: bool, steps: int, warmup: int, seed: int =
 
         times = time_steps(call, jax_sync, warmup=warmup, steps=steps, label=f"jax decode b{batch}")
         reading = mem.read()
-        n_out = sum(len(r) for r in out["tokens"])
-        rows.append(Row(framework="jax", workload=f"decode b{batch}", variant="bf16",
-                        tokens_per_s=batch * new / times.median_s,
-                        flops_per_token=decode_flops_per_token(cfg, prompt, new), dense_framework="jax",
-                        step_ms=times.median_s * 1e3, spread=times.spread, peak_gib=reading.peak_gib,
-                        peak_exact=reading.exact, check=check_msg + f"; {n_out}/{batch * new} tokens out",
-                        check_ok=None if check_ok is None else (check_ok and n_out == batch * new),
-                        notes=f"{jax.default_backend()}; prompt {prompt}, {new} new; ms per call (prefill included)",
-                        config={"preset": preset, "batch": batch, "prompt": prompt, "new": new, "quick": quick}))
+        rows.append(_decode_row("jax", jax.default_backend(), cfg, preset=preset, batch=batch, prompt=prompt, new=new,
+                                quick=quick, times=times, reading=reading, tokens=out["tokens"],
+                                check_msg=check_msg, check_ok=check_ok))
     return rows

@@ -19,7 +19,6 @@ symlinks): loading a checkpoint never follows a path out of what the user named.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from blues.errors import CheckpointError
+from blues.hashing import sha256_file
 
 MANIFEST = "COMMITTED"
 FORMAT = "blues-checkpoint-v1"
@@ -58,14 +58,6 @@ def list_checkpoints(root: str | os.PathLike) -> list[CheckpointInfo]:
         if m and entry.is_dir() and not entry.is_symlink():
             out.append(CheckpointInfo(int(m.group(1)), entry, (entry / MANIFEST).is_file()))
     return sorted(out, key=lambda c: c.step)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:
@@ -119,7 +111,7 @@ def verify(path: str | os.PathLike) -> dict:
             raise CheckpointError(f"{path}: '{rel}' is a link leading outside the checkpoint directory")
         if not file.is_file():
             raise CheckpointError(f"{path}: file '{rel}' is missing (damaged checkpoint)")
-        if _sha256(file) != digest:
+        if sha256_file(file) != digest:
             raise CheckpointError(f"{path}: file '{rel}' does not match its checksum (damaged checkpoint)")
     return manifest
 
@@ -229,7 +221,7 @@ def _checksum_files(directory: Path) -> dict[str, str]:
         if file.is_symlink():
             raise CheckpointError(f"refusing to commit a checkpoint holding a symlink: {file}")
         _fsync_file(file)
-        files[file.relative_to(directory).as_posix()] = _sha256(file)
+        files[file.relative_to(directory).as_posix()] = sha256_file(file)
     return files
 
 

@@ -27,6 +27,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from blues.errors import ConfigError, DataError
+from blues.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -145,14 +146,6 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "blues"
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _split_documents(n_docs: int, val_fraction: float, split_seed: int, source: str) -> np.ndarray:
     """Indices (sorted) of the validation documents: the first round(val_fraction * n_docs) of a
     permutation seeded by split_seed, at least one, and never all of them."""
@@ -191,7 +184,7 @@ def _load_cached(meta_path: Path, key: str) -> dict | None:
             size = path.stat().st_size if path.exists() else None
             if size != want:
                 raise ValueError(f"{path.name} has {size} bytes, expected {want}")
-            if _sha256_file(path) != rec["sha256"]:
+            if sha256_file(path) != rec["sha256"]:
                 raise ValueError(f"{path.name} does not match its recorded sha256")
         return meta
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -262,7 +255,7 @@ def _source_sha256(path: Path) -> str:
     if not path.is_file():
         _read_bytes(path)  # raises the 'does not exist' / 'is a directory' message
     try:
-        return _sha256_file(path)
+        return sha256_file(path)
     except OSError as e:
         raise DataError(f"data file {path} is unreadable: {e.strerror or e}") from None
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from blues import checkpointing as ckpt
+from blues.hashing import sha256_file
 from blues.errors import CheckpointError, ConfigError, UsageError
 from blues.metrics import MetricsLogger, TRAIN_KEYS, read_metrics
 from blues.schedule import learning_rate, learning_rate_table
@@ -175,7 +176,7 @@ def test_manifest_cannot_point_outside_the_checkpoint(tmp_path):
     path = _save(tmp_path, 1)
     (tmp_path / "secret").write_text("x")
     manifest = json.loads((path / ckpt.MANIFEST).read_text())
-    manifest["files"]["../secret"] = ckpt._sha256(tmp_path / "secret")
+    manifest["files"]["../secret"] = sha256_file(tmp_path / "secret")
     (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="outside the checkpoint"):
         ckpt.verify(path)

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from blues import checkpointing as ckpt
+from blues.hashing import sha256_file
 from blues.cli import run_main
 from blues.metrics import TRAIN_KEYS, eval_records, read_metrics, train_records
 
@@ -216,7 +217,7 @@ def test_crafted_pickle_in_checkpoint_is_refused_not_run(env, straight, tmp_path
     (path / "optimizer.pt").write_bytes(pickle.dumps({"state": _Payload(marker)}))
     # The attacker also rewrites the manifest, so the checksums pass and only weights_only stands guard.
     manifest = json.loads((path / "COMMITTED").read_text())
-    manifest["files"]["optimizer.pt"] = ckpt._sha256(path / "optimizer.pt")
+    manifest["files"]["optimizer.pt"] = sha256_file(path / "optimizer.pt")
     (path / "COMMITTED").write_text(json.dumps(manifest))
     _, stderr = train_inproc(env, out, "--max_steps", "8", "--resume", "auto", status=1)
     assert "cannot be loaded safely (refused, nothing executed)" in stderr and "Traceback" not in stderr
