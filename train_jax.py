@@ -76,7 +76,7 @@ from blues.plots import plot_experts, plot_losses
 from blues.schedule import learning_rate
 from blues.train_args import TrainArgs, parse_args
 from blues.train_loop import (SAMPLE_PROMPT, SAMPLE_TOKENS, BadStepGuard, EvalAccumulator, GracefulStop, Progress,
-                              RunDir, SpikeDetector, StepTimer, log, log_samples, resume_command, summary_line)
+                              RunDir, SpikeDetector, StepTimer, TimeBudget, log, log_samples, resume_command, summary_line)
 
 SCRIPT = "train_jax.py"
 BETAS, EPS = (0.9, 0.95), 1e-8
@@ -438,6 +438,7 @@ def evaluate(eval_step, params, rng, val_tokens, args: TrainArgs, topo: dict, sh
 def main(argv) -> int:
     args = parse_args(argv, "jax")
     started = time.time()
+    budget = TimeBudget(args.max_minutes)
     init_distributed(args)
     import jax
 
@@ -474,7 +475,7 @@ def main(argv) -> int:
                 f"writing to {args.out_dir}")
 
         loop = Loop(args, topo, shardings, graphs, tx, run["train_iter"], run["splits"], run["tokenizer"],
-                    checkpointer, guard, metrics, stop)
+                    checkpointer, guard, metrics, stop, budget)
         try:
             result = loop.run(params, opt_state, rng, step)
         finally:
@@ -655,8 +656,9 @@ class Loop:
     """The training loop: optimizer steps until max_steps, a stop signal or too many bad steps."""
 
     def __init__(self, args, topo, shardings, graphs, tx, train_iter, splits, tokenizer,
-                 checkpointer, guard, metrics, stop):
+                 checkpointer, guard, metrics, stop, budget):
         self.args, self.topo, self.shardings = args, topo, shardings
+        self.budget = budget  # --max_minutes
         self.train_iter, self.splits, self.tokenizer = train_iter, splits, tokenizer
         self.checkpointer, self.guard, self.metrics, self.stop = checkpointer, guard, metrics, stop
         self.is_main = topo["process"] == 0
@@ -720,18 +722,32 @@ class Loop:
                 if guard.should_stop:
                     self.save(step, params, opt_state, rng)
                     return {"status": "bad", "step": step}
-                if step % args.eval_every == 0 or step == args.max_steps:
+                out_of_time = self.out_of_time()
+                if out_of_time and self.is_main:
+                    log(f"--max_minutes {args.max_minutes:g} reached after step {step}: finishing the run here")
+                last = step == args.max_steps or out_of_time
+                if step % args.eval_every == 0 or last:
                     val_loss = self.run_eval(params, rng, step)
                 if step == args.stop_after and not self.stop:
                     self.stop.requested = f"--stop_after {step}"
                 if self.stop:
                     self.save(step, params, opt_state, rng)
                     return {"status": "stopped", "step": step}
-                if step % args.save_every == 0 or step == args.max_steps:
+                if step % args.save_every == 0 or last:
                     self.save(step, params, opt_state, rng)
+                if out_of_time:
+                    break
         finally:
             progress.close()
         return {"status": "done", "step": step, "loss": last_loss, "val_loss": val_loss}
+
+    def out_of_time(self) -> bool:
+        """--max_minutes, decided by process 0 so that every process stops after the same step."""
+        expired = self.budget.expired()
+        if self.topo["processes"] > 1 and self.budget.seconds is not None:
+            from jax.experimental import multihost_utils
+            expired = bool(multihost_utils.broadcast_one_to_all(np.bool_(expired)))
+        return expired
 
     def run_eval(self, params, rng, step: int) -> float:
         acc = evaluate(self.eval_step, params, rng, self.splits.val, self.args, self.topo, self.shardings)

@@ -61,7 +61,7 @@ from blues.metrics import MetricsLogger
 from blues.schedule import learning_rate
 from blues.train_args import TrainArgs, check_numbers, load_json_file, parse_args
 from blues.train_loop import (BadStepGuard, EvalAccumulator, GracefulStop, Progress, RunDir, SpikeDetector,
-                              StepTimer, log, log_samples, resume_command, reuse_freed_host_memory, summary_line)
+                              StepTimer, TimeBudget, log, log_samples, resume_command, reuse_freed_host_memory, summary_line)
 
 SCRIPT = "train_torch.py"
 BETAS, EPS = (0.9, 0.95), 1e-8
@@ -187,7 +187,7 @@ def resolve_deepspeed_config(args: TrainArgs, world_size: int) -> tuple[dict, Tr
     try:
         check_numbers({**{k: getattr(args, k) for k in ("max_steps", "eval_every", "eval_batches", "save_every",
                                                         "keep_checkpoints", "max_bad_steps", "warmup_steps",
-                                                        "seed", "min_lr")}, **values})
+                                                        "seed", "min_lr", "max_minutes")}, **values})
     except UsageError as e:
         raise ConfigError(f"{where} (or the flag overriding it): {e}") from None
 
@@ -493,6 +493,7 @@ def make_next_logits(model, device, autocast):
 def main(argv) -> int:
     args = parse_args(argv, "torch")
     started = time.time()
+    budget = TimeBudget(args.max_minutes)
     reuse_freed_host_memory()  # CPU: no page-faulting of the LM head's big buffers every step
 
     import torch
@@ -580,7 +581,7 @@ def main(argv) -> int:
                 f"writing to {args.out_dir}")
 
         run = Run(args, dist, model, train_model, engine, optimizer, gen, train_iter, splits, tokenizer, checkpointer,
-                  guard, metrics, stop, autocast)
+                  guard, metrics, stop, autocast, budget)
         result = train(run, step)
         metrics.close()
         write_param_hash(model, args.out_dir, dist.rank, "final")
@@ -626,6 +627,7 @@ class Run:
     metrics: MetricsLogger
     stop: GracefulStop
     autocast: Callable
+    budget: TimeBudget  # --max_minutes
 
 
 def train(run: Run, step: int) -> dict:
@@ -650,7 +652,7 @@ def train(run: Run, step: int) -> dict:
                                max_steps=args.max_steps)
             set_lr(optimizer, lr)
             inject = (step + 1) in args.inject_nan
-            sums = torch.zeros(5, dtype=torch.float32, device=dist.device)  # loss, lm, aux, z, stop flag
+            sums = torch.zeros(6, dtype=torch.float32, device=dist.device)  # loss, lm, aux, z, stop, time up
             for _ in range(args.grad_accum):
                 x, y = to_device(next(train_iter), dist.device)  # [B, T] each
                 with autocast():
@@ -663,22 +665,23 @@ def train(run: Run, step: int) -> dict:
                 else:
                     engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
                     engine.step()  # applies the update only at the accumulation boundary
-            # One all-reduce carries the losses and whether any rank was asked to stop, so that all
-            # ranks stop (and save, collectively) at the same step.
+            # One all-reduce carries the losses and whether any rank was asked to stop or is out of
+            # time, so that all ranks stop (and save, collectively) at the same step.
             sums[4] = float(bool(stop)) * args.grad_accum
+            sums[5] = float(run.budget.expired()) * args.grad_accum
             reduced = dist.mean(sums / args.grad_accum)
             if engine is None:
                 max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")
                 grad_norm_t = torch.nn.utils.clip_grad_norm_(params, max_norm)  # norm before clipping
                 values = torch.cat([reduced, grad_norm_t.float().reshape(1)]).tolist()
-                ok = guard.check(values[0], values[5])
+                ok = guard.check(values[0], values[6])
                 if ok:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             else:
                 grad_norm = engine.get_global_grad_norm()
                 values = reduced.tolist() + [float("nan") if grad_norm is None else float(grad_norm)]
-                ok = guard.check(values[0], values[5]) and engine.was_step_applied()
+                ok = guard.check(values[0], values[6]) and engine.was_step_applied()
                 if not ok and guard.consecutive == 0:  # DeepSpeed skipped an update we thought fine
                     guard.skipped += 1
                     guard.consecutive += 1
@@ -687,27 +690,33 @@ def train(run: Run, step: int) -> dict:
             step += 1
             tps = timer.tokens_per_s(tokens_per_step)
             metrics.log_train(step=step, loss=values[0], lm_loss=values[1], aux_loss=values[2], z_loss=values[3],
-                              lr=lr, grad_norm=values[5], tokens_per_s=tps, skipped_steps=guard.skipped)
+                              lr=lr, grad_norm=values[6], tokens_per_s=tps, skipped_steps=guard.skipped)
             if ok:
                 last_loss = values[0]
                 spikes.update(step, values[0])
             else:
-                log(f"warning: step {step}: non-finite loss {values[0]} or gradient norm {values[5]}; "
+                log(f"warning: step {step}: non-finite loss {values[0]} or gradient norm {values[6]}; "
                     f"update skipped ({guard.consecutive}/{args.max_bad_steps} in a row)")
             progress.update(step, values[0], tps, lr)
 
             if guard.should_stop:
                 checkpointer.save(step, train_iter.state_dict(), guard)
                 return {"status": "bad", "step": step}
-            if step % args.eval_every == 0 or step == args.max_steps:
+            out_of_time = values[5] > 0
+            if out_of_time and dist.is_main:
+                log(f"--max_minutes {args.max_minutes:g} reached after step {step}: finishing the run here")
+            last = step == args.max_steps or out_of_time
+            if step % args.eval_every == 0 or last:
                 val_loss = run_eval(run, step)
             if step == args.stop_after and not stop:
                 stop.requested = f"--stop_after {step}"
             if stop:
                 checkpointer.save(step, train_iter.state_dict(), guard)
                 return {"status": "stopped", "step": step}
-            if step % args.save_every == 0 or step == args.max_steps:
+            if step % args.save_every == 0 or last:
                 checkpointer.save(step, train_iter.state_dict(), guard)
+            if out_of_time:
+                break
     finally:
         progress.close()
     return {"status": "done", "step": step, "loss": last_loss, "val_loss": val_loss}

@@ -68,6 +68,7 @@ DEFAULTS: dict[str, Any] = dict(
     precision="fp32",
     attn_impl="auto",
     max_bad_steps=5,
+    max_minutes=None,  # None = no time budget
     debug=False,
     inject_nan=(),
     stop_after=None,
@@ -112,6 +113,7 @@ class TrainArgs:
     precision: str
     attn_impl: str
     max_bad_steps: int
+    max_minutes: float | None
     debug: bool
     inject_nan: tuple[int, ...] = ()
     stop_after: int | None = None
@@ -173,7 +175,9 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
     add("--init_from", "start from these canonical weights (an export directory or its model.safetensors) "
         "instead of a random init", metavar="PATH")
     group = p.add_argument_group("optimisation")
-    add("--max_steps", "optimizer steps to train for", type=int, metavar="N")
+    add("--max_steps", "optimizer steps to train for (the cosine schedule's length)", type=int, metavar="N")
+    add("--max_minutes", "also stop after this many minutes of training (then evaluate, save and plot as at "
+        "--max_steps; the schedule still spans --max_steps)", type=float, metavar="M")
     add("--batch_size", "sequences per micro-batch per data-parallel rank", type=int, metavar="B")
     add("--grad_accum", "micro-batches accumulated per optimizer step", type=int, metavar="G")
     add("--lr", "peak learning rate", type=float)
@@ -283,6 +287,8 @@ def check_numbers(v: dict) -> None:
     for flag in ("min_lr", "weight_decay", "grad_clip"):
         if not (math.isfinite(v[flag]) and v[flag] >= 0):
             bad(flag, "a non-negative number")
+    if v["max_minutes"] is not None and not (math.isfinite(v["max_minutes"]) and v["max_minutes"] > 0):
+        bad("max_minutes", "a positive number of minutes")
     if v["min_lr"] > v["lr"]:
         raise UsageError(f"--min_lr ({v['min_lr']}) must not exceed --lr ({v['lr']})")
 

@@ -244,6 +244,18 @@ class Progress:
             self.bar.close()
 
 
+class TimeBudget:
+    """`--max_minutes`: has this invocation trained for its wall-clock budget? (None = never.)
+    Counted from construction, so start-up, compilation, evaluations and checkpoints all count."""
+
+    def __init__(self, minutes: float | None):
+        self.seconds = None if minutes is None else minutes * 60.0
+        self.t0 = time.monotonic()
+
+    def expired(self) -> bool:
+        return self.seconds is not None and time.monotonic() - self.t0 >= self.seconds
+
+
 class StepTimer:
     """tokens/s of the last step, excluding evaluation and checkpoint time."""
 

@@ -267,6 +267,21 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(env, tmp_path):
     assert same_arrays(w[3], w[5], "['opt_state']['inner_state']")  # Adam's moments and count untouched too
 
 
+def test_max_minutes_ends_the_run_like_max_steps(env, tmp_path):
+    """A time budget that is over after the first step: the run still evaluates, checkpoints, plots
+    and prints its summary at that step, and exits 0 (not as an interrupted run)."""
+    out = tmp_path / "timed"
+    proc = train(env, out, "--max_steps", "100000", "--max_minutes", "0.0001", "--eval_every", "100000",
+                 "--save_every", "100000")
+    assert "--max_minutes 0.0001 reached after step 1" in proc.stderr
+    assert "to resume" not in proc.stdout and "done: trained 1 steps" in proc.stdout
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in train_records(records)] == [1]
+    assert [r["step"] for r in eval_records(records)] == [1]
+    assert [c.step for c in ckpt.list_checkpoints(out / "checkpoints")] == [1]
+    assert (out / "loss.png").is_file() and (out / "experts.png").is_file()
+
+
 # ---- bad input: one line, the right exit status, nothing left behind ---------------------------------
 
 def _bad_cases(tmp):
@@ -283,6 +298,8 @@ def _bad_cases(tmp):
         (["--lr", "0"], 2, "--lr"),
         (["--lr", "abc"], 2, "--lr"),
         (["--max_steps", "0"], 2, "--max_steps"),
+        (["--max_minutes", "0"], 2, "--max_minutes"),
+        (["--max_minutes", "nan"], 2, "--max_minutes"),
         (["--batch_size", "-2"], 2, "--batch_size"),
         (["--grad_accum", "0"], 2, "--grad_accum"),
         (["--min_lr", "1", "--lr", "0.1"], 2, "--min_lr"),
