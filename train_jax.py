@@ -75,8 +75,9 @@ from blues.metrics import MetricsLogger
 from blues.plots import plot_experts, plot_losses
 from blues.schedule import learning_rate
 from blues.train_args import TrainArgs, parse_args
-from blues.train_loop import (SAMPLE_PROMPT, SAMPLE_TOKENS, BadStepGuard, EvalAccumulator, GracefulStop, Progress,
-                              RunDir, SpikeDetector, StepTimer, TimeBudget, log, log_samples, resume_command, summary_line)
+from blues.train_loop import (SAMPLE_PROMPT, SAMPLE_TOKENS, BadStepGuard, BestExport, EvalAccumulator, GracefulStop,
+                              Progress, RunDir, SpikeDetector, StepTimer, TimeBudget, log, log_samples,
+                              resume_command, summary_line)
 
 SCRIPT = "train_jax.py"
 BETAS, EPS = (0.9, 0.95), 1e-8
@@ -475,7 +476,9 @@ def main(argv) -> int:
                 f"writing to {args.out_dir}")
 
         loop = Loop(args, topo, shardings, graphs, tx, run["train_iter"], run["splits"], run["tokenizer"],
-                    checkpointer, guard, metrics, stop, budget)
+                    checkpointer, guard, metrics, stop, budget,
+                    BestExport(args.out_dir, args.model_config, enabled=args.save_best, is_main=is_main,
+                               resuming=resume_path is not None))
         try:
             result = loop.run(params, opt_state, rng, step)
         finally:
@@ -499,7 +502,7 @@ def main(argv) -> int:
         if is_main:
             print(summary_line(steps=result["step"], elapsed=time.time() - started, train_loss=result["loss"],
                                val_loss=result["val_loss"], skipped=guard.skipped, checkpoint=checkpointer.last,
-                               out_dir=args.out_dir), flush=True)
+                               out_dir=args.out_dir, best=loop.best), flush=True)
     return 0
 
 
@@ -652,13 +655,24 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def canonical_arrays(params, config, topo: dict) -> dict:
+    """The canonical float32 tensors of the (possibly sharded) parameters; collective when several
+    processes hold the shards."""
+    from parity.convert import flatten, from_module_arrays
+
+    if topo["processes"] > 1:
+        from jax.experimental import multihost_utils
+        params = multihost_utils.process_allgather(params, tiled=True)
+    return from_module_arrays(flatten(params), config)
+
+
 class Loop:
     """The training loop: optimizer steps until max_steps, a stop signal or too many bad steps."""
 
     def __init__(self, args, topo, shardings, graphs, tx, train_iter, splits, tokenizer,
-                 checkpointer, guard, metrics, stop, budget):
+                 checkpointer, guard, metrics, stop, budget, best):
         self.args, self.topo, self.shardings = args, topo, shardings
-        self.budget = budget  # --max_minutes
+        self.budget, self.best = budget, best  # --max_minutes, --save_best
         self.train_iter, self.splits, self.tokenizer = train_iter, splits, tokenizer
         self.checkpointer, self.guard, self.metrics, self.stop = checkpointer, guard, metrics, stop
         self.is_main = topo["process"] == 0
@@ -751,6 +765,7 @@ class Loop:
 
     def run_eval(self, params, rng, step: int) -> float:
         acc = evaluate(self.eval_step, params, rng, self.splits.val, self.args, self.topo, self.shardings)
+        self.best.update(step, acc.loss, lambda: canonical_arrays(params, self.args.model_config, self.topo))
         next_logits = self.next_logits(params, rng)
         if self.is_main:
             self.metrics.log_eval(step=step, val_loss=acc.loss, experts=acc.experts.summary())

@@ -55,13 +55,15 @@ import numpy as np
 
 from blues import checkpointing as ckpt
 from blues.cli import run_main
-from parity.safetensors_io import load_init_weights
 from blues.errors import CheckpointError, ConfigError, UsageError
 from blues.metrics import MetricsLogger
 from blues.schedule import learning_rate
 from blues.train_args import TrainArgs, check_numbers, load_json_file, parse_args
-from blues.train_loop import (BadStepGuard, EvalAccumulator, GracefulStop, Progress, RunDir, SpikeDetector,
-                              StepTimer, TimeBudget, log, log_samples, resume_command, reuse_freed_host_memory, summary_line)
+from blues.train_loop import (BadStepGuard, BestExport, EvalAccumulator, GracefulStop, Progress, RunDir,
+                              SpikeDetector, StepTimer, TimeBudget, log, log_samples, resume_command,
+                              reuse_freed_host_memory, summary_line)
+from parity.convert import to_canonical
+from parity.safetensors_io import load_init_weights
 
 SCRIPT = "train_torch.py"
 BETAS, EPS = (0.9, 0.95), 1e-8
@@ -548,6 +550,8 @@ def main(argv) -> int:
             engine, optimizer, _, _ = deepspeed.initialize(model=model, config=ds_config,
                                                            model_parameters=param_groups(model, args.weight_decay))
             train_model = engine
+        if args.compile:
+            train_model = compile_for_training(train_model, engine)
         use_bf16 = args.precision == "bf16" and engine is None  # DeepSpeed does bf16 itself
 
         def autocast():
@@ -581,8 +585,13 @@ def main(argv) -> int:
                 f"writing to {args.out_dir}")
 
         run = Run(args, dist, model, train_model, engine, optimizer, gen, train_iter, splits, tokenizer, checkpointer,
-                  guard, metrics, stop, autocast, budget)
+                  guard, metrics, stop, autocast, budget,
+                  BestExport(args.out_dir, args.model_config, enabled=args.save_best, is_main=dist.is_main,
+                             resuming=resume_path is not None))
         result = train(run, step)
+        if args.compile and dist.is_main:  # recompiling every step would be a silent slowdown: say so
+            log(f"torch.compile: {compiled_graphs()} graph(s) compiled for the training step, "
+                f"{result.get('graphs_first_step', '?')} of them by the end of its first step")
         metrics.close()
         write_param_hash(model, args.out_dir, dist.rank, "final")
         if dist.is_main:
@@ -605,7 +614,7 @@ def main(argv) -> int:
         if dist.is_main:
             print(summary_line(steps=result["step"], elapsed=time.time() - started, train_loss=result["loss"],
                                val_loss=result["val_loss"], skipped=guard.skipped, checkpoint=checkpointer.last,
-                               out_dir=args.out_dir), flush=True)
+                               out_dir=args.out_dir, best=run.best), flush=True)
     return 0
 
 
@@ -628,6 +637,26 @@ class Run:
     stop: GracefulStop
     autocast: Callable
     budget: TimeBudget  # --max_minutes
+    best: BestExport  # --save_best
+
+
+def compile_for_training(train_model, engine):
+    """--compile: torch.compile the module that runs the training forward (DeepSpeed: its engine's
+    own compile). Only the training step is compiled; evaluation and sampling stay eager.
+    `fallback_random` makes compiled dropout draw the same numbers as eager from the same RNG state,
+    so the run's random streams, checkpoints and exact resume mean what they mean in eager mode."""
+    import torch
+
+    torch._inductor.config.fallback_random = True
+    if engine is not None:
+        engine.compile()
+        return engine
+    return torch.compile(train_model)
+
+
+def compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
 
 
 def train(run: Run, step: int) -> dict:
@@ -644,6 +673,7 @@ def train(run: Run, step: int) -> dict:
     progress = Progress(args.max_steps, step, enabled=dist.is_main)
     timer = StepTimer()
     last_loss, val_loss = None, None
+    first_step, graphs_first_step = step + 1, None
     model.train()
     try:
         while step < args.max_steps:
@@ -688,6 +718,8 @@ def train(run: Run, step: int) -> dict:
             if values[4] > 0 and not stop:
                 stop.requested = "a stop signal on another rank"
             step += 1
+            if step == first_step and args.compile:
+                graphs_first_step = compiled_graphs()
             tps = timer.tokens_per_s(tokens_per_step)
             metrics.log_train(step=step, loss=values[0], lm_loss=values[1], aux_loss=values[2], z_loss=values[3],
                               lr=lr, grad_norm=values[6], tokens_per_s=tps, skipped_steps=guard.skipped)
@@ -719,12 +751,14 @@ def train(run: Run, step: int) -> dict:
                 break
     finally:
         progress.close()
-    return {"status": "done", "step": step, "loss": last_loss, "val_loss": val_loss}
+    return {"status": "done", "step": step, "loss": last_loss, "val_loss": val_loss,
+            "graphs_first_step": graphs_first_step}
 
 
 def run_eval(run: Run, step: int) -> float:
     """Validation loss and expert utilization (logged), then the sample continuations (rank 0)."""
     acc = evaluate(run.model, run.splits.val, run.args, run.dist, run.autocast)
+    run.best.update(step, acc.loss, lambda: to_canonical(run.model))
     if run.dist.is_main:
         run.metrics.log_eval(step=step, val_loss=acc.loss, experts=acc.experts.summary())
         log(f"step {step}: val loss {acc.loss:.4f} (perplexity {math.exp(min(acc.loss, 700)):.1f})")

@@ -39,8 +39,12 @@ def plot_losses(metrics_path, out_png) -> None:
         steps, losses = zip(*val)
         ax.plot(steps, losses, "o-", lw=1.5, label="validation loss")
         last_step, last = val[-1]
-        ax.set_title(f"Blues: validation loss {last:.3f} (perplexity {math.exp(min(last, 700)):.1f}) "
-                     f"at step {last_step}", fontsize=10)
+        title = f"Blues: validation loss {last:.3f} (perplexity {math.exp(min(last, 700)):.1f}) at step {last_step}"
+        best_step, best = min(val, key=lambda sv: sv[1])
+        if best < last:  # the run has gone past its best evaluation (overfitting): mark where that was
+            ax.plot([best_step], [best], "*", ms=14, color="tab:red", label="best validation loss")
+            title += f"\nbest {best:.3f} (perplexity {math.exp(min(best, 700)):.1f}) at step {best_step}"
+        ax.set_title(title, fontsize=10)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)

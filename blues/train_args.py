@@ -69,6 +69,7 @@ DEFAULTS: dict[str, Any] = dict(
     attn_impl="auto",
     max_bad_steps=5,
     max_minutes=None,  # None = no time budget
+    save_best=False,  # export the best evaluation's weights to DIR/best
     debug=False,
     inject_nan=(),
     stop_after=None,
@@ -76,13 +77,14 @@ DEFAULTS: dict[str, Any] = dict(
     # torch only
     deepspeed=None,
     local_rank=-1,
+    compile=False,  # torch.compile the training forward
     # jax only
     mesh=None,
     coordinator=None,  # multi-process: HOST:PORT of process 0 (jax.distributed.initialize)
     num_processes=None,
     process_id=None,
 )
-_FRAMEWORK_ONLY = {"deepspeed": "torch", "local_rank": "torch", "mesh": "jax",
+_FRAMEWORK_ONLY = {"deepspeed": "torch", "local_rank": "torch", "compile": "torch", "mesh": "jax",
                    "coordinator": "jax", "num_processes": "jax", "process_id": "jax"}
 
 
@@ -114,11 +116,13 @@ class TrainArgs:
     attn_impl: str
     max_bad_steps: int
     max_minutes: float | None
+    save_best: bool
     debug: bool
     inject_nan: tuple[int, ...] = ()
     stop_after: int | None = None
     deepspeed: str | None = None
     local_rank: int = -1
+    compile: bool = False
     mesh: dict[str, int] | None = None
     init_from: str | None = None
     coordinator: str | None = None
@@ -192,6 +196,8 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
     add("--eval_batches", "validation batches per evaluation", type=int, metavar="N")
     add("--save_every", "checkpoint every N steps (and at the end)", type=int, metavar="N")
     add("--keep_checkpoints", "keep the newest K checkpoints", type=int, metavar="K")
+    add("--save_best", "also keep the weights of the best evaluation so far as an export in DIR/best "
+        "(model.safetensors + config.json; generate.py and --init_from read it)", action="store_true")
     add("--out_dir", "run directory (metrics, checkpoints, plots); default: runs/<timestamp>", metavar="DIR")
     add("--resume", "'auto' (latest checkpoint in --out_dir, or start fresh) or a checkpoint PATH",
         metavar="auto|PATH")
@@ -200,6 +206,9 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
     p.add_argument("--inject_nan", help=argparse.SUPPRESS, metavar="STEPS")  # tests only (docstring)
     p.add_argument("--stop_after", help=argparse.SUPPRESS, type=int, metavar="N")  # tests only (docstring)
     if framework == "torch":
+        add("--compile", "run the training forward and backward under torch.compile (GPU: ~1.5x the "
+            "tokens/s of eager at the bench size, docs/performance.md; the first step compiles)",
+            action="store_true")
         group = p.add_argument_group("DeepSpeed (launch with: deepspeed --num_gpus=N train_torch.py --deepspeed ds_config.json)")
         add("--deepspeed", "DeepSpeed JSON config; enables DeepSpeed (ZeRO, bf16, its checkpoints)", metavar="CONFIG")
         add("--local_rank", "set by the deepspeed launcher", type=int)

@@ -244,6 +244,42 @@ class Progress:
             self.bar.close()
 
 
+class BestExport:
+    """--save_best: the weights of the best evaluation so far, as an export in `DIR/best`
+    (`model.safetensors` + `config.json`, canonical names, float32; `generate.py --checkpoint DIR/best`
+    and `--init_from` read it). Rewritten atomically whenever the validation loss improves; the step
+    and loss ride in the file's metadata, so a resumed run picks up the same best."""
+
+    def __init__(self, out_dir, config, *, enabled: bool, is_main: bool = True, resuming: bool = False):
+        self.dir = Path(out_dir) / "best"
+        self.config, self.enabled, self.is_main = config, enabled, is_main
+        self.val_loss, self.step = math.inf, None
+        if enabled and resuming and (self.dir / "model.safetensors").is_file():
+            from parity.safetensors_io import read_safetensors
+
+            _, meta = read_safetensors(self.dir / "model.safetensors", verify=False)
+            self.val_loss, self.step = float(meta.get("blues.val_loss", "inf")), int(meta.get("blues.step", 0))
+
+    def improved(self, val_loss: float) -> bool:
+        """Same answer on every process (they share the validation loss)."""
+        return self.enabled and math.isfinite(val_loss) and val_loss < self.val_loss
+
+    def update(self, step: int, val_loss: float, canonical_arrays: Callable[[], dict]) -> bool:
+        """Export if `val_loss` beats the best so far. `canonical_arrays` is called on every process
+        when it does (a multi-host gather is collective); only the main process writes."""
+        if not self.improved(val_loss):
+            return False
+        arrays = canonical_arrays()
+        if self.is_main:
+            from parity.safetensors_io import save_export
+
+            save_export(self.dir, arrays, self.config,
+                        metadata={"blues.step": str(step), "blues.val_loss": repr(float(val_loss))})
+            log(f"step {step}: best validation loss so far; weights exported to {self.dir}")
+        self.val_loss, self.step = float(val_loss), step
+        return True
+
+
 class TimeBudget:
     """`--max_minutes`: has this invocation trained for its wall-clock budget? (None = never.)
     Counted from construction, so start-up, compilation, evaluations and checkpoints all count."""
@@ -278,7 +314,7 @@ def format_duration(seconds: float) -> str:
 
 
 def summary_line(*, steps: int, elapsed: float, train_loss: float | None, val_loss: float | None,
-                 skipped: int, checkpoint, out_dir) -> str:
+                 skipped: int, checkpoint, out_dir, best: "BestExport | None" = None) -> str:
     parts = [f"trained {steps} steps in {format_duration(elapsed)}"]
     if train_loss is not None:
         parts.append(f"train loss {train_loss:.4f}")
@@ -288,6 +324,9 @@ def summary_line(*, steps: int, elapsed: float, train_loss: float | None, val_lo
         parts.append(f"{skipped} non-finite steps skipped")
     if checkpoint is not None:
         parts.append(f"checkpoint {checkpoint}")
+    if best is not None and best.step is not None:
+        parts.append(f"best val loss {best.val_loss:.4f} (perplexity {math.exp(min(best.val_loss, 700)):.1f}) "
+                     f"at step {best.step} in {best.dir}")
     parts.append(f"plots {Path(out_dir) / 'loss.png'}, {Path(out_dir) / 'experts.png'}")
     return "done: " + "; ".join(parts)
 

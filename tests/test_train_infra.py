@@ -236,3 +236,36 @@ def test_resume_command():
     cmd = resume_command("train_torch.py", ["--lr", "1e-3", "--out_dir", "old", "--resume=x", "--local_rank=0"],
                          "runs/a b")
     assert cmd == "python train_torch.py --lr 1e-3 --out_dir 'runs/a b' --resume auto"
+
+
+def test_best_export_keeps_the_best_evaluation_and_survives_a_resume(tmp_path):
+    from oracle import random_canonical
+    from parity.safetensors_io import read_safetensors
+    from blues.config import BluesConfig
+    from blues.train_loop import BestExport
+
+    cfg = BluesConfig(vocab_size=512, hidden_size=16, head_dim=8, num_attention_heads=2, num_key_value_heads=1,
+                      num_layers=1, max_position_embeddings=8)
+    calls = []
+
+    def arrays_of(step):
+        def get():
+            calls.append(step)
+            return random_canonical(cfg, seed=step)
+        return get
+
+    best = BestExport(tmp_path, cfg, enabled=True)
+    for step, loss in ((1, 3.0), (2, 2.0), (3, 2.5), (4, float("nan")), (5, 1.5), (6, 1.5)):
+        best.update(step, loss, arrays_of(step))
+    assert calls == [1, 2, 5]  # only improvements fetch (and, multi-host, gather) the weights
+    arrays, meta = read_safetensors(tmp_path / "best" / "model.safetensors")
+    assert meta["blues.step"] == "5" and float(meta["blues.val_loss"]) == 1.5
+    assert all(np.array_equal(arrays[k], v) for k, v in random_canonical(cfg, seed=5).items())
+
+    resumed = BestExport(tmp_path, cfg, enabled=True, resuming=True)
+    assert (resumed.step, resumed.val_loss) == (5, 1.5)
+    assert not resumed.update(7, 1.6, arrays_of(7)) and resumed.update(8, 1.4, arrays_of(8))
+    fresh = BestExport(tmp_path, cfg, enabled=True)  # a new run in the same directory starts over
+    assert fresh.step is None and fresh.update(1, 9.0, arrays_of(1))
+    off = BestExport(tmp_path / "off", cfg, enabled=False)
+    assert not off.update(1, 1.0, arrays_of(99)) and not (tmp_path / "off").exists()

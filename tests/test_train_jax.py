@@ -27,6 +27,7 @@ import pytest
 from blues import checkpointing as ckpt
 from blues.cli import run_main
 from blues.metrics import TRAIN_KEYS, eval_records, read_metrics, train_records
+from trainer_checks import max_minutes_ends_the_run_like_max_steps, save_best_exports_the_best_evaluation
 
 REPO = Path(__file__).resolve().parent.parent
 # Router noise (the default 0.05) and dropout on: exact resume must restore both RNG streams.
@@ -267,20 +268,12 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(env, tmp_path):
     assert same_arrays(w[3], w[5], "['opt_state']['inner_state']")  # Adam's moments and count untouched too
 
 
-def test_max_minutes_ends_the_run_like_max_steps(env, tmp_path):
-    """A time budget that is over after the first step: the run still evaluates, checkpoints, plots
-    and prints its summary at that step, and exits 0 (not as an interrupted run)."""
-    out = tmp_path / "timed"
-    proc = train(env, out, "--max_steps", "100000", "--max_minutes", "0.0001", "--eval_every", "100000",
-                 "--save_every", "100000")
-    assert "--max_minutes 0.0001 reached after step 1" in proc.stderr
-    assert "to resume" not in proc.stdout and "done: trained 1 steps" in proc.stdout
-    records = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in train_records(records)] == [1]
-    assert [r["step"] for r in eval_records(records)] == [1]
-    assert [c.step for c in ckpt.list_checkpoints(out / "checkpoints")] == [1]
-    assert (out / "loss.png").is_file() and (out / "experts.png").is_file()
+def test_save_best_exports_the_best_evaluation(env, tmp_path):
+    save_best_exports_the_best_evaluation(train, env, tmp_path)
 
+
+def test_max_minutes_ends_the_run_like_max_steps(env, tmp_path):
+    max_minutes_ends_the_run_like_max_steps(train, env, tmp_path)
 
 # ---- bad input: one line, the right exit status, nothing left behind ---------------------------------
 
