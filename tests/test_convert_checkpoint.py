@@ -19,7 +19,6 @@ DeepSpeed ZeRO checkpoints are converted in test_deepspeed_zero_run_continues_pl
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import json
 import os
@@ -35,14 +34,12 @@ import pytest
 from blues import checkpointing as ckpt
 from blues.cli import run_main
 from blues.metrics import read_metrics, train_records
+from trainer_checks import write_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = json.dumps({"hidden_size": 32, "head_dim": 16, "num_attention_heads": 2, "num_key_value_heads": 1,
                      "num_layers": 2, "max_position_embeddings": 16, "tot_num_experts": 4, "chosen_num_experts": 2,
                      "embedding_multiplier_scale": 2, "router_noise_std": 0.0})
-WORDS = ("the of and to a in that is was he for it with as his on be at by this had not are but from or have "
-         "an they which one you were her all she there would their we him been has when who will more no if "
-         "out so said what up its about into than them can only other new some could time these two may then").split()
 LOSS_RTOL = 1e-5
 
 
@@ -50,13 +47,7 @@ LOSS_RTOL = 1e-5
 def env(tmp_path_factory):
     """Corpus, token cache and a persistent XLA compilation cache shared by every run of this module."""
     root = tmp_path_factory.mktemp("convert")
-    rng = np.random.default_rng(0)
-    corpus = root / "corpus.csv"
-    with open(corpus, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["Text"])
-        for _ in range(200):
-            w.writerow([" ".join(rng.choice(WORDS, size=int(rng.integers(20, 60)))).capitalize() + "."])
+    corpus = write_corpus(root / "corpus.csv", documents=200)
     environ = dict(os.environ, BLUES_CACHE=str(root / "cache"), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
                    JAX_COMPILATION_CACHE_DIR=str(root / "xla"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
