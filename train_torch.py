@@ -63,6 +63,7 @@ from blues.train_loop import (BadStepGuard, BestExport, EvalAccumulator, Gracefu
                               SpikeDetector, StepTimer, TimeBudget, log, log_samples, resume_command,
                               reuse_freed_host_memory, summary_line)
 from parity.convert import to_canonical
+from parity.optim_convert import deepspeed_safe_globals
 from parity.safetensors_io import load_init_weights
 
 SCRIPT = "train_torch.py"
@@ -367,7 +368,7 @@ class Checkpointer:
 
     def _load_deepspeed(self, path: Path, state: dict) -> None:
         rng_file = path / f"rng_rank{self.dist.rank:05d}.pt"
-        with _weights_only_loads(_deepspeed_safe_globals()):
+        with _weights_only_loads(deepspeed_safe_globals()):
             try:
                 load_path, client = self.engine.load_checkpoint(str(path), tag="ds", load_module_strict=True,
                                                                 load_optimizer_states=True,
@@ -416,26 +417,6 @@ def check_resumable(path: Path, args: TrainArgs, dist: Dist) -> dict:
         for note in notes:
             log(f"note: {note}")
     return state
-
-
-def _deepspeed_safe_globals() -> list:
-    """The non-tensor types DeepSpeed pickles into its checkpoints, allowed for weights_only loads."""
-    found = []
-    candidates = [
-        ("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
-        ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
-        ("deepspeed.utils.tensor_fragment", ("fragment_address",)),
-        ("deepspeed.runtime.zero.offload_config", ("OffloadDeviceEnum",)),
-    ]
-    import importlib
-
-    for module, names in candidates:
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            continue
-        found += [getattr(mod, n) for n in names if hasattr(mod, n)]
-    return found
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
