@@ -739,7 +739,8 @@ def train(run: Run, step: int) -> dict:
 def run_eval(run: Run, step: int) -> float:
     """Validation loss and expert utilization (logged), then the sample continuations (rank 0)."""
     acc = evaluate(run.model, run.splits.val, run.args, run.dist, run.autocast)
-    run.best.update(step, acc.loss, lambda: to_canonical(run.model))
+    # every rank holds the whole model (not a collective): only the rank that writes copies it out
+    run.best.update(step, acc.loss, lambda: to_canonical(run.model) if run.dist.is_main else {})
     if run.dist.is_main:
         run.metrics.log_eval(step=step, val_loss=acc.loss, experts=acc.experts.summary())
         log(f"step {step}: val loss {acc.loss:.4f} (perplexity {math.exp(min(acc.loss, 700)):.1f})")

@@ -59,6 +59,16 @@ def _teacher_forced_match(plain_logits_fn, model, prompts, generated) -> tuple[i
     return int((predicted == gen).sum()), gen.size
 
 
+def _check_cached_greedy(generate, plain_logits, model, cfg: BluesConfig, prompt: int, seed: int) -> tuple[bool, str]:
+    """Before timing (float32 model): KV-cached greedy decoding picks the full forward's argmax at every step."""
+    prompts = random_prompts(cfg, CHECK_BATCH, prompt, seed + 7)
+    generated = generate(model, prompts, CHECK_NEW, _greedy(), eot_id=cfg.vocab_size - 1, stop_at_eot=False)
+    hits, total = _teacher_forced_match(plain_logits, model, prompts, generated)
+    msg = f"fp32 cached greedy == full-forward argmax {hits}/{total}"
+    log(f"  check: {msg}")
+    return hits == total, msg
+
+
 # ==== PyTorch =========================================================================================
 
 def _decode_row(framework: str, backend: str, cfg: BluesConfig, *, preset, batch, prompt, new, quick,
@@ -89,14 +99,7 @@ def torch_decode(preset: str, *, quick: bool, steps: int, warmup: int, seed: int
         model = BluesModel(cfg)
     model.eval()
     eot = cfg.vocab_size - 1
-    check_ok, check_msg = None, ""
-    if check:
-        prompts = random_prompts(cfg, CHECK_BATCH, prompt, seed + 7)
-        generated = generate(model, prompts, CHECK_NEW, _greedy(), eot_id=eot, stop_at_eot=False)
-        hits, total = _teacher_forced_match(plain_logits, model, prompts, generated)
-        check_ok = hits == total
-        check_msg = f"fp32 cached greedy == full-forward argmax {hits}/{total}"
-        log(f"  check: {check_msg}")
+    check_ok, check_msg = _check_cached_greedy(generate, plain_logits, model, cfg, prompt, seed) if check else (None, "")
     model.to(torch.bfloat16)
     rows = []
     for batch in batches:
@@ -138,12 +141,7 @@ def jax_decode(preset: str, *, quick: bool, steps: int, warmup: int, seed: int =
     if check:
         # float32 matmuls at full precision: on GPUs XLA's default for float32 dots is TF32.
         with jax.default_matmul_precision("float32"):
-            prompts = random_prompts(cfg, CHECK_BATCH, prompt, seed + 7)
-            generated = generate(model, prompts, CHECK_NEW, _greedy(), eot_id=eot, stop_at_eot=False)
-            hits, total = _teacher_forced_match(plain_logits, model, prompts, generated)
-        check_ok = hits == total
-        check_msg = f"fp32 cached greedy == full-forward argmax {hits}/{total}"
-        log(f"  check: {check_msg}")
+            check_ok, check_msg = _check_cached_greedy(generate, plain_logits, model, cfg, prompt, seed)
     del model
     # The timed model: bf16 compute and bf16 weights (so the cache, sized from the embedding's dtype, is bf16 too).
     model = BluesModel(cfg, rngs=nnx.Rngs(seed), dtype=jnp.bfloat16)

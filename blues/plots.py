@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 from blues.metrics import eval_records, read_metrics, train_records  # noqa: E402
 
 
-def _save(fig, out_png) -> None:
+def save_figure(fig, out_png) -> None:
     # Write under a temporary name and rename, so a killed run never leaves half a PNG.
     tmp = f"{out_png}.tmp.png"
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
@@ -52,7 +52,7 @@ def plot_losses(metrics_path, out_png) -> None:
         ax.legend()
     else:
         ax.text(0.5, 0.5, "no records yet", ha="center", va="center", transform=ax.transAxes)
-    _save(fig, out_png)
+    save_figure(fig, out_png)
 
 
 def plot_experts(metrics_path, out_png) -> None:
@@ -62,7 +62,7 @@ def plot_experts(metrics_path, out_png) -> None:
         ax.text(0.5, 0.5, "no evaluation with expert statistics yet", ha="center", va="center",
                 transform=ax.transAxes)
         ax.set_axis_off()
-        _save(fig, out_png)
+        save_figure(fig, out_png)
         return
     last = evals[-1]
     layers = last["experts"]
@@ -81,4 +81,4 @@ def plot_experts(metrics_path, out_png) -> None:
     ax.set_title(f"Share of routed tokens per expert (validation, step {last['step']}; "
                  f"balanced = {1 / num_experts:.0%}, H max = {math.log(num_experts):.2f})", fontsize=9)
     fig.colorbar(im, ax=ax, label="fraction of assignments")
-    _save(fig, out_png)
+    save_figure(fig, out_png)

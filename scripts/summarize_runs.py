@@ -53,7 +53,7 @@ def epochs_per_step(run_dir: Path) -> float | None:
 
 
 def plot_curves(run_dirs: list[Path], out_png: Path, bigram: float | None) -> None:
-    from blues.plots import plt, _save
+    from blues.plots import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for d in run_dirs:
@@ -70,7 +70,7 @@ def plot_curves(run_dirs: list[Path], out_png: Path, bigram: float | None) -> No
     ax.set_ylabel("validation perplexity")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    _save(fig, out_png)
+    save_figure(fig, out_png)
 
 
 def main(argv=None) -> int:
