@@ -44,7 +44,7 @@ def parse_args(argv):
     p.add_argument("--out", default=os.environ.get("OUT") or "bench_out", help="results directory (default $OUT or bench_out)")
     p.add_argument("--quick", action="store_true", help="tiny shapes and few steps: a CPU smoke test in ~2 minutes")
     p.add_argument("--torch-compile", default="off", choices=("off", "on", "both"),
-                   help="train: plain eager (off), torch.compile only (on), or both rows")
+                   help="train and decode: plain eager (off), torch.compile only (on), or both rows")
     p.add_argument("--ds-optimizer", default="auto", choices=("auto", "deepspeed", "torch"),
                    help="DeepSpeed's FusedAdam (deepspeed), its torch_adam switch (torch), or FusedAdam only if prebuilt (auto)")
     p.add_argument("--dense", default="auto", choices=("auto", "always", "never"),
@@ -179,8 +179,9 @@ def run_sections(args, results) -> Runner:
     if "decode" in args.sections:
         from bench import decode
         if "torch" in fws:
-            r.run("torch", "decode b1", decode.torch_decode, args.decode_preset, quick=q, steps=args.decode_steps,
-                  warmup=1, seed=args.seed)
+            for compile in {"off": (False,), "on": (True,), "both": (False, True)}[args.torch_compile]:
+                r.run("torch", "decode b1", decode.torch_decode, args.decode_preset, quick=q, steps=args.decode_steps,
+                      warmup=1, compile=compile, seed=args.seed)
         if "jax" in fws:
             r.run("jax", "decode b1", decode.jax_decode, args.decode_preset, quick=q, steps=args.decode_steps,
                   warmup=1, seed=args.seed)

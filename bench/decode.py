@@ -19,6 +19,7 @@ differences ~1e-6, so a tie flip has odds of ~1e-4 per run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -72,10 +73,10 @@ def _check_cached_greedy(generate, plain_logits, model, cfg: BluesConfig, prompt
 # ==== PyTorch =========================================================================================
 
 def _decode_row(framework: str, backend: str, cfg: BluesConfig, *, preset, batch, prompt, new, quick,
-                times, reading, tokens, check_msg, check_ok) -> Row:
+                times, reading, tokens, check_msg, check_ok, variant: str = "bf16") -> Row:
     """One decode row: tokens/s over the whole generate call (prefill included)."""
     n_out = sum(len(r) for r in tokens)
-    return Row(framework=framework, workload=f"decode b{batch}", variant="bf16",
+    return Row(framework=framework, workload=f"decode b{batch}", variant=variant,
                tokens_per_s=batch * new / times.median_s,
                flops_per_token=decode_flops_per_token(cfg, prompt, new), dense_framework=framework,
                step_ms=times.median_s * 1e3, spread=times.spread, peak_gib=reading.peak_gib,
@@ -85,7 +86,10 @@ def _decode_row(framework: str, backend: str, cfg: BluesConfig, *, preset, batch
                config={"preset": preset, "batch": batch, "prompt": prompt, "new": new, "quick": quick})
 
 
-def torch_decode(preset: str, *, quick: bool, steps: int, warmup: int, seed: int = 0, check: bool = True) -> list[Row]:
+def torch_decode(preset: str, *, quick: bool, steps: int, warmup: int, seed: int = 0, check: bool = True,
+                 compile: bool = False) -> list[Row]:
+    """`compile`: torch.compile the decode step before its CUDA graph is captured (generate(compile=True));
+    the float32 check then runs the compiled step too."""
     import torch
     from blues_torch import BluesModel
     from blues_torch.generation import generate, plain_logits
@@ -99,6 +103,7 @@ def torch_decode(preset: str, *, quick: bool, steps: int, warmup: int, seed: int
         model = BluesModel(cfg)
     model.eval()
     eot = cfg.vocab_size - 1
+    generate = functools.partial(generate, compile=compile)
     check_ok, check_msg = _check_cached_greedy(generate, plain_logits, model, cfg, prompt, seed) if check else (None, "")
     model.to(torch.bfloat16)
     rows = []
@@ -117,7 +122,7 @@ def torch_decode(preset: str, *, quick: bool, steps: int, warmup: int, seed: int
         reading = mem.read()
         rows.append(_decode_row("torch", device.type, cfg, preset=preset, batch=batch, prompt=prompt, new=new,
                                 quick=quick, times=times, reading=reading, tokens=out["tokens"],
-                                check_msg=check_msg, check_ok=check_ok))
+                                check_msg=check_msg, check_ok=check_ok, variant="bf16 compile" if compile else "bf16"))
     del model
     return rows
 

@@ -9,6 +9,8 @@ target at all the loss is 0 (not NaN) and every gradient is 0, so a fully masked
 """
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -46,18 +48,26 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return _nll_sum(logits.astype(jnp.float32), targets) / _num_valid(targets)
 
 
-def chunked_lm_loss(h: jax.Array, embed: jax.Array, targets: jax.Array, vocab_size: int,
-                    chunk_size: int) -> jax.Array:
-    """Mean cross-entropy of the tied head, chunk by chunk. h [B, T, d] (or [N, d]), targets [B, T] (or [N]).
+def _chunk_loss_and_grads(h_c, t_c, embed, vocab_size: int, inv_n, with_grads: bool):
+    """One chunk: (nll sum, grad_h [B, c, d], grad_embed [Vp, d] float32) for d(loss)/d(nll) = inv_n."""
+    logits = _padded_logits(h_c, embed, vocab_size)  # [B, c, Vp] float32, padding at -inf
+    nll = _nll_sum(logits, t_c)
+    if not with_grads:
+        return nll, None, None
+    valid = t_c != IGNORE_INDEX  # [B, c]
+    safe = jnp.where(valid, t_c, 0)
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [B, c]; XLA shares it with _nll_sum's
+    onehot = jnp.arange(logits.shape[-1]) == safe[..., None]  # [B, c, Vp]
+    scale = jnp.where(valid, inv_n, 0.0)[..., None]  # [B, c, 1]
+    grad_logits = ((jnp.exp(logits - lse[..., None]) - onehot) * scale).astype(h_c.dtype)  # [B, c, Vp]
+    grad_h = jnp.einsum("bcv,vd->bcd", grad_logits, embed.astype(h_c.dtype),
+                        preferred_element_type=jnp.float32).astype(h_c.dtype)  # [B, c, d]
+    grad_embed = jnp.einsum("bcv,bcd->vd", grad_logits, h_c, preferred_element_type=jnp.float32)  # [Vp, d]
+    return nll, grad_h, grad_embed
 
-    Equal to cross_entropy(lm_head_logits(h, embed, V), targets) to float32 rounding, gradients
-    included, with peak memory [chunk_size, Vp] instead of [N, Vp]: a scan over chunks of the
-    sequence axis whose body is rematerialised, so the backward pass recomputes one chunk's logits
-    at a time. Chunks run along T and keep the batch axis whole, so a batch split over devices
-    stays split (each device scans its own rows).
-    """
-    if h.ndim == 2:
-        h, targets = h[None], targets[None]  # [1, N, d], [1, N]
+
+def _scan_chunks(h, embed, targets, vocab_size: int, chunk_size: int, with_grads: bool):
+    """(loss, grad_h [B, T, d] | None, grad_embed [Vp, d] float32 | None), chunk by chunk along T."""
     b, t, d = h.shape
     c = max(1, min(t, chunk_size // b))  # positions per chunk: B*c ~ chunk_size tokens
     n_chunks = -(-t // c)
@@ -67,11 +77,54 @@ def chunked_lm_loss(h: jax.Array, embed: jax.Array, targets: jax.Array, vocab_si
         targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
     hs = h.reshape(b, n_chunks, c, d).transpose(1, 0, 2, 3)  # [n_chunks, B, c, d]
     ts = targets.reshape(b, n_chunks, c).transpose(1, 0, 2)  # [n_chunks, B, c]
+    inv_n = 1.0 / _num_valid(targets)
 
-    @jax.checkpoint  # keep nothing of a chunk but its inputs; recompute its logits in backward
-    def body(total, chunk):
-        h_c, t_c = chunk
-        return total + _nll_sum(_padded_logits(h_c, embed, vocab_size), t_c), None  # [B, c, Vp] transient
+    def body(carry, chunk):
+        total, grad_embed = carry
+        nll, grad_h, grad_embed_c = _chunk_loss_and_grads(*chunk, embed, vocab_size, inv_n, with_grads)
+        if with_grads:
+            grad_embed = grad_embed + grad_embed_c
+        return (total + nll, grad_embed), grad_h
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ts))
-    return total / _num_valid(targets)
+    grad_embed0 = jnp.zeros(embed.shape, jnp.float32) if with_grads else None
+    (total, grad_embed), grad_hs = jax.lax.scan(body, (jnp.zeros((), jnp.float32), grad_embed0), (hs, ts))
+    if not with_grads:
+        return total * inv_n, None, None
+    grad_h = grad_hs.transpose(1, 0, 2, 3).reshape(b, n_chunks * c, d)[:, :t]  # [B, T, d]
+    return total * inv_n, grad_h, grad_embed
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fused_lm_loss(h, embed, targets, vocab_size, chunk_size):
+    return _scan_chunks(h, embed, targets, vocab_size, chunk_size, with_grads=False)[0]
+
+
+def _fused_lm_loss_fwd(h, embed, targets, vocab_size, chunk_size):
+    loss, grad_h, grad_embed = _scan_chunks(h, embed, targets, vocab_size, chunk_size, with_grads=True)
+    return loss, (grad_h, grad_embed.astype(embed.dtype))
+
+
+def _fused_lm_loss_bwd(vocab_size, chunk_size, residuals, g):
+    grad_h, grad_embed = residuals
+    # The loss is linear in its stored gradients' scale: d(out)/d(loss) = g.
+    return (grad_h * g).astype(grad_h.dtype), (grad_embed * g).astype(grad_embed.dtype), None
+
+
+_fused_lm_loss.defvjp(_fused_lm_loss_fwd, _fused_lm_loss_bwd)
+
+
+def chunked_lm_loss(h: jax.Array, embed: jax.Array, targets: jax.Array, vocab_size: int,
+                    chunk_size: int) -> jax.Array:
+    """Mean cross-entropy of the tied head, chunk by chunk. h [B, T, d] (or [N, d]), targets [B, T] (or [N]).
+
+    Equal to cross_entropy(lm_head_logits(h, embed, V), targets) to float32 rounding, gradients
+    included, with peak memory [chunk_size, Vp] instead of [N, Vp]: a scan over chunks of the
+    sequence axis. Fused forward and backward (mirroring blues_torch/loss.py): when differentiated,
+    the forward turns each chunk's logits into (softmax - onehot) / n_valid while they are in
+    memory and accumulates grad_h and grad_embed, so no logit is computed twice; the backward only
+    scales them. Chunks run along T and keep the batch axis whole, so a batch split over devices
+    stays split (each device scans its own rows).
+    """
+    if h.ndim == 2:
+        return chunked_lm_loss(h[None], embed, targets[None], vocab_size, chunk_size)  # [1, N, d], [1, N]
+    return _fused_lm_loss(h, embed, targets, vocab_size, chunk_size)

@@ -36,14 +36,24 @@ def route(x: torch.Tensor, router: torch.Tensor, *, k: int, noise_std: float, no
             noise = torch.randn(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
         noisy = logits + noise_std * noise
     probs = noisy.softmax(dim=-1)  # [N, E]
-    # A stable descending sort keeps equal probabilities in index order, so ties go to the lower
-    # expert index; torch.topk leaves the order of ties unspecified.
-    order = torch.sort(probs, dim=-1, descending=True, stable=True).indices  # [N, E]
-    indices = order[:, :k]  # [N, k]
+    indices = _top_k_lower_index_first(probs, k)  # [N, k]
     weights = probs.gather(1, indices)  # [N, k]
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return Routing(logits, probs, weights, indices)
+
+
+def _top_k_lower_index_first(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, k] indices of the k largest probs, best first, equal values to the lower index (as
+    jax.lax.top_k; torch.topk leaves the order of ties unspecified). k passes of argmax, which
+    returns the first maximum: cheaper than a stable sort for the small k of routing, and one
+    fused kernel under torch.compile (a decode step's routing was a 3-kernel radix sort)."""
+    chosen = []
+    for _ in range(k):
+        best = probs.argmax(dim=-1)  # [N]
+        chosen.append(best)
+        probs = probs.scatter(1, best[:, None], float("-inf"))  # probabilities are >= 0: never chosen again
+    return torch.stack(chosen, dim=-1)  # [N, k]
 
 
 def capacity_keep(indices: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
@@ -66,7 +76,8 @@ def expert_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
 
 
-# Below this many rows a CUDA expert block is computed densely (see _expert_matmul): decode steps.
+# Up to this many assignments (N * k) a CUDA block without gradients is computed densely (see
+# _dense_small_block_mlp): KV-cached decode steps.
 SMALL_BLOCK_ROWS = 256
 
 
@@ -85,14 +96,6 @@ def _expert_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_g
     if use_grouped:
         offs = counts.cumsum(0).to(torch.int32)  # [E] end row of each expert's block
         return torch._grouped_mm(x, w, offs=offs)
-    if x.is_cuda and x.shape[0] <= SMALL_BLOCK_ROWS and not torch.is_grad_enabled():
-        # Decode-sized blocks (KV-cached generation, inference only): every expert over all M rows
-        # in one batched GEMM, each row keeping its own expert's result. At this size the GEMMs are
-        # bound by reading the weights, which happens once either way, and no split sizes travel
-        # to the host, so a decode step can be captured in a CUDA graph. Training never takes it.
-        expert_of_row = torch.repeat_interleave(torch.arange(w.shape[0], device=x.device), counts,
-                                                output_size=x.shape[0])  # [M]; output_size: no sync
-        return torch.matmul(x, w)[expert_of_row, torch.arange(x.shape[0], device=x.device)]  # [E, M, b] -> [M, b]
     # Portable path: one matmul per expert on its contiguous slice; an expert never sees a token
     # it was not routed to, and empty experts cost nothing.
     blocks = [x_e @ w[e] for e, x_e in enumerate(x.split(counts.tolist())) if x_e.shape[0] > 0]
@@ -113,6 +116,8 @@ def expert_mlp(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, ke
     # so cast explicitly); accumulation of the k contributions is float32.
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     w_in, w_out = w_in.to(dtype), w_out.to(dtype)
+    if x.is_cuda and n * k <= SMALL_BLOCK_ROWS and not torch.is_grad_enabled():
+        return _dense_small_block_mlp(x.to(dtype), indices, weights, keep, w_in, w_out).to(x.dtype)
 
     expert = indices.reshape(-1)  # [N*k] assignment -> expert
     token = torch.arange(n, device=x.device).repeat_interleave(k)  # [N*k] assignment -> token
@@ -128,15 +133,56 @@ def expert_mlp(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, ke
     xs = x.to(dtype)[token]  # [M, d]
     use_grouped = _grouped_mm_ok(xs, w_in, w_out)
     hidden = _expert_matmul(xs, w_in, counts, use_grouped)  # [M, 2F]
-    # columns [0, F) value, [F, 2F) gate. chunk(), not two slices: its backward writes one [M, 2F]
-    # gradient instead of zero-filling a full-size buffer per slice.
-    value, gate_pre = hidden.chunk(2, dim=-1)  # [M, F] each
-    act = F.gelu(gate_pre) * value  # [M, F]; exact erf GeLU (the default)
-    out = _expert_matmul(act, w_out, counts, use_grouped)  # [M, d]
-    out = out.float() * gate[:, None]  # [M, d]
+    out = _expert_matmul(_gated_gelu(hidden), w_out, counts, use_grouped)  # [M, F] -> [M, d]
+    # bf16 * float32 promotes to float32 (the same products as out.float() * gate), but autograd
+    # keeps the bf16 `out` for the backward rather than a float32 copy (64 MiB a layer less at bench size).
+    out = out * gate[:, None]  # [M, d] float32
     y = torch.zeros(n, x.shape[-1], device=x.device, dtype=torch.float32)
     y.index_add_(0, token, out)  # [N, d]: scatter-add the k contributions back to their tokens
     return y.to(x.dtype)
+
+
+class _GatedGelu(torch.autograd.Function):
+    """GeLU(gate) * value that keeps only its input for the backward. Autograd's version saves
+    the input and GeLU(gate) ([M, F] more: 256 MiB per layer at the bench size); this one
+    recomputes the GeLU, an elementwise pass, in the backward."""
+
+    @staticmethod
+    def forward(ctx, hidden):
+        ctx.save_for_backward(hidden)
+        value, gate_pre = hidden.chunk(2, dim=-1)  # [..., F] each
+        return F.gelu(gate_pre) * value  # exact erf GeLU (the default)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (hidden,) = ctx.saved_tensors
+        value, gate_pre = hidden.chunk(2, dim=-1)  # [..., F] each
+        # aten's own GeLU kernels (float32 inside, as autograd's backward): 4 passes over [M, F].
+        grad_value = grad * F.gelu(gate_pre)
+        grad_gate = torch.ops.aten.gelu_backward(grad * value, gate_pre)
+        return torch.cat([grad_value, grad_gate], dim=-1)  # [..., 2F]
+
+
+def _gated_gelu(hidden: torch.Tensor) -> torch.Tensor:
+    """[..., 2F] -> [..., F]: GeLU(gate) * value, columns [0, F) value, [F, 2F) gate."""
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        return _GatedGelu.apply(hidden)
+    value, gate_pre = hidden.chunk(2, dim=-1)  # [..., F] each
+    return F.gelu(gate_pre) * value
+
+
+def _dense_small_block_mlp(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None,
+                           w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+    """expert_mlp for decode-sized blocks (inference only): every expert on every token in two
+    batched GEMMs, then each token takes its k experts' rows. At this size the GEMMs are bound by
+    reading the weights, which happens once either way; there is no sort, no scatter and no split
+    size travelling to the host, so a decode step is a handful of kernels and a CUDA graph captures it.
+    x [N, d] -> y [N, d] float32."""
+    hidden = torch.matmul(x, w_in)  # [E, N, 2F]
+    out = torch.matmul(_gated_gelu(hidden), w_out)  # [E, N, d]
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]  # [N, 1]
+    gate = weights if keep is None else weights * keep  # [N, k]: a refused assignment adds nothing
+    return (out[indices, rows].float() * gate[..., None]).sum(dim=1)  # [N, k, d] -> [N, d]
 
 
 def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -143,12 +143,27 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.T
     return vals, ids
 
 
+ARGMAX_BLOCK = 128  # columns per block of greedy_argmax's first stage
+
+
+def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> [B] int64, the first maximum of each row (ties to the lower id), exactly
+    logits.argmax(-1). In two stages, the maximum of each block of ARGMAX_BLOCK columns and then
+    the first block holding the row's maximum: one row of 200k columns is otherwise a single serial
+    reduction (~40 us of a ~400 us batch-1 decode step on an H200)."""
+    b, v = logits.shape
+    padded = F.pad(logits, (0, -v % ARGMAX_BLOCK), value=float("-inf"))  # [B, V']
+    block_max, block_arg = padded.view(b, -1, ARGMAX_BLOCK).max(dim=-1)  # [B, V'/blk] each; first max in block
+    block = block_max.argmax(dim=-1, keepdim=True)  # [B, 1] the first block holding the row maximum
+    return (block * ARGMAX_BLOCK + block_arg.gather(1, block)).squeeze(1)  # [B]
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, step: torch.Tensor, rows: torch.Tensor,
            seed: torch.Tensor | None = None) -> torch.Tensor:
     """The next token of each row: logits [B, V] -> ids [B] (int64). `step` int64 [] on the device;
     `seed` (int64 [] on the device) overrides params.seed, so a captured graph serves every seed."""
     if params.greedy:
-        return logits.argmax(dim=-1)  # first maximum: ties to the lower id
+        return greedy_argmax(logits)
     vals, ids = filter_logits(logits, params)  # [B, C]
     keys = row_keys(params.seed if seed is None else seed, step, rows)  # [B]
     g = -torch.log(-torch.log(uniforms(keys, ids)))  # [B, C] Gumbel noise

@@ -9,8 +9,12 @@ target at all the loss is 0 (not NaN) and every gradient is 0, so a fully masked
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger("blues")
 
 IGNORE_INDEX = -100
 
@@ -39,57 +43,85 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class _ChunkedLMLoss(torch.autograd.Function):
     """Cross-entropy of h @ embed^T, chunk by chunk over tokens; never holds the [N, Vp] logits.
 
-    forward keeps nothing of chunk size; backward recomputes one chunk's logits at a time, turns
-    them into (softmax - onehot) * d(loss)/d(nll) and accumulates grad_h and grad_embed.
+    Fused forward and backward (as Liger's fused linear cross-entropy): while a chunk's logits are
+    in memory the forward also turns them into (softmax - onehot) / n_valid and accumulates
+    grad_h and grad_embed, so no logit is computed twice (3 GEMMs of the head instead of 4, and
+    fewer passes over [c, Vp] float32). backward only scales the stored gradients by d(out)/d(loss).
+    The cost: grad_embed [Vp, d] float32 is held from the forward to the backward.
     """
 
     @staticmethod
-    def forward(ctx, h, embed, targets, vocab_size, chunk_size, dtype):
+    def forward(ctx, h, embed, targets, vocab_size, chunk_size, dtype, need_h, need_embed):
         # h [N, d], embed [Vp, d], targets [N]; matmuls in `dtype`, everything else float32.
         with torch.autocast(device_type=h.device.type, enabled=False):
             w = embed.to(dtype)  # [Vp, d]
             valid = targets != IGNORE_INDEX  # [N]
             safe_targets = targets.clamp(min=0)  # ignored rows read column 0, then are zeroed
             n_valid = valid.sum().clamp(min=1).float()
+            scale = valid.float() / n_valid  # [N] d(loss)/d(token nll)
+            grad_h = torch.empty_like(h) if need_h else None  # [N, d]
+            grad_embed = torch.zeros(embed.shape, device=embed.device, dtype=torch.float32) if need_embed else None
             total = torch.zeros((), device=h.device, dtype=torch.float32)
             for start in range(0, h.shape[0], chunk_size):
                 sl = slice(start, start + chunk_size)
-                logits = _chunk_logits(h[sl], w, vocab_size, dtype)  # [c, Vp] float32
-                nll = F.cross_entropy(logits, safe_targets[sl], reduction="none")  # [c]
-                total += (nll * valid[sl]).sum()
-        ctx.save_for_backward(h, embed, safe_targets, valid, n_valid)
-        ctx.vocab_size, ctx.chunk_size, ctx.dtype = vocab_size, chunk_size, dtype
+                h_c = h[sl].to(dtype)  # [c, d]
+                logits = _chunk_logits(h_c, w, vocab_size, dtype)  # [c, Vp] float32, padding at -inf
+                nll, grad_logits = _nll_and_grad_logits(logits, safe_targets[sl], valid[sl], scale[sl], dtype,
+                                                        need_h or need_embed)  # [], [c, Vp] in dtype
+                total += nll
+                del logits
+                if grad_logits is None:
+                    continue
+                if need_h:
+                    grad_h[sl] = (grad_logits @ w).to(h.dtype)  # [c, d]
+                if need_embed:
+                    _addmm_float32_(grad_embed, grad_logits.t(), h_c)  # [Vp, d] += [Vp, c] @ [c, d]
+        ctx.save_for_backward(grad_h, grad_embed)
+        ctx.embed_dtype = embed.dtype
         return total / n_valid
 
     @staticmethod
     def backward(ctx, grad_loss):
-        h, embed, safe_targets, valid, n_valid = ctx.saved_tensors
-        with torch.autocast(device_type=h.device.type, enabled=False):
-            return _ChunkedLMLoss._backward(ctx, grad_loss, h, embed, safe_targets, valid, n_valid)
+        grad_h, grad_embed = ctx.saved_tensors
+        g = grad_loss.float()  # the loss is linear in its stored gradients' scale
+        grad_h = None if grad_h is None else (grad_h * g).to(grad_h.dtype)
+        grad_embed = None if grad_embed is None else (grad_embed * g).to(ctx.embed_dtype)
+        return grad_h, grad_embed, None, None, None, None, None, None
 
-    @staticmethod
-    def _backward(ctx, grad_loss, h, embed, safe_targets, valid, n_valid):
-        dtype = ctx.dtype
-        w = embed.to(dtype)  # [Vp, d]
-        need_h, need_embed = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h) if need_h else None  # [N, d]
-        grad_embed = torch.zeros(embed.shape, device=embed.device, dtype=torch.float32) if need_embed else None
-        scale = (grad_loss.float() / n_valid) * valid.float()  # [N] d(loss)/d(token nll)
-        for start in range(0, h.shape[0], ctx.chunk_size):
-            sl = slice(start, start + ctx.chunk_size)
-            h_c = h[sl].to(dtype)  # [c, d]
-            probs = _chunk_logits(h_c, w, ctx.vocab_size, dtype).softmax(dim=-1)  # [c, Vp]; padding columns 0
-            probs.scatter_add_(1, safe_targets[sl, None], -torch.ones_like(probs[:, :1]))  # softmax - onehot
-            # Scale and narrow to the matmul dtype in one pass (mul writes straight into a `dtype` buffer).
-            grad_logits = torch.mul(probs, scale[sl, None], out=torch.empty_like(probs, dtype=dtype))  # [c, Vp]
-            del probs
-            if need_h:
-                grad_h[sl] = (grad_logits @ w).to(h.dtype)  # [c, d]
-            if need_embed:
-                grad_embed += _mm_float32(grad_logits.t(), h_c)  # [Vp, d]
-        if need_embed:
-            grad_embed = grad_embed.to(embed.dtype)
-        return grad_h, grad_embed, None, None, None, None
+
+def _nll_and_grad_logits_eager(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor,
+                               dtype: torch.dtype, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk's float32 logits [c, Vp] (padding at -inf) -> (sum of the valid rows' nll,
+    (softmax - onehot) * scale [c, Vp] in `dtype`, or None without gradients)."""
+    lse = torch.logsumexp(logits, dim=-1)  # [c]
+    target_logit = logits.gather(1, targets[:, None]).squeeze(1)  # [c]
+    nll = ((lse - target_logit) * valid).sum()
+    if not with_grad:
+        return nll, None
+    onehot = torch.arange(logits.shape[-1], device=logits.device) == targets[:, None]  # [c, Vp]
+    grad = (torch.exp(logits - lse[:, None]) - onehot.to(logits.dtype)) * scale[:, None]  # [c, Vp]; padding 0
+    return nll, grad.to(dtype)
+
+
+_COMPILED_NLL: list = []  # [the torch.compile'd function], built on first use on a GPU
+
+
+def _nll_and_grad_logits(logits, targets, valid, scale, dtype, with_grad):
+    """`_nll_and_grad_logits_eager`, fused by torch.compile on a GPU: one reduction over the
+    [c, Vp] float32 logits and one pass writing the `dtype` gradient, instead of ~7 eager passes
+    (logsumexp's temporary, exp, subtract, scale, cast); the loss's elementwise work dominated its
+    GEMMs at V = 200k (docs/performance.md). Elsewhere, and if compiling fails, it runs eagerly."""
+    if not logits.is_cuda:
+        return _nll_and_grad_logits_eager(logits, targets, valid, scale, dtype, with_grad)
+    if not _COMPILED_NLL:
+        _COMPILED_NLL.append(torch.compile(_nll_and_grad_logits_eager, dynamic=False, fullgraph=True))
+    try:
+        return _COMPILED_NLL[0](logits, targets, valid, scale, dtype, with_grad)
+    except Exception as e:  # no working Triton/compiler: correct, just slower
+        logger.warning("loss: torch.compile of the chunk softmax failed (%s); running it eagerly",
+                       str(e).splitlines()[0] if str(e) else type(e).__name__)
+        _COMPILED_NLL[0] = _nll_and_grad_logits_eager
+        return _nll_and_grad_logits_eager(logits, targets, valid, scale, dtype, with_grad)
 
 
 def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -100,6 +132,27 @@ def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a @ b).float()
 
 
+_ADDMM_EPILOGUE = [True]  # cleared if this torch cannot accumulate a bf16 GEMM into a float32 buffer
+
+
+def _addmm_float32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b in place, acc float32. For bf16/fp16 on CUDA the GEMM reads acc as its C operand
+    (beta = 1): one pass over acc per chunk instead of a GEMM output plus a separate add, which at
+    Vp x d = 200k x 1024 and 16 chunks a step is ~40 GB of memory traffic saved."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _ADDMM_EPILOGUE[0]:
+        try:
+            torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+            return
+        except Exception as e:  # an older torch without the mixed-dtype addmm: the plain add below
+            logger.warning("loss: bf16 -> float32 addmm unavailable (%s); accumulating with a separate add",
+                           str(e).splitlines()[0] if str(e) else type(e).__name__)
+            _ADDMM_EPILOGUE[0] = False
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc += _mm_float32(a, b)
+
+
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor, vocab_size: int, dtype: torch.dtype) -> torch.Tensor:
     """float32 logits [c, Vp] of one chunk, padding columns at -inf so no softmax sees them."""
     logits = _mm_float32(h.to(dtype), w.t())  # [c, Vp]
@@ -107,6 +160,11 @@ def _chunk_logits(h: torch.Tensor, w: torch.Tensor, vocab_size: int, dtype: torc
     return logits
 
 
+# Kept out of a torch.compile'd model's graph (a graph break here): traced, the chunk loop is
+# unrolled and inductor may schedule every chunk's GEMM before the reductions, holding all of the
+# [chunk, Vp] logits at once (12 GiB at 16k tokens). Outside it, the loop runs chunk after chunk and
+# `_nll_and_grad_logits` still runs as its own compiled kernel.
+@torch.compiler.disable
 def chunked_lm_loss(h: torch.Tensor, embed: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                     chunk_size: int) -> torch.Tensor:
     """Mean cross-entropy of the tied head, chunk by chunk. h [N, d] (or [B, T, d]), targets [N] (or [B, T]).
@@ -115,4 +173,7 @@ def chunked_lm_loss(h: torch.Tensor, embed: torch.Tensor, targets: torch.Tensor,
     included, with peak memory [chunk_size, Vp] instead of [N, Vp].
     """
     h = h.reshape(-1, h.shape[-1])  # [N, d]
-    return _ChunkedLMLoss.apply(h, embed, targets.reshape(-1), vocab_size, chunk_size, _matmul_dtype(h))
+    # Which gradients the fused forward computes: none under no_grad (evaluation pays the forward only).
+    grads = torch.is_grad_enabled()
+    return _ChunkedLMLoss.apply(h, embed, targets.reshape(-1), vocab_size, chunk_size, _matmul_dtype(h),
+                                grads and h.requires_grad, grads and embed.requires_grad)

@@ -50,6 +50,29 @@ class RouterStats(NamedTuple):
     dropped: torch.Tensor  # scalar int
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """The norm's float32 math with a hand-written backward that keeps x and rsqrt(mean(x^2) + eps)
+    ([N, 1]) only; autograd would also keep x * rsqrt, one more [N, d] float32 tensor per norm
+    (4 norms a layer: 3 GiB at the bench size)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, eps):
+        xf = x.float()
+        r = torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps)  # [..., 1]
+        ctx.save_for_backward(x, r, scale)
+        return (xf * r * scale.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, r, scale = ctx.saved_tensors
+        x_hat = x.float() * r  # [..., d]
+        g = grad.float()
+        grad_scale = (g * x_hat).reshape(-1, x.shape[-1]).sum(dim=0).to(scale.dtype)  # [d]
+        g_hat = g * scale.float()  # d(loss)/d(x_hat)
+        grad_x = r * (g_hat - x_hat * (g_hat * x_hat).mean(dim=-1, keepdim=True))  # [..., d]
+        return grad_x.to(x.dtype), grad_scale, None
+
+
 class RMSNorm(nn.Module):
     """y = x * rsqrt(mean(x^2) + eps) * scale, in float32, cast back to x's dtype."""
 
@@ -59,9 +82,7 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + self.eps) * self.scale.float()
-        return y.to(x.dtype)
+        return _RMSNormFunction.apply(x, self.scale, self.eps)
 
 
 class Attention(nn.Module):
@@ -155,7 +176,7 @@ class Block(nn.Module):
 class BluesModel(nn.Module):
     """Embedding (tied LM head) -> L blocks -> final RMSNorm -> logits."""
 
-    def __init__(self, config: BluesConfig, *, attn_impl: str = "auto", loss_chunk_size: int = 4096,
+    def __init__(self, config: BluesConfig, *, attn_impl: str = "auto", loss_chunk_size: int = 1024,
                  gradient_checkpointing: bool = False):
         super().__init__()
         if attn_impl not in ATTN_IMPLS:

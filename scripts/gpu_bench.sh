@@ -14,7 +14,7 @@
 #   deepspeed    DeepSpeed ZeRO-2 bf16 training, tiny then bench (skips with a line if not importable)
 #   torch-misc   PyTorch loss (chunked vs plain) and grouped GEMM
 #   jax-misc     JAX loss and expert GEMMs
-#   decode-torch greedy decoding b1 / b64, tiny preset
+#   decode-torch greedy decoding b1 / b64, tiny preset, eager and torch.compile'd step (both CUDA graphs)
 #   decode-jax
 #   parity       torch vs JAX on converted weights, bf16
 #   peer-decode  Mixtral generate, dynamic and static cache (slow: ~20 tokens/s at b1)
@@ -92,7 +92,7 @@ for s in $SECTIONS; do
     deepspeed)    run deepspeed    150 --what deepspeed --framework torch --preset both "${COMMON[@]}" ;;
     torch-misc)   run torch-misc   90  --what loss,gemm --framework torch "${COMMON[@]}" ;;
     jax-misc)     run jax-misc     150 --what loss,gemm --framework jax "${COMMON[@]}" ;;
-    decode-torch) run decode-torch 90  --what decode --framework torch "${COMMON[@]}" ;;
+    decode-torch) run decode-torch 150 --what decode --framework torch --torch-compile both "${COMMON[@]}" ;;
     decode-jax)   run decode-jax   150 --what decode --framework jax "${COMMON[@]}" ;;
     parity)       run parity       90  --what parity "${COMMON[@]}" ;;
     peer-decode)  run peer-decode  150 --what peer-decode "${COMMON[@]}" ;;

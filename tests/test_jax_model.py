@@ -311,6 +311,14 @@ def test_chunked_loss_matches_plain():
         for g, w in zip(grads, want_grads):
             np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6, err_msg=f"chunk {chunk}")
         assert np.abs(np.asarray(grads[1])[v:]).max() == 0.0  # padding rows get exactly no gradient
+    # The fused forward stores gradients for d(out)/d(loss) = 1; the backward must scale them.
+    scaled = jax.jit(jax.grad(lambda h, e: -2.5 * chunked(h, e, targets, 5), argnums=(0, 1)))(h, embed)
+    for g, w in zip(scaled, want_grads):
+        np.testing.assert_allclose(np.asarray(g), -2.5 * np.asarray(w), atol=3e-6)
+    # Not differentiated: the primal alone, same loss; [N, d] input as well as [B, T, d].
+    assert float(jax.jit(chunked, static_argnums=3)(h, embed, targets, 5)) == pytest.approx(float(want), rel=1e-6)
+    flat = chunked_lm_loss(h.reshape(b * t, d), embed, targets.reshape(-1), v, 7)
+    assert float(flat) == pytest.approx(float(want), rel=1e-6)
     # no valid target: loss 0 and zero gradients (not NaN)
     none = np.full((b, t), -100, np.int32)
     loss, grads = jax.jit(jax.value_and_grad(chunked), static_argnums=3)(h, embed, none, 8)

@@ -398,6 +398,20 @@ def test_chunked_loss_matches_plain():
         torch.testing.assert_close(ec.grad, e_ref.grad, rtol=1e-5, atol=1e-7)
         assert torch.count_nonzero(ec.grad[v:]) == 0
 
+    # The fused forward stores gradients for d(out)/d(loss) = 1; backward must scale them by the
+    # real upstream gradient (gradient accumulation divides the loss, DeepSpeed may scale it).
+    hc, ec = h.clone().requires_grad_(), embed.clone().requires_grad_()
+    (-2.5 * chunked_lm_loss(hc, ec, targets, v, 4)).backward()
+    torch.testing.assert_close(hc.grad, -2.5 * h_ref.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ec.grad, -2.5 * e_ref.grad, rtol=1e-5, atol=1e-7)
+    # Under no_grad only the loss is computed, and it is the same loss.
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_lm_loss(h, embed, targets, v, 4), plain.detach(), rtol=1e-6, atol=0)
+    # Only the gradient asked for: embed frozen.
+    hc = h.clone().requires_grad_()
+    chunked_lm_loss(hc, embed, targets, v, 4).backward()
+    torch.testing.assert_close(hc.grad, h_ref.grad, rtol=1e-5, atol=1e-7)
+
     # Nothing to predict: loss 0 (documented convention), gradients 0, no NaN.
     hc, ec = h.clone().requires_grad_(), embed.clone().requires_grad_()
     ignored = torch.full((n,), -100)
@@ -405,3 +419,62 @@ def test_chunked_loss_matches_plain():
     loss.backward()
     assert loss.item() == 0.0 and cross_entropy(h @ embed.t(), ignored).item() == 0.0
     assert torch.count_nonzero(hc.grad) == 0 and torch.count_nonzero(ec.grad) == 0
+
+
+# ---- hand-written backwards and the decode-sized expert path --------------------------------------
+
+def test_rmsnorm_and_gated_gelu_backwards_match_autograd():
+    """The memory-saving autograd Functions (RMSNorm keeps x and rsqrt only; the gated GeLU keeps
+    its input only) against autograd of the plain formulas. Both compute in float32 by design, so
+    the comparison is float32 (a float64 gradcheck would measure float32 rounding)."""
+    from blues_torch.experts import _GatedGelu
+    from blues_torch.model import RMSNorm
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 12, generator=g, requires_grad=True)
+    scale = (torch.rand(12, generator=g) + 0.5).requires_grad_()
+    ref = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-5) * scale
+    upstream = torch.randn(ref.shape, generator=g)
+    grads_ref = torch.autograd.grad((ref * upstream).sum(), (x, scale))
+    norm = RMSNorm(12, 1e-5)
+    with torch.no_grad():
+        norm.scale.copy_(scale)
+    out = norm(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)  # the forward is the same arithmetic
+    grads = torch.autograd.grad((out * upstream).sum(), (x, norm.scale))
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    hidden = torch.randn(7, 10, generator=g, requires_grad=True)
+    value, gate = hidden.chunk(2, dim=-1)
+    ref = torch.nn.functional.gelu(gate) * value
+    upstream = torch.randn(ref.shape, generator=g)
+    want = torch.autograd.grad((ref * upstream).sum(), hidden)[0]
+    out = _GatedGelu.apply(hidden)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad((out * upstream).sum(), hidden)[0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_small_block_path_matches_sorted_path():
+    """Decode-sized CUDA blocks compute every expert densely (experts._dense_small_block_mlp);
+    on any device it must equal the sorted per-expert path, capacity refusals included."""
+    from blues_torch.experts import _dense_small_block_mlp
+    g = torch.Generator().manual_seed(4)
+    n, d, f, e, k = 9, 8, 6, 4, 2
+    x = torch.randn(n, d, generator=g)
+    w_in, w_out = torch.randn(e, d, 2 * f, generator=g), torch.randn(e, f, d, generator=g)
+    r = route(x, torch.randn(d, e, generator=g), k=k, noise_std=0.0, normalize=False, generator=None,
+              training=False)
+    for keep in (None, capacity_keep(r.indices, e, 2)):
+        with torch.no_grad():
+            want = expert_mlp(x, r.indices, r.weights, keep, w_in, w_out)  # CPU: the sorted loop path
+            got = _dense_small_block_mlp(x, r.indices, r.weights, keep, w_in, w_out)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert keep is not None and not keep.all()  # the capacity case did refuse something
+
+
+def test_greedy_argmax_is_first_maximum():
+    from blues_torch.generation import greedy_argmax
+    g = torch.Generator().manual_seed(5)
+    for b, v in ((1, 1), (2, 127), (3, 128), (2, 129), (4, 1000), (2, 200019)):
+        x = torch.randint(-2, 3, (b, v), generator=g).float()  # ties everywhere, within and across blocks
+        assert torch.equal(greedy_argmax(x), x.argmax(-1)), (b, v)

@@ -1,0 +1,57 @@
+"""DeepSpeed settings against one another on one GPU: the project's ds_config.json and variants of it.
+
+    python scripts/ds_variants.py [--presets tiny bench] [--steps 6]
+
+Each variant is the bench's DeepSpeed step (bench/deepspeed_step.py: ZeRO-2, bf16, this process as a
+single rank) with some keys of ds_config.json overridden; prints tokens/s and peak memory per preset,
+to choose the config's defaults from measurements. Needs a GPU and DeepSpeed.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench import deepspeed_step  # noqa: E402
+from bench.train_step import train_workload  # noqa: E402
+
+# Each variant changes ds_config.json in one respect (or two, named), so its effect is its own.
+VARIANTS = {
+    "ds_config.json": {},
+    "overlap_comm off": {"zero_optimization": {"overlap_comm": False}},
+    "overlap off, 5e8 buckets": {"zero_optimization": {"overlap_comm": False, "reduce_bucket_size": 5e8,
+                                                       "allgather_bucket_size": 5e8}},
+    "no overflow check": {"bf16": {"enabled": True, "check_grad_overflow": False}},
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--presets", nargs="+", default=["tiny", "bench"])
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
+    args = p.parse_args()
+    base = deepspeed_step.ds_config_for
+    print(f"{'variant':<26} {'preset':<6} {'tokens/s':>10} {'peak GiB':>9}")
+    for name, override in VARIANTS.items():
+        def config_for(wl, optimizer, override=override):
+            cfg, note = base(wl, optimizer)
+            for key, value in override.items():
+                cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+            return cfg, note
+        deepspeed_step.ds_config_for = config_for
+        for preset in args.presets:
+            row = deepspeed_step.deepspeed_train(train_workload(preset, False), steps=args.steps,
+                                                 warmup=args.warmup, check=False)
+            print(f"{name:<26} {preset:<6} {row.tokens_per_s:>10,.0f} {row.peak_gib:>9.2f}", flush=True)
+            gc.collect()  # the engine of this run must be gone before the next one's peak is read
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
