@@ -1,7 +1,7 @@
 """Greedy decoding throughput with the KV cache: batch 1 and 64, prompt 32, 256 new tokens.
 
 Uses the project's generation code (`blues_torch/generation.py`: static cache and a CUDA-graph
-decode step; `blues_jax/generation.py`: prefill plus a compiled `while_loop`), on a model whose
+decode step, `torch.compile`d first with `--torch-compile on|both`; `blues_jax/generation.py`: prefill plus a compiled `while_loop`), on a model whose
 weights are cast to bf16 (as the peer's are). tokens/s = batch * new tokens / wall time of one
 `generate` call (prefill included), median over the timed calls; the first calls (compilation,
 graph capture) are warm-up.
