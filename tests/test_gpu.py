@@ -56,16 +56,21 @@ def test_cudnn_matches_reference_attention_gpu():
     assert rel_err(np.asarray(fast, np.float32), np.asarray(ref)) < BF16_REL
 
 
-@needs_cuda
-def test_grouped_gemm_matches_expert_loop_gpu():
-    from blues_torch.experts import _grouped_mm_ok, expert_mlp
-    rng = np.random.default_rng(1)
-    n, d, f, e, k = 1024, 256, 512, 8, 2
+def expert_inputs(seed, *, n, d, f, e, k):
+    """float32 CUDA tensors for expert_mlp: x [n, d], distinct experts [n, k], gate weights, w_in, w_out."""
+    rng = np.random.default_rng(seed)
     x = torch.from_numpy(rng.standard_normal((n, d)).astype(np.float32)).cuda()
     w_in = torch.from_numpy(rng.standard_normal((e, d, 2 * f)).astype(np.float32) / d ** 0.5).cuda()
     w_out = torch.from_numpy(rng.standard_normal((e, f, d)).astype(np.float32) / f ** 0.5).cuda()
     indices = torch.from_numpy(np.stack([rng.permutation(e)[:k] for _ in range(n)])).cuda()
-    weights = torch.softmax(torch.randn(n, k, device="cuda"), -1)
+    weights = torch.softmax(torch.from_numpy(rng.standard_normal((n, k)).astype(np.float32)).cuda(), -1)
+    return x, indices, weights, w_in, w_out
+
+
+@needs_cuda
+def test_grouped_gemm_matches_expert_loop_gpu():
+    from blues_torch.experts import _grouped_mm_ok, expert_mlp
+    x, indices, weights, w_in, w_out = expert_inputs(1, n=1024, d=256, f=512, e=8, k=2)
     assert _grouped_mm_ok(x.bfloat16(), w_in.bfloat16(), w_out.bfloat16()), "the grouped path must be taken"
     fast = expert_mlp(x.bfloat16(), indices, weights, None, w_in.bfloat16(), w_out.bfloat16())
     loop = expert_mlp(x, indices, weights, None, w_in, w_out)  # float32: the per-expert loop
@@ -76,14 +81,8 @@ def test_grouped_gemm_matches_expert_loop_gpu():
 def test_dense_decode_experts_match_expert_loop_gpu():
     """Decode-sized blocks without gradients take the dense path (every expert on every row)."""
     from blues_torch.experts import capacity_keep, expert_mlp
-    rng = np.random.default_rng(3)
-    n, d, f, e, k = 64, 192, 768, 4, 2
-    x = torch.from_numpy(rng.standard_normal((n, d)).astype(np.float32)).cuda()
-    w_in = torch.from_numpy(rng.standard_normal((e, d, 2 * f)).astype(np.float32) / d ** 0.5).cuda()
-    w_out = torch.from_numpy(rng.standard_normal((e, f, d)).astype(np.float32) / f ** 0.5).cuda()
-    indices = torch.from_numpy(np.stack([rng.permutation(e)[:k] for _ in range(n)])).cuda()
-    weights = torch.softmax(torch.randn(n, k, device="cuda"), -1)
-    for keep in (None, capacity_keep(indices, e, 20)):
+    x, indices, weights, w_in, w_out = expert_inputs(3, n=64, d=192, f=768, e=4, k=2)
+    for keep in (None, capacity_keep(indices, 4, 20)):
         loop = expert_mlp(x, indices, weights, keep, w_in, w_out)  # grad enabled: the per-expert loop
         with torch.no_grad():
             dense32 = expert_mlp(x, indices, weights, keep, w_in, w_out)
