@@ -6,8 +6,9 @@ shape, 16 groups of 4096 x 1024 x 2048 (torch `_grouped_mm`: 614 TFLOP/s there; 
 
 PyTorch: the model's expert matmul (`blues_torch.experts._expert_matmul`: `torch._grouped_mm` or
 the per-expert loop) and the whole `expert_mlp` (gather, both projections, GeLU, scatter-add) on
-random top-k routing. JAX: the model's dispatch (`blues_jax.experts.expert_mlp`: dense per-expert
-blocks, batched einsum), its two batched GEMMs alone, and `jax.lax.ragged_dot` for reference.
+random top-k routing. JAX: the two GEMMs of each expert form (`blues_jax.experts`: batched einsum
+over dense per-expert blocks; `grouped_matmul.product` on sorted rows, Mosaic GPU kernels on a
+Hopper GPU), the whole `expert_mlp` (the form the model takes), and `jax.lax.ragged_dot` for reference.
 
 Rates count useful flops only (2 * rows * in * out per projection, never the padding of a block).
 MFU column = that rate over the framework's measured 8192^3 dense rate; notes also give the rate
@@ -202,7 +203,7 @@ def jax_gemm(*, quick: bool, steps: int, warmup: int, seed: int = 0) -> list[Row
     err_e = max(_rel(np.asarray(fast_h, np.float32), np.asarray(ref_h)), _rel(np.asarray(fast_o, np.float32), np.asarray(ref_o)))
     err_r = max(_rel(np.asarray(rag_h, np.float32).reshape(e, c, -1), np.asarray(ref_h)),
                 _rel(np.asarray(rag_o, np.float32).reshape(e, c, -1), np.asarray(ref_o)))
-    del ref_h, ref_o, fast_h, fast_o, rag_h, rag_o
+    del fast_h, fast_o, rag_h, rag_o
     log(f"  check: batched einsum rel {err_e:.1e}, ragged_dot rel {err_r:.1e} vs float32")
     flops = 2 * m * d * 2 * f + 2 * m * f * d
     dense_same = dense_rate(m, d, 2 * f)
@@ -216,22 +217,20 @@ def jax_gemm(*, quick: bool, steps: int, warmup: int, seed: int = 0) -> list[Row
     rows.append(_row("jax", "ragged_dot bench w_in+w_out", flops, t, dense_same,
                      f"vs float32 rel {err_r:.1e} (< {GEMM_TOL:.0e})", err_r < GEMM_TOL,
                      f"{backend}; reference only (not the model's path)", shape))
+    # the grouped GEMMs of the model's sorted form (blues_jax.grouped_matmul: Mosaic GPU kernels on Hopper)
+    from blues_jax.grouped_matmul import product, resolve_impl
+    impl = resolve_impl("auto", flat_x, w_in)
+    grouped = jax.jit(lambda x, a_, wi, wo, gs: (product(x, wi, gs, impl=impl), product(a_, wo, gs, impl=impl)))
+    gr_h, gr_o = grouped(flat_x, flat_a, w_in, w_out, group_sizes)
+    err_g = max(_rel(np.asarray(gr_h, np.float32).reshape(e, c, -1), np.asarray(ref_h)),
+                _rel(np.asarray(gr_o, np.float32).reshape(e, c, -1), np.asarray(ref_o)))
+    del gr_h, gr_o, ref_h, ref_o
+    t = time_steps(lambda: grouped(flat_x, flat_a, w_in, w_out, group_sizes), jax_sync, warmup=warmup, steps=steps,
+                   reps=reps, label=f"jax grouped_matmul ({impl})")
+    rows.append(_row("jax", f"grouped_matmul ({impl}) bench w_in+w_out", flops, t, dense_same,
+                     f"vs float32 rel {err_g:.1e} (< {GEMM_TOL:.0e})", err_g < GEMM_TOL,
+                     f"{backend}; the model's sorted form", shape))
     del blocks, acts, w_in, w_out, flat_x, flat_a
-
-    # -- the probe shape through ragged_dot ----------------------------------------------------
-    groups, rows_per, k_in, n_out = QUICK_PROBE if quick else PROBE
-    xp = jax.random.normal(next(keys), (groups * rows_per, k_in), bf16)
-    wp = jax.random.normal(next(keys), (groups, k_in, n_out), bf16)
-    gp = jnp.full((groups,), rows_per, jnp.int32)
-    rag = jax.jit(jax.lax.ragged_dot)
-    refp = jnp.einsum("gmk,gkn->gmn", xp.reshape(groups, rows_per, k_in).astype(jnp.float32), wp.astype(jnp.float32),
-                      precision=hi).reshape(groups * rows_per, n_out)
-    err_p = _rel(np.asarray(rag(xp, wp, gp), np.float32), np.asarray(refp))
-    t = time_steps(lambda: rag(xp, wp, gp), jax_sync, warmup=warmup, steps=steps, reps=reps, label="jax ragged_dot probe")
-    rows.append(_row("jax", f"ragged_dot {groups}x{rows_per}x{k_in}x{n_out}", 2 * groups * rows_per * k_in * n_out, t,
-                     dense_rate(groups * rows_per, k_in, n_out), f"vs float32 rel {err_p:.1e} (< {GEMM_TOL:.0e})",
-                     err_p < GEMM_TOL, f"{backend}; the issue's probe", shape))
-    del xp, wp, refp
 
     # -- the model's whole expert MLP on random routing --------------------------------------------------
     idx_np, w_np = _random_routing(n, e, k, seed)
@@ -249,7 +248,23 @@ def jax_gemm(*, quick: bool, steps: int, warmup: int, seed: int = 0) -> list[Row
                    label="jax expert_mlp")
     rows.append(_row("jax", "expert_mlp bench (dispatch+GEMMs+combine)", 6 * n * k * d * f, t, dense_same,
                      f"bf16 vs float32 rel {err_m:.1e} (< {MLP_TOL:.0e})", err_m < MLP_TOL,
-                     f"{backend}; random top-{k} routing; the model's block dispatch", shape))
+                     f"{backend}; random top-{k} routing; the model's expert path", shape))
+
+    # -- the probe shape through ragged_dot ----------------------------------------------------
+    groups, rows_per, k_in, n_out = QUICK_PROBE if quick else PROBE
+    xp = jax.random.normal(next(keys), (groups * rows_per, k_in), bf16)
+    wp = jax.random.normal(next(keys), (groups, k_in, n_out), bf16)
+    gp = jnp.full((groups,), rows_per, jnp.int32)
+    rag = jax.jit(jax.lax.ragged_dot)
+    refp = jnp.einsum("gmk,gkn->gmn", xp.reshape(groups, rows_per, k_in).astype(jnp.float32), wp.astype(jnp.float32),
+                      precision=hi).reshape(groups * rows_per, n_out)
+    err_p = _rel(np.asarray(rag(xp, wp, gp), np.float32), np.asarray(refp))
+    t = time_steps(lambda: rag(xp, wp, gp), jax_sync, warmup=warmup, steps=steps, reps=reps, label="jax ragged_dot probe")
+    rows.append(_row("jax", f"ragged_dot {groups}x{rows_per}x{k_in}x{n_out}", 2 * groups * rows_per * k_in * n_out, t,
+                     dense_rate(groups * rows_per, k_in, n_out), f"vs float32 rel {err_p:.1e} (< {GEMM_TOL:.0e})",
+                     err_p < GEMM_TOL, f"{backend}; the issue's probe", shape))
+    del xp, wp, refp
+
     return rows
 
 

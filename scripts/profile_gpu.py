@@ -2,6 +2,7 @@
 
     python scripts/profile_gpu.py memory   # bench preset, one eager training step: saved activations by layer part
     python scripts/profile_gpu.py decode   # tiny preset, greedy decode step: CUDA kernels per token, eager vs compiled
+    python scripts/profile_gpu.py jax-train [--preset bench]   # JAX training step: GPU time by kernel kind
 
 `memory`: the training step of bench/train_step.py (bf16 autocast, float32 weights, AdamW) at
 batch 8 x 2048; every tensor autograd saves for the backward is attributed to the innermost module
@@ -152,17 +153,89 @@ def decode(args) -> None:
                 print(f"   {e.self_device_time_total / args.steps:7.1f} us  x{e.count / args.steps:4.1f}  {e.key[:110]}")
 
 
+KERNEL_KINDS = (  # (kind, substrings of the kernel name), first match wins
+    ("GEMM (cuBLAS/cuBLASLt)", ("nvjet", "gemm", "cutlass", "xmma", "cublas")),
+    ("attention (cuDNN)", ("cudnn", "fmha", "flash", "sdpa")),
+    ("grouped GEMM (Mosaic)", ("mosaic", "ragged")),
+    ("sort / scan", ("sort", "cub::", "scan")),
+    ("copies / memset", ("memcpy", "memset", "copy")),
+    ("reductions / elementwise fusions", ("fusion", "reduce", "loop_", "input_", "wrapped_", "transpose", "concatenate")),
+)
+
+
+def _kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def jax_train(args) -> None:
+    """Trace --steps JAX training steps (bench/train_step.py's step) and sum GPU kernel time."""
+    import glob
+    import tempfile
+    import time
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from blues_jax import BluesModel
+    from bench.train_step import jax_optimizer, make_jax_train_step, random_batch, train_workload
+
+    wl = train_workload(args.preset, quick=False)
+    model = BluesModel(wl.config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+    model.train()
+    ids_np, tgt_np = random_batch(wl.config, wl.batch, wl.seq, 0)
+    ids, tgt = jnp.asarray(ids_np), jnp.asarray(tgt_np)
+    state, step = make_jax_train_step(model, jax_optimizer())
+    del model
+    for _ in range(3):  # compile and warm up
+        state, loss = step(state, ids, tgt)
+    jax.block_until_ready(loss)
+    trace_dir = tempfile.mkdtemp()
+    t0 = time.perf_counter()
+    with jax.profiler.trace(trace_dir):
+        for _ in range(args.steps):
+            state, loss = step(state, ids, tgt)
+        jax.block_until_ready(loss)
+    wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
+    data = jax.profiler.ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0])
+    kernels: collections.Counter = collections.Counter()
+    counts: collections.Counter = collections.Counter()
+    ops: dict[str, str] = {}
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if "stream" not in line.name.lower():
+                continue
+            for ev in line.events:
+                kernels[ev.name] += ev.duration_ns
+                counts[ev.name] += 1
+                stats = dict(ev.stats)
+                ops.setdefault(ev.name, str(stats.get("hlo_op", stats.get("tf_op", "")))[:48])
+    busy_ms = sum(kernels.values()) / 1e6 / args.steps
+    print(f"\n== JAX training step, {args.preset} (batch {wl.batch} x {wl.seq}): {wall_ms:.1f} ms wall per step "
+          f"(traced), GPU kernels {busy_ms:.1f} ms ({wl.tokens / wall_ms * 1e3:,.0f} tokens/s traced)")
+    kinds: collections.Counter = collections.Counter()
+    for name, ns in kernels.items():
+        kinds[_kernel_kind(name)] += ns
+    for kind, ns in kinds.most_common():
+        print(f"  {ns / 1e6 / args.steps:8.2f} ms  {ns / max(sum(kinds.values()), 1):5.1%}  {kind}")
+    print(f"  top kernels (ms per step, calls per step, HLO op):")
+    for name, ns in kernels.most_common(args.top):
+        print(f"  {ns / 1e6 / args.steps:8.2f} ms  x{counts[name] / args.steps:5.1f}  {ops[name]:48s}  {name[:90]}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", nargs="+", choices=("memory", "decode"))
+    p.add_argument("what", nargs="+", choices=("memory", "decode", "jax-train"))
+    p.add_argument("--preset", default="bench", help="jax-train: the preset (its bench batch and sequence)")
     p.add_argument("--chunks", type=int, nargs="+", default=[4096, 1024])
     p.add_argument("--checkpointing", type=lambda s: s == "on", nargs="+", default=[False],
                    help="on/off values of the model's gradient_checkpointing to compare")
-    p.add_argument("--steps", type=int, default=50, help="decode steps profiled")
+    p.add_argument("--steps", type=int, default=50, help="decode steps (jax-train: training steps) profiled")
     p.add_argument("--top", type=int, default=18)
     args = p.parse_args()
     for what in args.what:
-        {"memory": memory, "decode": decode}[what](args)
+        {"memory": memory, "decode": decode, "jax-train": jax_train}[what](args)
 
 
 if __name__ == "__main__":

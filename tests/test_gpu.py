@@ -77,6 +77,50 @@ def test_grouped_gemm_matches_expert_loop_gpu():
     assert rel_err(fast.float().cpu(), loop.cpu()) < BF16_REL
 
 
+@needs_jax_gpu
+def test_mosaic_grouped_matmul_matches_ragged_dot_gpu():
+    """Product, input gradient and weight gradient of the Mosaic kernels vs lax.ragged_dot, on group
+    sizes that are empty, smaller than a tile and not multiples of one."""
+    from blues_jax.grouped_matmul import grouped_matmul, mosaic_applies
+    sizes = jnp.asarray([300, 0, 17, 1024, 64, 599], jnp.int32)  # M = 2004
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    lhs = jax.random.normal(kx, (int(sizes.sum()), 256), jnp.bfloat16)  # [M, K]
+    rhs = (jax.random.normal(kw, (6, 256, 384), jnp.float32) / 16).astype(jnp.bfloat16)  # [G, K, N]
+    cot = jax.random.normal(kg, (int(sizes.sum()), 384), jnp.bfloat16)  # [M, N]
+    if not mosaic_applies(lhs, rhs):
+        pytest.skip("the Mosaic grouped GEMM needs a Hopper GPU")
+
+    def run(impl):
+        out, vjp = jax.vjp(lambda a, b: grouped_matmul(a, b, sizes, impl=impl), lhs, rhs)
+        return (out, *vjp(cot))
+
+    for got, want, what in zip(jax.jit(lambda: run("mosaic"))(), jax.jit(lambda: run("ragged_dot"))(),
+                               ("product", "input grad", "weight grad")):
+        assert rel_err(np.asarray(got, np.float32), np.asarray(want, np.float32)) < BF16_REL, what
+
+
+@needs_jax_gpu
+def test_sorted_mosaic_experts_match_blocks_gpu():
+    """expert_mlp's sorted form on Mosaic grouped GEMMs against its blocks form: values and gradients,
+    dropless and with a binding capacity."""
+    from blues_jax.experts import capacity_keep, expert_mlp
+    from blues_jax.grouped_matmul import mosaic_applies
+    x, indices, weights, w_in, w_out = (jnp.asarray(t.cpu().numpy()) for t in expert_inputs(4, n=1024, d=256, f=512, e=8, k=2))
+    x = x.astype(jnp.bfloat16)
+    if not mosaic_applies(x, w_in.astype(jnp.bfloat16)):
+        pytest.skip("the Mosaic grouped GEMM needs a Hopper GPU")
+    cot = jax.random.normal(jax.random.key(1), x.shape, jnp.float32)
+    for keep, capacity in ((None, None), (capacity_keep(indices, 8, 200), 200)):
+        def loss(x, weights, w_in, w_out, gemm):
+            y = expert_mlp(x, indices, weights, keep, w_in, w_out, capacity=capacity, gemm=gemm)
+            return jnp.sum(y.astype(jnp.float32) * cot)
+
+        grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)), static_argnums=4)
+        for got, want in zip(jax.tree.leaves(grad(x, weights, w_in, w_out, "mosaic")),
+                             jax.tree.leaves(grad(x, weights, w_in, w_out, "blocks"))):
+            assert rel_err(np.asarray(got, np.float32), np.asarray(want, np.float32)) < BF16_REL
+
+
 @needs_cuda
 def test_dense_decode_experts_match_expert_loop_gpu():
     """Decode-sized blocks without gradients take the dense path (every expert on every row)."""

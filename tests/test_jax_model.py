@@ -210,9 +210,11 @@ def test_capacity_priority_rule():
     np.testing.assert_array_equal(keep, want)
 
 
+@pytest.mark.parametrize("gemm", ["blocks", "ragged_dot"])
 @pytest.mark.parametrize("capacity", [None, 5])
-def test_expert_mlp_matches_dense(capacity):
-    """Values against float64 numpy, gradients (custom gather VJPs) against autodiff of a dense form."""
+def test_expert_mlp_matches_dense(capacity, gemm):
+    """Values against float64 numpy, gradients (custom gather VJPs) against autodiff of a dense form,
+    for both forms of the expert compute (blocks; sorted, here with the reference grouped GEMM)."""
     n, d, f, e, k = 24, 8, 6, 4, 2
     x, w_in, w_out = _randn((n, d), 10), _randn((e, d, 2 * f), 11, d ** -0.5), _randn((e, f, d), 12, f ** -0.5)
     indices = np.stack([np.random.default_rng(13 + i).permutation(e)[:k] for i in range(n)]).astype(np.int32)
@@ -234,12 +236,13 @@ def test_expert_mlp_matches_dense(capacity):
         mask = jnp.ones((n, k)) if keep is None else keep.astype(jnp.float32)
 
         def ours(*args):
-            return jnp.sum(expert_mlp(args[0], indices, args[1], keep, args[2], args[3], capacity=capacity) * cotangent)
+            return jnp.sum(expert_mlp(args[0], indices, args[1], keep, args[2], args[3], capacity=capacity,
+                                      gemm=gemm) * cotangent)
 
         def theirs(*args):
             return jnp.sum(dense(*args, mask) * cotangent)
 
-        y = expert_mlp(x, indices, weights, keep, w_in, w_out, capacity=capacity)
+        y = expert_mlp(x, indices, weights, keep, w_in, w_out, capacity=capacity, gemm=gemm)
         grads = jax.grad(ours, argnums=(0, 1, 2, 3))(x, weights, w_in, w_out)
         want_grads = jax.grad(theirs, argnums=(0, 1, 2, 3))(x, weights, w_in, w_out)
         return y, mask, grads, want_grads
