@@ -49,7 +49,8 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def _chunk_loss_and_grads(h_c, t_c, embed, vocab_size: int, inv_n, with_grads: bool):
-    """One chunk: (nll sum, grad_h [B, c, d], grad_embed [Vp, d] float32) for d(loss)/d(nll) = inv_n."""
+    """One chunk: (nll sum, grad_h [B, c, d], grad_embed [Vp, d] float32) for d(loss)/d(nll) = inv_n.
+    embed is already in h_c's dtype (the casts below are no-ops)."""
     logits = _padded_logits(h_c, embed, vocab_size)  # [B, c, Vp] float32, padding at -inf
     nll = _nll_sum(logits, t_c)
     if not with_grads:
@@ -78,10 +79,13 @@ def _scan_chunks(h, embed, targets, vocab_size: int, chunk_size: int, with_grads
     hs = h.reshape(b, n_chunks, c, d).transpose(1, 0, 2, 3)  # [n_chunks, B, c, d]
     ts = targets.reshape(b, n_chunks, c).transpose(1, 0, 2)  # [n_chunks, B, c]
     inv_n = 1.0 / _num_valid(targets)
+    # Cast the embedding to the matmul dtype once, not in every chunk: XLA left the loop-invariant
+    # convert inside the scan (bench profile: 16 x 0.3 ms a step for a float32 [Vp, d] -> bf16 copy).
+    w = embed.astype(h.dtype)  # [Vp, d]
 
     def body(carry, chunk):
         total, grad_embed = carry
-        nll, grad_h, grad_embed_c = _chunk_loss_and_grads(*chunk, embed, vocab_size, inv_n, with_grads)
+        nll, grad_h, grad_embed_c = _chunk_loss_and_grads(*chunk, w, vocab_size, inv_n, with_grads)
         if with_grads:
             grad_embed = grad_embed + grad_embed_c
         return (total + nll, grad_embed), grad_h
