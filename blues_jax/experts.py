@@ -8,7 +8,7 @@ contiguous ranges (`sharding.BATCH_AXES`), and the expert axis of the weights ov
 Expert compute has two forms, with the same results:
 - sorted (one device, where `grouped_matmul`'s Mosaic GPU kernels apply, i.e. a Hopper GPU in
   bf16): assignments sorted by expert into [N*k, d] and one grouped GEMM per projection; no
-  padding, nothing recomputed. The same plan as blues_torch's `torch._grouped_mm` path.
+  padding, no GEMM recomputed. The same plan as blues_torch's `torch._grouped_mm` path.
 - blocks (everywhere else, and always on a mesh, whose all-to-all needs equal shapes): dense
   per-expert blocks [E, C, d] and one batched einsum per projection, not `jax.lax.ragged_dot`,
   which XLA lowers ~16x slower than a dense GEMM on an H200. The block size C is picked at run
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from blues.errors import BluesError
-from blues_jax.grouped_matmul import grouped_matmul, mosaic_applies, product, weight_grad
+from blues_jax.grouped_matmul import mosaic_applies, product, weight_grad
 
 BATCH_AXES = ("data", "expert")  # mesh axes the token axis is split over (data-major order)
 EXPERT_AXIS = "expert"
@@ -151,9 +151,9 @@ def _sorted_compute(x, indices, weights, keep, w_in, w_out, gmm: str):
     (C >= the mean load), so skipping them would save little.
 
     What the backward keeps, per layer at the bench size: the projection's input `hidden`
-    [N*k, 2F] bf16 (512 MiB) and the tokens x; the sorted rows, the activation, the bf16 weight
-    copies and float32 expert outputs are recomputed (a gather, an elementwise pass, two casts)
-    rather than held: 3.4 GiB less over the 12 layers than autodiff's choice.
+    [N*k, 2F] bf16 (512 MiB), the tokens x and the bf16 expert outputs; the sorted rows, the
+    activation, the bf16 weight copies and the float32 expert outputs are recomputed (a gather, an
+    elementwise pass, casts) rather than held (see _fresh for what that measured).
     """
     n, d = x.shape
     k = indices.shape[1]
@@ -382,8 +382,8 @@ def expert_mlp(x: jax.Array, indices: jax.Array, weights: jax.Array, keep: jax.A
     return fn(x, indices, weights, keep, w_in, w_out)
 
 
-# Below this many assignments per expert on average (a decode step's few rows) the sorted form's
-# sort and its kernels' tile padding outweigh the blocks' padding: one Mosaic tile is 128 rows.
+# Below this many assignments per expert on average (one Mosaic row tile) the blocks form stays:
+# decode steps (a few rows) were measured with it, and the sorted form only on training batches.
 SORTED_MIN_ROWS_PER_EXPERT = 128
 
 

@@ -219,7 +219,7 @@ def jax_train(args) -> None:
         kinds[_kernel_kind(name)] += ns
     for kind, ns in kinds.most_common():
         print(f"  {ns / 1e6 / args.steps:8.2f} ms  {ns / max(sum(kinds.values()), 1):5.1%}  {kind}")
-    print(f"  top kernels (ms per step, calls per step, HLO op):")
+    print("  top kernels (ms per step, calls per step, HLO op):")
     for name, ns in kernels.most_common(args.top):
         print(f"  {ns / 1e6 / args.steps:8.2f} ms  x{counts[name] / args.steps:5.1f}  {ops[name]:48s}  {name[:90]}")
 
