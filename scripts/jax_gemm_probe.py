@@ -25,25 +25,15 @@ import numpy as np  # noqa: E402
 from blues_jax import grouped_matmul as gm  # noqa: E402
 from blues_jax.experts import expert_mlp  # noqa: E402
 
-from bench.train_step import train_workload  # noqa: E402
+from bench.timing import jax_sync, time_steps  # noqa: E402
+from bench.train_step import _rel as rel, train_workload  # noqa: E402
 
 M = D = F = E = K = 0  # assignments, d, F, experts, top-k: set by main() from --preset
 
 
 def timed(fn, *args, reps=20) -> float:
-    """Seconds per call: reps calls queued back to back between two syncs, after two warm-ups."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / reps
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+    """Seconds per call: the bench's timer, `reps` calls queued back to back per sample."""
+    return time_steps(lambda: fn(*args), jax_sync, warmup=2, steps=3, reps=reps).median_s
 
 
 def group_sizes(seed: int) -> jax.Array:
