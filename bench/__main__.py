@@ -44,7 +44,7 @@ def parse_args(argv):
     p.add_argument("--out", default=os.environ.get("OUT") or "bench_out", help="results directory (default $OUT or bench_out)")
     p.add_argument("--quick", action="store_true", help="tiny shapes and few steps: a CPU smoke test in ~2 minutes")
     p.add_argument("--torch-compile", default="off", choices=("off", "on", "both"),
-                   help="train and decode: plain eager (off), torch.compile only (on), or both rows")
+                   help="train, deepspeed and decode: plain eager (off), torch.compile only (on), or both rows")
     p.add_argument("--ds-optimizer", default="auto", choices=("auto", "deepspeed", "torch"),
                    help="DeepSpeed's FusedAdam (deepspeed), its torch_adam switch (torch), or FusedAdam only if prebuilt (auto)")
     p.add_argument("--dense", default="auto", choices=("auto", "always", "never"),
@@ -174,8 +174,9 @@ def run_sections(args, results) -> Runner:
         from bench import deepspeed_step, train_step
         for preset in args.presets:
             wl = train_step.train_workload(preset, q)
-            r.run("torch+deepspeed", wl.name, deepspeed_step.deepspeed_train, wl, steps=args.steps,
-                  warmup=args.warmup, optimizer=args.ds_optimizer, seed=args.seed)
+            for compile in {"off": (False,), "on": (True,), "both": (False, True)}[args.torch_compile]:
+                r.run("torch+deepspeed", wl.name, deepspeed_step.deepspeed_train, wl, steps=args.steps,
+                      warmup=args.warmup, optimizer=args.ds_optimizer, compile=compile, seed=args.seed)
     if "decode" in args.sections:
         from bench import decode
         if "torch" in fws:

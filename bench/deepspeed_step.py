@@ -123,11 +123,13 @@ def init_single_rank() -> None:
                                auto_mpi_discovery=False)
 
 
-def deepspeed_train(wl: Workload, *, steps: int, warmup: int, optimizer: str = "auto", check: bool = True,
-                    seed: int = 0) -> Row:
+def deepspeed_train(wl: Workload, *, steps: int, warmup: int, optimizer: str = "auto", compile: bool = False,
+                    check: bool = True, seed: int = 0) -> Row:
+    """compile: the engine's own `engine.compile()`, as `train_torch.py --deepspeed ... --compile`."""
+    variant = "zero2-compile" if compile else "zero2"
     reason = deepspeed_available()
     if reason is not None:
-        return Row(framework="torch+deepspeed", workload=wl.name, variant="zero2", skipped=reason, config=wl.describe())
+        return Row(framework="torch+deepspeed", workload=wl.name, variant=variant, skipped=reason, config=wl.describe())
     import deepspeed
     import torch
     from blues_torch import BluesModel
@@ -149,6 +151,8 @@ def deepspeed_train(wl: Workload, *, steps: int, warmup: int, optimizer: str = "
     log(f"  deepspeed config: {note}")
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_cfg,
                                            model_parameters=torch_param_groups(model, ds_cfg["optimizer"]["params"]["weight_decay"]))
+    if compile:
+        engine.compile()
     ids_np, tgt_np = random_batch(wl.config, wl.batch, wl.seq, seed)
     ids = torch.from_numpy(ids_np).long().to(device)  # [B, T]
     tgt = torch.from_numpy(tgt_np).long().to(device)  # [B, T]
@@ -163,10 +167,10 @@ def deepspeed_train(wl: Workload, *, steps: int, warmup: int, optimizer: str = "
         return None
 
     times = time_steps(step, lambda _: torch_sync(device), warmup=warmup, steps=steps,
-                       label=f"deepspeed {wl.name}")
+                       label=f"deepspeed {wl.name} {variant}")
     reading = mem.read()
     checks.append(loss_check([float(x) for x in torch.stack(losses).float().cpu()]))
     param_dtype = next(engine.module.parameters()).dtype
     del engine, model, losses
-    return _train_row("torch+deepspeed", wl, "zero2", times, reading, checks, "torch",
+    return _train_row("torch+deepspeed", wl, variant, times, reading, checks, "torch",
                       f"{device.type}; module {str(param_dtype).replace('torch.', '')}; {note}")

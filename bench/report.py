@@ -171,12 +171,13 @@ class Results:
         self.write()
 
     def torch_of(self, row: Row) -> Row | None:
-        """For JAX and DeepSpeed training rows: plain PyTorch (eager) on the same workload, the
-        issue's "within 10%" comparisons."""
+        """For JAX and DeepSpeed training rows: plain PyTorch on the same workload, the issue's
+        "within 10%" comparisons (eager; compiled for a compiled DeepSpeed row)."""
         if row.framework not in ("jax", "torch+deepspeed") or not row.workload.startswith("train"):
             return None
+        variant = "compile" if row.variant == "zero2-compile" else "eager"
         for r in self.rows:
-            if (r.framework, r.workload, r.variant) == ("torch", row.workload, "eager") and r.tokens_per_s:
+            if (r.framework, r.workload, r.variant) == ("torch", row.workload, variant) and r.tokens_per_s:
                 return r
         return None
 
@@ -237,15 +238,17 @@ class Results:
                     m = row.peak_gib / peer.peak_gib
                     line += f", {m:.2f}x its memory (<= {mem}x: {mark(m <= mem)})"
                 out.append(line)
-            torch_row, jax_row, ds_row = self._find("torch", wl, "eager"), self._find("jax", wl), self._find("torch+deepspeed", wl)
+            jax_row = self._find("jax", wl)
             for variant in ("eager", "compile"):  # the fastest PyTorch step is the fair partner of JAX's jit
                 partner = self._find("torch", wl, variant)
                 if partner and jax_row and partner.tokens_per_s and jax_row.tokens_per_s:
                     r = jax_row.tokens_per_s / partner.tokens_per_s
                     out.append(f"{wl} jax / torch {variant} tokens/s {r:.2f} (within 10%: {mark(0.9 <= r <= 1.1)})")
-            if torch_row and ds_row and torch_row.tokens_per_s and ds_row.tokens_per_s:
-                r = ds_row.tokens_per_s / torch_row.tokens_per_s
-                out.append(f"{wl} deepspeed / torch tokens/s {r:.2f} (>= 0.9: {mark(r >= 0.9)})")
+            for ds_variant, variant in (("zero2", "eager"), ("zero2-compile", "compile")):  # like for like
+                ds_row, partner = self._find("torch+deepspeed", wl, ds_variant), self._find("torch", wl, variant)
+                if partner and ds_row and partner.tokens_per_s and ds_row.tokens_per_s:
+                    r = ds_row.tokens_per_s / partner.tokens_per_s
+                    out.append(f"{wl} deepspeed {ds_variant} / torch {variant} tokens/s {r:.2f} (>= 0.9: {mark(r >= 0.9)})")
         for fw, variant in (("torch", "_grouped_mm bench w_in+w_out"), ("jax", "grouped_matmul (mosaic) bench w_in+w_out"),
                             ("jax", "batched einsum bench w_in+w_out")):
             row, dense = self._find(fw, "grouped gemm", variant), self.dense(fw)
@@ -287,7 +290,7 @@ class Results:
                 vs += f", {row.peak_gib / peer.peak_gib:.2f}x mem"
         base = self.torch_of(row)
         if base is not None and row.tokens_per_s:
-            vs += ("; " if vs else "") + f"{row.tokens_per_s / base.tokens_per_s:.2f}x torch"
+            vs += ("; " if vs else "") + f"{row.tokens_per_s / base.tokens_per_s:.2f}x torch {base.variant}"
         notes = row.notes
         if row.step_ms is not None:
             notes = f"{row.step_ms:.1f} ms/step" + (f" ±{row.spread:.0%}" if row.spread is not None else "") \

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 IGNORE_INDEX = -100
 
 
-def _padded_logits(h: jax.Array, embed: jax.Array, vocab_size: int) -> jax.Array:
-    """float32 logits [..., Vp] of h [..., d] (matmul in h's dtype), padding columns at -inf."""
-    logits = jnp.einsum("...d,vd->...v", h, embed.astype(h.dtype), preferred_element_type=jnp.float32)
+def _padded_logits(h: jax.Array, embed: jax.Array, vocab_size: int, dtype=jnp.float32) -> jax.Array:
+    """Logits [..., Vp] in `dtype` of h [..., d] (matmul in h's dtype), padding columns at -inf."""
+    logits = jnp.einsum("...d,vd->...v", h, embed.astype(h.dtype), preferred_element_type=dtype)
     real = jnp.arange(embed.shape[0]) < vocab_size  # [Vp]
     return jnp.where(real, logits, -jnp.inf)  # [..., Vp]
 
@@ -50,8 +50,13 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 def _chunk_loss_and_grads(h_c, t_c, embed, vocab_size: int, inv_n, with_grads: bool):
     """One chunk: (nll sum, grad_h [B, c, d], grad_embed [Vp, d] float32) for d(loss)/d(nll) = inv_n.
-    embed is already in h_c's dtype (the casts below are no-ops)."""
-    logits = _padded_logits(h_c, embed, vocab_size)  # [B, c, Vp] float32, padding at -inf
+    embed is already in h_c's dtype (the casts below are no-ops).
+
+    The logits are rounded to the matmul dtype (bf16 in training), as PyTorch's plain path and the
+    usual fused losses keep them: at V = 200k their memory traffic, not the GEMMs', is what the
+    chunk's elementwise work costs, and 2 bytes a logit instead of 4 halves it. All math after the
+    GEMM is float32."""
+    logits = _padded_logits(h_c, embed, vocab_size, h_c.dtype).astype(jnp.float32)  # [B, c, Vp], padding at -inf
     nll = _nll_sum(logits, t_c)
     if not with_grads:
         return nll, None, None

@@ -46,7 +46,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
     Fused forward and backward (as Liger's fused linear cross-entropy): while a chunk's logits are
     in memory the forward also turns them into (softmax - onehot) / n_valid and accumulates
     grad_h and grad_embed, so no logit is computed twice (3 GEMMs of the head instead of 4, and
-    fewer passes over [c, Vp] float32). backward only scales the stored gradients by d(out)/d(loss).
+    fewer passes over the [c, Vp] logits). backward only scales the stored gradients by d(out)/d(loss).
     The cost: grad_embed [Vp, d] float32 is held from the forward to the backward.
     """
 
@@ -65,7 +65,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
             for start in range(0, h.shape[0], chunk_size):
                 sl = slice(start, start + chunk_size)
                 h_c = h[sl].to(dtype)  # [c, d]
-                logits = _chunk_logits(h_c, w, vocab_size, dtype)  # [c, Vp] float32, padding at -inf
+                logits = _chunk_logits(h_c, w, vocab_size, dtype)  # [c, Vp] in dtype, padding at -inf
                 nll, grad_logits = _nll_and_grad_logits(logits, safe_targets[sl], valid[sl], scale[sl], dtype,
                                                         need_h or need_embed)  # [], [c, Vp] in dtype
                 total += nll
@@ -91,15 +91,22 @@ class _ChunkedLMLoss(torch.autograd.Function):
 
 def _nll_and_grad_logits_eager(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor,
                                dtype: torch.dtype, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One chunk's float32 logits [c, Vp] (padding at -inf) -> (sum of the valid rows' nll,
-    (softmax - onehot) * scale [c, Vp] in `dtype`, or None without gradients)."""
-    lse = torch.logsumexp(logits, dim=-1)  # [c]
-    target_logit = logits.gather(1, targets[:, None]).squeeze(1)  # [c]
+    """One chunk's logits [c, Vp] (the matmul dtype, padding at -inf) -> (sum of the valid rows'
+    nll, (softmax - onehot) * scale [c, Vp] in `dtype`, or None without gradients); float32 math.
+
+    The softmax is written as amax -> subtract -> exp -> sum (not torch.logsumexp, whose inf guard
+    hides the pattern) so inductor's online-softmax pass computes max and sum in one read of the logits."""
+    x = logits.float()  # [c, Vp]
+    row_max = x.amax(dim=-1, keepdim=True)  # [c, 1]
+    e = (x - row_max).exp()  # [c, Vp]
+    total = e.sum(dim=-1, keepdim=True)  # [c, 1]
+    lse = (row_max + total.log()).squeeze(1)  # [c]
+    target_logit = x.gather(1, targets[:, None]).squeeze(1)  # [c]
     nll = ((lse - target_logit) * valid).sum()
     if not with_grad:
         return nll, None
-    onehot = torch.arange(logits.shape[-1], device=logits.device) == targets[:, None]  # [c, Vp]
-    grad = (torch.exp(logits - lse[:, None]) - onehot.to(logits.dtype)) * scale[:, None]  # [c, Vp]; padding 0
+    onehot = torch.arange(x.shape[-1], device=x.device) == targets[:, None]  # [c, Vp]
+    grad = (e / total - onehot.to(x.dtype)) * scale[:, None]  # [c, Vp]; padding 0
     return nll, grad.to(dtype)
 
 
@@ -107,9 +114,9 @@ _COMPILED_NLL: list = []  # [the torch.compile'd function], built on first use o
 
 
 def _nll_and_grad_logits(logits, targets, valid, scale, dtype, with_grad):
-    """`_nll_and_grad_logits_eager`, fused by torch.compile on a GPU: one reduction over the
-    [c, Vp] float32 logits and one pass writing the `dtype` gradient, instead of ~7 eager passes
-    (logsumexp's temporary, exp, subtract, scale, cast); the loss's elementwise work dominated its
+    """`_nll_and_grad_logits_eager`, fused by torch.compile on a GPU: one online-softmax reduction
+    over the [c, Vp] logits and one pass writing the `dtype` gradient, instead of ~7 eager passes
+    (exp, subtract, scale, cast and their temporaries); the loss's elementwise work rivalled its
     GEMMs at V = 200k (docs/performance.md). Elsewhere, and if compiling fails, it runs eagerly."""
     if not logits.is_cuda:
         return _nll_and_grad_logits_eager(logits, targets, valid, scale, dtype, with_grad)
@@ -126,7 +133,7 @@ def _nll_and_grad_logits(logits, targets, valid, scale, dtype, with_grad):
 
 def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with a float32 result. For bf16/fp16 on CUDA the GEMM writes float32 directly
-    (fp32 accumulators, no rounding of the logits to bf16, no separate cast pass)."""
+    (fp32 accumulators, no rounding to bf16, no separate cast pass)."""
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
         return torch.mm(a, b, out_dtype=torch.float32)
     return (a @ b).float()
@@ -154,8 +161,12 @@ def _addmm_float32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
 
 
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor, vocab_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """float32 logits [c, Vp] of one chunk, padding columns at -inf so no softmax sees them."""
-    logits = _mm_float32(h.to(dtype), w.t())  # [c, Vp]
+    """Logits [c, Vp] of one chunk in the matmul dtype, padding columns at -inf so no softmax sees them.
+
+    Rounded to `dtype` (bf16 in training), as the plain path under autocast and the usual fused
+    losses (Liger, Megatron) keep them: written and read back at 2 bytes instead of 4, this is ~40% of
+    the loss's memory traffic at V = 200k; everything after the GEMM is float32."""
+    logits = h.to(dtype) @ w.t()  # [c, Vp]
     logits[:, vocab_size:] = float("-inf")
     return logits
 

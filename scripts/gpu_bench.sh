@@ -18,7 +18,8 @@
 #   decode-jax
 #   parity       torch vs JAX on converted weights, bf16
 #   peer-decode  Mixtral generate, dynamic and static cache (slow: ~20 tokens/s at b1)
-#   compile      PyTorch training under torch.compile, bench preset
+#   compile      PyTorch training under torch.compile, tiny then bench preset
+#   deepspeed-compile  DeepSpeed ZeRO-2 with the engine's compile (train_torch.py --deepspeed --compile)
 #
 # Each section runs under `timeout` with the smaller of its own cap and what is left of
 # BENCH_BUDGET_S (default 450 s, so the whole script ends inside 8 minutes); a section that
@@ -43,7 +44,7 @@ if [ -d /tmp/site ]; then
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/site/bin:$PATH"
 fi
 
-ALL="dense torch-train jax-train peer-train deepspeed torch-misc jax-misc decode-torch decode-jax parity peer-decode compile"
+ALL="dense torch-train jax-train peer-train deepspeed torch-misc jax-misc decode-torch decode-jax parity peer-decode compile deepspeed-compile"
 SECTIONS=${*:-$ALL}
 START=$(date +%s)
 COMMON=(--out "$OUT" --steps "$STEPS" --warmup "$WARMUP" --table none)  # --dense auto: only if the results lack it
@@ -96,7 +97,8 @@ for s in $SECTIONS; do
     decode-jax)   run decode-jax   150 --what decode --framework jax "${COMMON[@]}" ;;
     parity)       run parity       90  --what parity "${COMMON[@]}" ;;
     peer-decode)  run peer-decode  150 --what peer-decode "${COMMON[@]}" ;;
-    compile)      run compile      180 --what train --framework torch --preset bench --torch-compile on "${COMMON[@]}" ;;
+    compile)      run compile      240 --what train --framework torch --preset both --torch-compile on "${COMMON[@]}" ;;
+    deepspeed-compile) run deepspeed-compile 240 --what deepspeed --framework torch --preset both --torch-compile on "${COMMON[@]}" ;;
     *) note "unknown section '$s'; known: $ALL" ;;
   esac
 done

@@ -3,6 +3,7 @@
     python scripts/profile_gpu.py memory   # bench preset, one eager training step: saved activations by layer part
     python scripts/profile_gpu.py decode   # tiny preset, greedy decode step: CUDA kernels per token, eager vs compiled
     python scripts/profile_gpu.py jax-train [--preset bench]   # JAX training step: GPU time by kernel kind
+    python scripts/profile_gpu.py torch-train [--preset bench] [--loss-in-graph off on]   # the same, torch.compile
 
 `memory`: the training step of bench/train_step.py (bf16 autocast, float32 weights, AdamW) at
 batch 8 x 2048; every tensor autograd saves for the backward is attributed to the innermost module
@@ -107,7 +108,7 @@ def memory(args) -> None:
             for key, n in sorted(totals.items(), key=lambda kv: -kv[1]):
                 if n >= 16 * MIB:
                     print(f"     {key:<28} {n / MIB:9.0f} MiB")
-            del model, opt
+            model = opt = None  # free this variant's memory before the next
             torch.cuda.empty_cache()
 
 
@@ -159,7 +160,8 @@ KERNEL_KINDS = (  # (kind, substrings of the kernel name), first match wins
     ("grouped GEMM (Mosaic)", ("mosaic", "ragged")),
     ("sort / scan", ("sort", "cub::", "scan")),
     ("copies / memset", ("memcpy", "memset", "copy")),
-    ("reductions / elementwise fusions", ("fusion", "reduce", "loop_", "input_", "wrapped_", "transpose", "concatenate")),
+    ("reductions / elementwise fusions", ("fusion", "reduce", "loop_", "input_", "wrapped_", "transpose", "concatenate",
+                                           "triton_", "elementwise")),
 )
 
 
@@ -211,31 +213,103 @@ def jax_train(args) -> None:
                 counts[ev.name] += 1
                 stats = dict(ev.stats)
                 ops.setdefault(ev.name, str(stats.get("hlo_op", stats.get("tf_op", "")))[:48])
-    busy_ms = sum(kernels.values()) / 1e6 / args.steps
-    print(f"\n== JAX training step, {args.preset} (batch {wl.batch} x {wl.seq}): {wall_ms:.1f} ms wall per step "
-          f"(traced), GPU kernels {busy_ms:.1f} ms ({wl.tokens / wall_ms * 1e3:,.0f} tokens/s traced)")
+    _print_kernels(f"\n== JAX training step, {args.preset} (batch {wl.batch} x {wl.seq}): {wall_ms:.1f} ms wall "
+                   f"per step (traced, {wl.tokens / wall_ms * 1e3:,.0f} tokens/s)", kernels, counts, ops,
+                   args.steps, args.top)
+
+
+def _print_kernels(title: str, kernels, counts, ops, steps: int, top: int) -> None:
+    """kernels/counts: name -> total ns / calls over `steps` steps; ops: name -> the op that launched it."""
+    busy_ms = sum(kernels.values()) / 1e6 / steps
+    print(f"{title}, GPU kernels {busy_ms:.1f} ms per step")
     kinds: collections.Counter = collections.Counter()
     for name, ns in kernels.items():
         kinds[_kernel_kind(name)] += ns
     for kind, ns in kinds.most_common():
-        print(f"  {ns / 1e6 / args.steps:8.2f} ms  {ns / max(sum(kinds.values()), 1):5.1%}  {kind}")
-    print("  top kernels (ms per step, calls per step, HLO op):")
-    for name, ns in kernels.most_common(args.top):
-        print(f"  {ns / 1e6 / args.steps:8.2f} ms  x{counts[name] / args.steps:5.1f}  {ops[name]:48s}  {name[:90]}")
+        print(f"  {ns / 1e6 / steps:8.2f} ms  {ns / max(sum(kinds.values()), 1):5.1%}  {kind}")
+    print("  top kernels (ms per step, calls per step, op):")
+    for name, ns in kernels.most_common(top):
+        print(f"  {ns / 1e6 / steps:8.2f} ms  x{counts[name] / steps:5.1f}  {ops.get(name, ''):48s}  {name[:90]}")
+
+
+def torch_train(args) -> None:
+    """Profile --steps compiled PyTorch training steps (bench/train_step.py's step: bf16 autocast,
+    float32 weights, fused AdamW); with --loss-in-graph on, the chunked loss is traced into the
+    compiled graph instead of running outside it (blues_torch/loss.py says why it runs outside)."""
+    import time
+    import blues_torch.model as model_module
+    from blues_torch import BluesModel
+    from bench.train_step import (BETAS, LR, WEIGHT_DECAY, random_batch, torch_param_groups,
+                                  train_workload)
+
+    wl = train_workload(args.preset, quick=False)
+    device = torch.device("cuda")
+    ids_np, tgt_np = random_batch(wl.config, wl.batch, wl.seq, 0)
+    ids = torch.from_numpy(ids_np).long().to(device)
+    tgt = torch.from_numpy(tgt_np).long().to(device)
+    outside = model_module.chunked_lm_loss
+    for in_graph in args.loss_in_graph:
+        torch._dynamo.reset()
+        model_module.chunked_lm_loss = outside.__wrapped__ if in_graph else outside
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = BluesModel(wl.config)
+        model.train()
+        opt = torch.optim.AdamW(torch_param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, fused=True)
+        forward = torch.compile(model)
+        params = list(model.parameters())
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = forward(ids, tgt)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(3):  # compile and warm up
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
+        peak = torch.cuda.max_memory_allocated() / GIB
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                step()
+            torch.cuda.synchronize()
+        kernels: collections.Counter = collections.Counter()
+        counts: collections.Counter = collections.Counter()
+        for e in prof.key_averages():
+            if e.self_device_time_total > 0:
+                kernels[e.key] += int(e.self_device_time_total * 1e3)
+                counts[e.key] += e.count
+        _print_kernels(f"\n== torch.compile training step, {args.preset} (batch {wl.batch} x {wl.seq}), loss "
+                       f"{'in' if in_graph else 'outside'} the graph: {wall_ms:.1f} ms wall per step "
+                       f"({wl.tokens / wall_ms * 1e3:,.0f} tokens/s untraced), peak {peak:.2f} GiB",
+                       kernels, counts, {}, args.steps, args.top)
+        model = opt = forward = params = None  # free this variant's memory before the next
+        torch.cuda.empty_cache()
+    model_module.chunked_lm_loss = outside
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", nargs="+", choices=("memory", "decode", "jax-train"))
+    p.add_argument("what", nargs="+", choices=("memory", "decode", "jax-train", "torch-train"))
     p.add_argument("--preset", default="bench", help="jax-train: the preset (its bench batch and sequence)")
     p.add_argument("--chunks", type=int, nargs="+", default=[4096, 1024])
     p.add_argument("--checkpointing", type=lambda s: s == "on", nargs="+", default=[False],
                    help="on/off values of the model's gradient_checkpointing to compare")
     p.add_argument("--steps", type=int, default=50, help="decode steps (jax-train: training steps) profiled")
     p.add_argument("--top", type=int, default=18)
+    p.add_argument("--loss-in-graph", type=lambda s: s == "on", nargs="+", default=[False],
+                   help="torch-train: on/off values (the chunked loss traced into the compiled graph or not)")
     args = p.parse_args()
     for what in args.what:
-        {"memory": memory, "decode": decode, "jax-train": jax_train}[what](args)
+        {"memory": memory, "decode": decode, "jax-train": jax_train, "torch-train": torch_train}[what](args)
 
 
 if __name__ == "__main__":
