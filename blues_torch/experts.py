@@ -119,18 +119,24 @@ def expert_mlp(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, ke
     if x.is_cuda and n * k <= SMALL_BLOCK_ROWS and not torch.is_grad_enabled():
         return _dense_small_block_mlp(x.to(dtype), indices, weights, keep, w_in, w_out).to(x.dtype)
 
-    expert = indices.reshape(-1)  # [N*k] assignment -> expert
-    token = torch.arange(n, device=x.device).repeat_interleave(k)  # [N*k] assignment -> token
-    gate = weights.reshape(-1)  # [N*k]
+    expert = indices.reshape(-1)  # [N*k] assignment n*k + j -> expert
+    assignment = torch.arange(n * k, device=x.device)  # [N*k]
     if keep is not None:  # capacity mode: refused assignments are not computed at all (the
         # kept count is data-dependent, so this boolean selection waits for the device)
-        kept = keep.reshape(-1)
-        expert, token, gate = expert[kept], token[kept], gate[kept]  # [M]
+        assignment = assignment[keep.reshape(-1)]  # [M]
+        expert = expert[assignment]  # [M]
     order = torch.argsort(expert, stable=True)  # [M] group assignments by expert
-    token, gate = token[order], gate[order]
+    assignment = assignment[order]  # [M] sorted row -> assignment
+    token = assignment // k  # [M] sorted row -> token
     counts = expert_counts(expert, num_experts)  # [E] rows per expert block
+    m = assignment.shape[0]
+    # The inverse map, assignment -> sorted row (m: refused), so that both gathers below have
+    # gathers for backwards, as blues_jax/experts.py's do.
+    row_of = torch.full((n * k,), m, device=x.device, dtype=torch.int64)
+    row_of = row_of.scatter(0, assignment, torch.arange(m, device=x.device))  # [N*k]
 
-    xs = x.to(dtype)[token]  # [M, d]
+    gate = _GatherRows.apply(weights.reshape(-1), assignment, row_of[:, None])  # [M]
+    xs = _GatherRows.apply(x.to(dtype), token, row_of.view(n, k))  # [M, d]
     use_grouped = _grouped_mm_ok(xs, w_in, w_out)
     hidden = _expert_matmul(xs, w_in, counts, use_grouped)  # [M, 2F]
     out = _expert_matmul(_gated_gelu(hidden), w_out, counts, use_grouped)  # [M, F] -> [M, d]
@@ -140,6 +146,25 @@ def expert_mlp(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, ke
     y = torch.zeros(n, x.shape[-1], device=x.device, dtype=torch.float32)
     y.index_add_(0, token, out)  # [N, d]: scatter-add the k contributions back to their tokens
     return y.to(x.dtype)
+
+
+class _GatherRows(torch.autograd.Function):
+    """src[index], with a gather for its backward: `inverse` [len(src), r] lists, for each source
+    row, the r output rows it was copied to (len(out): none). Autograd's backward of src[index] is
+    an accumulating index_put, which sorts the indices: at the bench size its kernels took 18.5 ms
+    of a 153 ms compiled step (docs/performance.md). Reading the r copies back and summing them
+    is one gather, deterministic, in float32."""
+
+    @staticmethod
+    def forward(ctx, src, index, inverse):
+        ctx.save_for_backward(inverse)
+        return src[index]  # [M, ...]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        padded = torch.cat([grad, grad.new_zeros((1, *grad.shape[1:]))])  # [M + 1, ...]: row M is "no copy"
+        return padded[inverse].sum(1, dtype=torch.float32).to(grad.dtype), None, None  # [len(src), ...]
 
 
 class _GatedGelu(torch.autograd.Function):
