@@ -3,7 +3,7 @@
     python scripts/profile_gpu.py memory   # bench preset, one eager training step: saved activations by layer part
     python scripts/profile_gpu.py decode   # tiny preset, greedy decode step: CUDA kernels per token, eager vs compiled
     python scripts/profile_gpu.py jax-train [--preset bench]   # JAX training step: GPU time by kernel kind
-    python scripts/profile_gpu.py torch-train [--preset bench] [--loss-in-graph off on]   # the same, torch.compile
+    python scripts/profile_gpu.py torch-train [--preset bench]   # the same for the torch.compile'd step
 
 `memory`: the training step of bench/train_step.py (bf16 autocast, float32 weights, AdamW) at
 batch 8 x 2048; every tensor autograd saves for the backward is attributed to the innermost module
@@ -155,13 +155,14 @@ def decode(args) -> None:
 
 
 KERNEL_KINDS = (  # (kind, substrings of the kernel name), first match wins
-    ("GEMM (cuBLAS/cuBLASLt)", ("nvjet", "gemm", "cutlass", "xmma", "cublas")),
+    ("GEMM (cuBLAS/cuBLASLt/CUTLASS)", ("nvjet", "gemm", "cutlass", "xmma", "cublas")),
     ("attention (cuDNN)", ("cudnn", "fmha", "flash", "sdpa")),
     ("grouped GEMM (Mosaic)", ("mosaic", "ragged")),
+    ("optimizer / foreach (multi_tensor_apply)", ("multi_tensor_apply",)),
     ("sort / scan", ("sort", "cub::", "scan")),
-    ("copies / memset", ("memcpy", "memset", "copy")),
     ("reductions / elementwise fusions", ("fusion", "reduce", "loop_", "input_", "wrapped_", "transpose", "concatenate",
-                                           "triton_", "elementwise")),
+                                           "triton_")),
+    ("copies / memset", ("memcpy", "memset", "copy")),
 )
 
 
@@ -234,10 +235,8 @@ def _print_kernels(title: str, kernels, counts, ops, steps: int, top: int) -> No
 
 def torch_train(args) -> None:
     """Profile --steps compiled PyTorch training steps (bench/train_step.py's step: bf16 autocast,
-    float32 weights, fused AdamW); with --loss-in-graph on, the chunked loss is traced into the
-    compiled graph instead of running outside it (blues_torch/loss.py says why it runs outside)."""
+    float32 weights, fused AdamW) and sum GPU kernel time."""
     import time
-    import blues_torch.model as model_module
     from blues_torch import BluesModel
     from bench.train_step import (BETAS, LR, WEIGHT_DECAY, random_batch, torch_param_groups,
                                   train_workload)
@@ -247,53 +246,45 @@ def torch_train(args) -> None:
     ids_np, tgt_np = random_batch(wl.config, wl.batch, wl.seq, 0)
     ids = torch.from_numpy(ids_np).long().to(device)
     tgt = torch.from_numpy(tgt_np).long().to(device)
-    outside = model_module.chunked_lm_loss
-    for in_graph in args.loss_in_graph:
-        torch._dynamo.reset()
-        model_module.chunked_lm_loss = outside.__wrapped__ if in_graph else outside
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = BluesModel(wl.config)
-        model.train()
-        opt = torch.optim.AdamW(torch_param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, fused=True)
-        forward = torch.compile(model)
-        params = list(model.parameters())
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = BluesModel(wl.config)
+    model.train()
+    opt = torch.optim.AdamW(torch_param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, fused=True)
+    forward = torch.compile(model)
+    params = list(model.parameters())
 
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = forward(ids, tgt)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = forward(ids, tgt)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
-        for _ in range(3):  # compile and warm up
-            step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
+    for _ in range(3):  # compile and warm up
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
+    peak = torch.cuda.max_memory_allocated() / GIB
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             step()
         torch.cuda.synchronize()
-        wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
-        peak = torch.cuda.max_memory_allocated() / GIB
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(args.steps):
-                step()
-            torch.cuda.synchronize()
-        kernels: collections.Counter = collections.Counter()
-        counts: collections.Counter = collections.Counter()
-        for e in prof.key_averages():
-            if e.self_device_time_total > 0:
-                kernels[e.key] += int(e.self_device_time_total * 1e3)
-                counts[e.key] += e.count
-        _print_kernels(f"\n== torch.compile training step, {args.preset} (batch {wl.batch} x {wl.seq}), loss "
-                       f"{'in' if in_graph else 'outside'} the graph: {wall_ms:.1f} ms wall per step "
-                       f"({wl.tokens / wall_ms * 1e3:,.0f} tokens/s untraced), peak {peak:.2f} GiB",
-                       kernels, counts, {}, args.steps, args.top)
-        model = opt = forward = params = None  # free this variant's memory before the next
-        torch.cuda.empty_cache()
-    model_module.chunked_lm_loss = outside
+    kernels: collections.Counter = collections.Counter()
+    counts: collections.Counter = collections.Counter()
+    for e in prof.key_averages():
+        if e.self_device_time_total > 0:
+            kernels[e.key] += int(e.self_device_time_total * 1e3)
+            counts[e.key] += e.count
+    _print_kernels(f"\n== torch.compile training step, {args.preset} (batch {wl.batch} x {wl.seq}): {wall_ms:.1f} ms "
+                   f"wall per step ({wl.tokens / wall_ms * 1e3:,.0f} tokens/s untraced), peak {peak:.2f} GiB",
+                   kernels, counts, {}, args.steps, args.top)
 
 
 def main() -> None:
@@ -305,8 +296,6 @@ def main() -> None:
                    help="on/off values of the model's gradient_checkpointing to compare")
     p.add_argument("--steps", type=int, default=50, help="decode steps (jax-train: training steps) profiled")
     p.add_argument("--top", type=int, default=18)
-    p.add_argument("--loss-in-graph", type=lambda s: s == "on", nargs="+", default=[False],
-                   help="torch-train: on/off values (the chunked loss traced into the compiled graph or not)")
     args = p.parse_args()
     for what in args.what:
         {"memory": memory, "decode": decode, "jax-train": jax_train, "torch-train": torch_train}[what](args)

@@ -82,6 +82,14 @@ def test_report_rows_table_vs_peer_and_merge(tmp_path):
     assert "train bench torch eager: 2.50x the peer's tokens/s (>= 2.5x: met), 0.50x its memory (<= 0.6x: met)" in table
     compact = res.table(compact=True)
     assert "| pass |" in compact and "attn ok" not in compact
+    # DeepSpeed is held to plain PyTorch like for like: eager engine vs eager, engine.compile() vs torch.compile
+    res.add(Row(framework="torch", workload="train bench", variant="compile", tokens_per_s=200e3))
+    res.add(Row(framework="torch+deepspeed", workload="train bench", variant="zero2", tokens_per_s=95e3))
+    res.add(Row(framework="torch+deepspeed", workload="train bench", variant="zero2-compile", tokens_per_s=150e3))
+    table = res.table()
+    assert "train bench deepspeed zero2 / torch eager tokens/s 0.95 (>= 0.9: met)" in table
+    assert "train bench deepspeed zero2-compile / torch compile tokens/s 0.75 (>= 0.9: MISSED)" in table
+    assert "0.75x torch compile" in next(l for l in table.splitlines() if "| zero2-compile |" in l)
 
     other = Results(tmp_path / "b", argv=["--test"])
     other.add(Row(framework="jax", workload="train bench", variant="jit", tokens_per_s=90e3, check="bad", check_ok=False))
