@@ -134,11 +134,11 @@ def expert_mlp(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, ke
     m = assignment.shape[0]
     # The inverse map, assignment -> sorted row (m: refused), so that both gathers below have
     # gathers for backwards, as blues_jax/experts.py's do.
-    row_of = torch.full((n * k,), m, device=x.device, dtype=torch.int64)
-    row_of = row_of.scatter(0, assignment, torch.arange(m, device=x.device))  # [N*k]
+    position = torch.full((n * k,), m, device=x.device, dtype=torch.int64)
+    position = position.scatter(0, assignment, torch.arange(m, device=x.device))  # [N*k]
 
-    gate = _GatherRows.apply(weights.reshape(-1), assignment, row_of[:, None])  # [M]
-    xs = _GatherRows.apply(x.to(dtype), token, row_of.view(n, k))  # [M, d]
+    gate = _GatherRows.apply(weights.reshape(-1), assignment, position[:, None])  # [M]
+    xs = _GatherRows.apply(x.to(dtype), token, position.view(n, k))  # [M, d]
     use_grouped = _grouped_mm_ok(xs, w_in, w_out)
     hidden = _expert_matmul(xs, w_in, counts, use_grouped)  # [M, 2F]
     out = _expert_matmul(_gated_gelu(hidden), w_out, counts, use_grouped)  # [M, F] -> [M, d]
