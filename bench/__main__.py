@@ -147,6 +147,7 @@ def run_sections(args, results) -> Runner:
     r = Runner(results)
     fws = args.frameworks
     q = args.quick
+    compiles = {"off": (False,), "on": (True,), "both": (False, True)}[args.torch_compile]  # PyTorch rows to run
     log(f"sections {', '.join(args.sections)}; frameworks {', '.join(fws)}; presets {', '.join(args.presets)}; "
         f"steps {args.steps} (+{args.warmup} warm-up){'; quick' if q else ''}; results -> {results.path}")
 
@@ -164,7 +165,7 @@ def run_sections(args, results) -> Runner:
         for preset in args.presets:
             wl = train_step.train_workload(preset, q)
             if "torch" in fws:
-                for compile in {"off": (False,), "on": (True,), "both": (False, True)}[args.torch_compile]:
+                for compile in compiles:
                     r.run("torch", wl.name, train_step.torch_train, wl, steps=args.steps, warmup=args.warmup,
                           compile=compile, seed=args.seed)
             if "jax" in fws:
@@ -174,13 +175,13 @@ def run_sections(args, results) -> Runner:
         from bench import deepspeed_step, train_step
         for preset in args.presets:
             wl = train_step.train_workload(preset, q)
-            for compile in {"off": (False,), "on": (True,), "both": (False, True)}[args.torch_compile]:
+            for compile in compiles:
                 r.run("torch+deepspeed", wl.name, deepspeed_step.deepspeed_train, wl, steps=args.steps,
                       warmup=args.warmup, optimizer=args.ds_optimizer, compile=compile, seed=args.seed)
     if "decode" in args.sections:
         from bench import decode
         if "torch" in fws:
-            for compile in {"off": (False,), "on": (True,), "both": (False, True)}[args.torch_compile]:
+            for compile in compiles:
                 r.run("torch", "decode b1", decode.torch_decode, args.decode_preset, quick=q, steps=args.decode_steps,
                       warmup=1, compile=compile, seed=args.seed)
         if "jax" in fws:

@@ -173,8 +173,9 @@ def _chunk_logits(h: torch.Tensor, w: torch.Tensor, vocab_size: int, dtype: torc
 
 # Kept out of a torch.compile'd model's graph (a graph break here): traced, the chunk loop is
 # unrolled and inductor may schedule every chunk's GEMM before the reductions, holding all of the
-# [chunk, Vp] logits at once (12 GiB at 16k tokens). Outside it, the loop runs chunk after chunk and
-# `_nll_and_grad_logits` still runs as its own compiled kernel.
+# [chunk, Vp] logits at once (12 GiB at 16k tokens; and torch 2.11 cannot trace the bf16 -> float32
+# addmm at all). Outside it, the loop runs chunk after chunk and `_nll_and_grad_logits` still runs as
+# its own compiled kernel.
 @torch.compiler.disable
 def chunked_lm_loss(h: torch.Tensor, embed: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                     chunk_size: int) -> torch.Tensor:
