@@ -93,7 +93,7 @@ def torch_decode(preset: str, *, quick: bool, steps: int, warmup: int, seed: int
     import torch
     from blues_torch import BluesModel
     from blues_torch.generation import generate, plain_logits
-    from bench.train_step import torch_device
+    from bench.train_step import fresh_torch_compile, torch_device
 
     prompt, new, batches = (QUICK_PROMPT, QUICK_NEW, QUICK_BATCHES) if quick else (PROMPT, NEW_TOKENS, BATCHES)
     cfg = decode_config(preset, quick, prompt, new)
@@ -103,6 +103,8 @@ def torch_decode(preset: str, *, quick: bool, steps: int, warmup: int, seed: int
         model = BluesModel(cfg)
     model.eval()
     eot = cfg.vocab_size - 1
+    if compile:
+        fresh_torch_compile()
     generate = functools.partial(generate, compile=compile)
     check_ok, check_msg = _check_cached_greedy(generate, plain_logits, model, cfg, prompt, seed) if check else (None, "")
     model.to(torch.bfloat16)

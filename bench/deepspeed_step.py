@@ -27,7 +27,7 @@ from pathlib import Path
 from bench.report import Row
 from bench.timing import PeakMemory, log, time_steps, torch_sync
 from bench.train_step import (BETAS, EPS, GRAD_CLIP, LR, WEIGHT_DECAY, Workload, check_torch_attention,
-                              loss_check, random_batch, torch_device, torch_param_groups, _train_row)
+                              fresh_torch_compile, loss_check, random_batch, torch_device, torch_param_groups, _train_row)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DS_CONFIG = {
@@ -152,6 +152,7 @@ def deepspeed_train(wl: Workload, *, steps: int, warmup: int, optimizer: str = "
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_cfg,
                                            model_parameters=torch_param_groups(model, ds_cfg["optimizer"]["params"]["weight_decay"]))
     if compile:
+        fresh_torch_compile()
         engine.compile()
     ids_np, tgt_np = random_batch(wl.config, wl.batch, wl.seq, seed)
     ids = torch.from_numpy(ids_np).long().to(device)  # [B, T]

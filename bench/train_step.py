@@ -108,6 +108,15 @@ def torch_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def fresh_torch_compile() -> None:
+    """Forget every graph compiled earlier in this process. A section that runs a second preset
+    in one process would otherwise recompile the model with dynamic shapes (dynamo's automatic
+    dynamic: the second set of shapes marks them dynamic), which is not the static-shape graph a
+    training run compiles, and measures differently (docs/performance.md, round 5)."""
+    import torch
+    torch._dynamo.reset()
+
+
 def torch_param_groups(model, weight_decay: float) -> list[dict]:
     """train_torch.py's groups: decay on matrices (ndim >= 2) only."""
     return [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": weight_decay},
@@ -196,6 +205,8 @@ def torch_train(wl: Workload, *, steps: int, warmup: int, compile: bool = False,
 
     optimizer = torch.optim.AdamW(torch_param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, eps=EPS,
                                   fused=device.type == "cuda")
+    if compile:
+        fresh_torch_compile()
     forward = torch.compile(model) if compile else model
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     params = list(model.parameters())

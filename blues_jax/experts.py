@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from blues.errors import BluesError
+from blues_jax import gated_gelu
 from blues_jax.grouped_matmul import mosaic_applies, product, weight_grad
 
 BATCH_AXES = ("data", "expert")  # mesh axes the token axis is split over (data-major order)
@@ -137,12 +138,6 @@ def block_buckets(num_tokens: int, k: int, num_experts: int, capacity: int | Non
     return sorted(sizes | {top})
 
 
-def _gated_gelu(hidden: jax.Array, f: int) -> jax.Array:
-    """[..., 2F] (value first, then gate) -> [..., F] gelu(gate) * value, in float32."""
-    value, gate = hidden[..., :f], hidden[..., f:]  # [..., F] each
-    return jax.nn.gelu(gate.astype(jnp.float32), approximate=False) * value.astype(jnp.float32)
-
-
 def _sorted_compute(x, indices, weights, keep, w_in, w_out, gmm: str):
     """Assignments sorted by expert, one grouped GEMM per projection, combined. -> [n, d]
 
@@ -209,10 +204,12 @@ _gather_grouped_matmul.defvjp(_gather_grouped_matmul_fwd, _gather_grouped_matmul
 def _gelu_grouped_matmul(hidden, w_out, group_sizes, impl):
     """gated_gelu(hidden) times its group's w_out: [M, 2F] -> [M, d]; w_out cast to hidden's dtype.
 
-    The backward keeps `hidden` and recomputes the activation (one elementwise pass) rather than
-    saving it and autodiff's float32 intermediates, as blues_torch's _GatedGelu does.
+    The backward keeps `hidden` and recomputes the activation rather than saving it and autodiff's
+    float32 intermediates, as blues_torch's _GatedGelu does: with the Mosaic GEMMs (a Hopper GPU)
+    the activation's two passes are gated_gelu's fused kernels, the second of which returns the
+    activation and its input gradient from one read of `hidden`.
     """
-    act = _gated_gelu(hidden, w_out.shape[1]).astype(hidden.dtype)  # [M, F]
+    act = gated_gelu.forward(hidden, w_out.shape[1], fused=impl == "mosaic")  # [M, F]
     return product(act, w_out.astype(hidden.dtype), group_sizes, impl=impl)
 
 
@@ -223,11 +220,10 @@ def _gelu_grouped_matmul_fwd(hidden, w_out, group_sizes, impl):
 def _gelu_grouped_matmul_bwd(impl, res, g):
     hidden, w_out, group_sizes = res
     hidden, w_out = _fresh((hidden, w_out))
-    act, act_vjp = jax.vjp(lambda h: _gated_gelu(h, w_out.shape[1]).astype(h.dtype), hidden)  # [M, F]
     g = g.astype(hidden.dtype)  # [M, d]
     d_act = product(g, w_out.astype(hidden.dtype), group_sizes, transpose_rhs=True, impl=impl)  # [M, F]
+    act, d_hidden = gated_gelu.backward(hidden, d_act, fused=impl == "mosaic")  # [M, F], [M, 2F]
     d_w_out = weight_grad(act, g, group_sizes, impl=impl)  # [G, F, d]
-    (d_hidden,) = act_vjp(d_act)  # [M, 2F]
     return d_hidden, d_w_out.astype(w_out.dtype), None
 
 
@@ -258,7 +254,7 @@ def _blocks_compute(x, indices, weights, keep, w_in, w_out, block: int, ep: int)
     if ep > 1:  # send each expert's block to the device that holds that expert
         blocks = jax.lax.all_to_all(blocks, EXPERT_AXIS, 0, 1, tiled=True)  # [E_local, ep*block, d]
     hidden = jnp.einsum("ecd,edf->ecf", blocks, w_in.astype(x.dtype))  # [E_local, C, 2F]
-    act = _gated_gelu(hidden, f)  # [E_local, C, F]
+    act = gated_gelu.gated_gelu(hidden, f)  # [E_local, C, F]
     out = jnp.einsum("ecf,efd->ecd", act.astype(x.dtype), w_out.astype(x.dtype))  # [E_local, C, d]
     if ep > 1:  # and the results back to the tokens' devices
         out = jax.lax.all_to_all(out, EXPERT_AXIS, 1, 0, tiled=True)  # [E, block, d]

@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
+
+from blues_torch.gated_gelu import gated_gelu
 
 
 class Routing(NamedTuple):
@@ -141,7 +142,7 @@ def expert_mlp(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, ke
     xs = _GatherRows.apply(x.to(dtype), token, position.view(n, k))  # [M, d]
     use_grouped = _grouped_mm_ok(xs, w_in, w_out)
     hidden = _expert_matmul(xs, w_in, counts, use_grouped)  # [M, 2F]
-    out = _expert_matmul(_gated_gelu(hidden), w_out, counts, use_grouped)  # [M, F] -> [M, d]
+    out = _expert_matmul(gated_gelu(hidden), w_out, counts, use_grouped)  # [M, F] -> [M, d]
     # bf16 * float32 promotes to float32 (the same products as out.float() * gate), but autograd
     # keeps the bf16 `out` for the backward rather than a float32 copy (64 MiB a layer less at bench size).
     out = out * gate[:, None]  # [M, d] float32
@@ -169,35 +170,6 @@ class _GatherRows(torch.autograd.Function):
         return padded[inverse].sum(1, dtype=torch.float32).to(grad.dtype), None, None  # [len(src), ...]
 
 
-class _GatedGelu(torch.autograd.Function):
-    """GeLU(gate) * value that keeps only its input for the backward. Autograd's version saves
-    the input and GeLU(gate) ([M, F] more: 256 MiB per layer at the bench size); this one
-    recomputes the GeLU, an elementwise pass, in the backward."""
-
-    @staticmethod
-    def forward(ctx, hidden):
-        ctx.save_for_backward(hidden)
-        value, gate_pre = hidden.chunk(2, dim=-1)  # [..., F] each
-        return F.gelu(gate_pre) * value  # exact erf GeLU (the default)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (hidden,) = ctx.saved_tensors
-        value, gate_pre = hidden.chunk(2, dim=-1)  # [..., F] each
-        # aten's own GeLU kernels (float32 inside, as autograd's backward): 4 passes over [M, F].
-        grad_value = grad * F.gelu(gate_pre)
-        grad_gate = torch.ops.aten.gelu_backward(grad * value, gate_pre)
-        return torch.cat([grad_value, grad_gate], dim=-1)  # [..., 2F]
-
-
-def _gated_gelu(hidden: torch.Tensor) -> torch.Tensor:
-    """[..., 2F] -> [..., F]: GeLU(gate) * value, columns [0, F) value, [F, 2F) gate."""
-    if torch.is_grad_enabled() and hidden.requires_grad:
-        return _GatedGelu.apply(hidden)
-    value, gate_pre = hidden.chunk(2, dim=-1)  # [..., F] each
-    return F.gelu(gate_pre) * value
-
-
 def _dense_small_block_mlp(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None,
                            w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
     """expert_mlp for decode-sized blocks (inference only): every expert on every token in two
@@ -206,7 +178,7 @@ def _dense_small_block_mlp(x: torch.Tensor, indices: torch.Tensor, weights: torc
     size travelling to the host, so a decode step is a handful of kernels and a CUDA graph captures it.
     x [N, d] -> y [N, d] float32."""
     hidden = torch.matmul(x, w_in)  # [E, N, 2F]
-    out = torch.matmul(_gated_gelu(hidden), w_out)  # [E, N, d]
+    out = torch.matmul(gated_gelu(hidden), w_out)  # [E, N, d]
     rows = torch.arange(x.shape[0], device=x.device)[:, None]  # [N, 1]
     gate = weights if keep is None else weights * keep  # [N, k]: a refused assignment adds nothing
     return (out[indices, rows].float() * gate[..., None]).sum(dim=1)  # [N, k, d] -> [N, d]

@@ -121,6 +121,50 @@ def test_sorted_mosaic_experts_match_blocks_gpu():
             assert rel_err(np.asarray(got, np.float32), np.asarray(want, np.float32)) < BF16_REL
 
 
+# The experts' gated GeLU kernels compute the float32 definition and round once to bf16, as the
+# references below do: they may differ by one bf16 unit (2^-7 of the value at most) where the two
+# float32 results straddle a rounding boundary. JAX's kernels carry their own erf (4.2e-7 from
+# math.erf), whose error reaches the outputs times |gate * value| / 2: atol 2e-5 at these scales.
+
+@needs_cuda
+def test_gated_gelu_triton_backward_matches_aten_gpu():
+    """blues_torch/gated_gelu.py's Triton backward, eager and compiled into one graph, against the
+    aten formula it replaces, on a row count and a width its blocks do not divide (masked edges)."""
+    import torch.nn.functional as F
+    from blues_torch import gated_gelu
+    g = torch.Generator(device="cuda").manual_seed(6)
+    m, f = 1001, 384
+    hidden = torch.randn(m, 2 * f, device="cuda", generator=g).mul(2).bfloat16()
+    grad = torch.randn(m, f, device="cuda", generator=g).bfloat16()
+    if not gated_gelu.fused_applies(hidden):
+        pytest.skip("needs Triton")
+    value, gate = hidden.float().chunk(2, dim=-1)
+    want = torch.cat([grad.float() * F.gelu(gate), torch.ops.aten.gelu_backward(grad.float() * value, gate)], dim=-1)
+    compiled = torch.compile(gated_gelu.backward, fullgraph=True)
+    for got in (gated_gelu.backward(hidden, grad), compiled(hidden, grad)):
+        assert got.dtype == torch.bfloat16 and got.shape == (m, 2 * f)
+        torch.testing.assert_close(got.float(), want, rtol=2 ** -7, atol=1e-5)
+
+
+@needs_jax_gpu
+def test_gated_gelu_pallas_kernels_match_definition_gpu():
+    """blues_jax/gated_gelu.py's Pallas kernels, compiled by Triton, against the definition and its
+    autodiff gradient (the CPU test runs them in Pallas's interpreter)."""
+    from blues_jax import gated_gelu
+    m, f = 1000, 384  # blocks of 8 x 128
+    kh, kg = jax.random.split(jax.random.key(6))
+    hidden = (2 * jax.random.normal(kh, (m, 2 * f), jnp.float32)).astype(jnp.bfloat16)
+    d_act = jax.random.normal(kg, (m, f), jnp.bfloat16)
+    want_act, vjp = jax.vjp(lambda h: gated_gelu.gated_gelu(h, f), hidden.astype(jnp.float32))
+    (want_d_hidden,) = vjp(d_act.astype(jnp.float32))
+    act = jax.jit(lambda h: gated_gelu.forward(h, f, fused=True))(hidden)
+    act_again, d_hidden = jax.jit(lambda h, d: gated_gelu.backward(h, d, fused=True))(hidden, d_act)
+    np.testing.assert_array_equal(np.asarray(act_again, np.float32), np.asarray(act, np.float32))
+    for got, want in ((act, want_act), (d_hidden, want_d_hidden)):
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=2 ** -7, atol=2e-5)
+
+
 @needs_cuda
 def test_dense_decode_experts_match_expert_loop_gpu():
     """Decode-sized blocks without gradients take the dense path (every expert on every row)."""

@@ -19,7 +19,7 @@ from flax import nnx
 
 from blues.config import BluesConfig
 from blues.layout import canonical_layout
-from blues_jax import BluesModel
+from blues_jax import BluesModel, gated_gelu
 from blues_jax.attention import apply_rope, attention, reference_attention, rope_cos_sin
 from blues_jax.experts import block_buckets, capacity_keep, expert_mlp, route
 from blues_jax.grouped_matmul import grouped_matmul
@@ -277,6 +277,31 @@ def test_expert_mlp_matches_dense(capacity, gemm):
     np.testing.assert_allclose(np.asarray(got), _dense_moe_reference(x, indices, weights, keep, w_in, w_out), atol=1e-5)
     for name, g, w in zip(("x", "weights", "w_in", "w_out"), grads, want_grads):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_gated_gelu_kernels_match_autodiff(dtype):
+    """The Pallas kernels of the sorted experts' activation (run by Pallas's interpreter here; the
+    GPU test runs them compiled) against the definition and its autodiff gradient. Rows 40 and F
+    96 make blocks of 8 x 32: a 5 x 3 grid whose column blocks of value and gate sit F apart.
+    float32: the same formula but for erf (the kernels' own approximation, 4.2e-7 from math.erf;
+    the definition's, 3.0e-7), whose error reaches the outputs times at most |gate * value| / 2
+    (< 18 here): atol 2e-5. bf16: both round one float32 result once, so they differ by at most one bf16 unit
+    (2^-7 of the value at most: 8 significant bits) where the float32 results straddle a rounding
+    boundary."""
+    m, f = 40, 96
+    assert gated_gelu._blocks(m, f) == (8, 32)
+    hidden = jnp.asarray(_randn((m, 2 * f), 30, 2.0), dtype)
+    d_act = jnp.asarray(_randn((m, f), 31), dtype)
+    want_act, want_vjp = jax.vjp(lambda h: gated_gelu.gated_gelu(h, f).astype(dtype), hidden)
+    (want_d_hidden,) = want_vjp(d_act)
+    act = gated_gelu.forward(hidden, f, fused=True, interpret=True)
+    act_again, d_hidden = gated_gelu.backward(hidden, d_act, fused=True, interpret=True)
+    assert act.dtype == d_hidden.dtype == dtype and d_hidden.shape == (m, 2 * f)
+    np.testing.assert_array_equal(np.asarray(act_again, np.float32), np.asarray(act, np.float32))
+    tol = dict(rtol=1e-6, atol=2e-5) if dtype == jnp.float32 else dict(rtol=2 ** -7, atol=2e-5)
+    for got, want in ((act, want_act), (d_hidden, want_d_hidden)):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tol)
 
 
 def test_dropless_bucket_overflow():

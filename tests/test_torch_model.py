@@ -462,7 +462,7 @@ def test_rmsnorm_and_gated_gelu_backwards_match_autograd():
     """The memory-saving autograd Functions (RMSNorm keeps x and rsqrt only; the gated GeLU keeps
     its input only) against autograd of the plain formulas. Both compute in float32 by design, so
     the comparison is float32 (a float64 gradcheck would measure float32 rounding)."""
-    from blues_torch.experts import _GatedGelu
+    from blues_torch.gated_gelu import _GatedGelu
     from blues_torch.model import RMSNorm
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 5, 12, generator=g, requires_grad=True)
