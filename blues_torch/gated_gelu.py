@@ -20,6 +20,14 @@ except ImportError:  # CPU-only installs: the aten backward below
     triton = None
 
 
+def gated_gelu(hidden: torch.Tensor) -> torch.Tensor:
+    """[..., 2F] -> [..., F]: GeLU(gate) * value, columns [0, F) value, [F, 2F) gate."""
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        return _GatedGelu.apply(hidden)
+    value, gate_pre = hidden.chunk(2, dim=-1)  # [..., F] each
+    return F.gelu(gate_pre) * value
+
+
 class _GatedGelu(torch.autograd.Function):
     """GeLU(gate) * value that keeps only its input for the backward. Autograd's version saves
     the input and GeLU(gate) ([M, F] more: 256 MiB per layer at the bench size); this one
@@ -35,14 +43,6 @@ class _GatedGelu(torch.autograd.Function):
     def backward(ctx, grad):
         (hidden,) = ctx.saved_tensors
         return backward(hidden, grad)
-
-
-def gated_gelu(hidden: torch.Tensor) -> torch.Tensor:
-    """[..., 2F] -> [..., F]: GeLU(gate) * value, columns [0, F) value, [F, 2F) gate."""
-    if torch.is_grad_enabled() and hidden.requires_grad:
-        return _GatedGelu.apply(hidden)
-    value, gate_pre = hidden.chunk(2, dim=-1)  # [..., F] each
-    return F.gelu(gate_pre) * value
 
 
 def backward(hidden: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
