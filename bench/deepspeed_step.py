@@ -123,13 +123,20 @@ def init_single_rank() -> None:
                                auto_mpi_discovery=False)
 
 
-def deepspeed_train(wl: Workload, *, steps: int, warmup: int, optimizer: str = "auto", compile: bool = False,
-                    check: bool = True, seed: int = 0) -> Row:
-    """compile: the engine's own `engine.compile()`, as `train_torch.py --deepspeed ... --compile`."""
-    variant = "zero2-compile" if compile else "zero2"
-    reason = deepspeed_available()
-    if reason is not None:
-        return Row(framework="torch+deepspeed", workload=wl.name, variant=variant, skipped=reason, config=wl.describe())
+def _merge(config: dict, overrides: dict) -> dict:
+    """config with overrides written over it, one level of dicts deep (as ds_variants' variants are)."""
+    out = copy.deepcopy(config)
+    for key, value in overrides.items():
+        out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) else value
+    return out
+
+
+def build_engine(wl: Workload, *, optimizer: str = "auto", compile: bool = False, overrides: dict | None = None,
+                 seed: int = 0, check: bool = False):
+    """-> (engine, device, note, checks): train_torch.py's DeepSpeed engine for wl in this process.
+
+    overrides: keys of the config to replace (scripts/ds_variants.py); compile: `engine.compile()`,
+    from a fresh dynamo state. The memory counters are reset after the attention check (check=True)."""
     import deepspeed
     import torch
     from blues_torch import BluesModel
@@ -139,21 +146,38 @@ def deepspeed_train(wl: Workload, *, steps: int, warmup: int, optimizer: str = "
     if device.type == "cuda":  # rank 0's GPU (set_device needs an index, not plain "cuda")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         device = torch.device("cuda", torch.cuda.current_device())
-    mem = PeakMemory("torch", device)
-    mem.reset()
     torch.manual_seed(seed)
     with torch.device(device):
         model = BluesModel(wl.config)
     model.train()
     checks = [check_torch_attention(wl.config, wl.batch, wl.seq, device)] if check else []
-    mem.reset()  # after the check: its buffers are not the training step's
     ds_cfg, note = ds_config_for(wl, optimizer)
+    if overrides:
+        ds_cfg = _merge(ds_cfg, overrides)
+        note += f"; overrides {json.dumps(overrides)}"
     log(f"  deepspeed config: {note}")
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_cfg,
                                            model_parameters=torch_param_groups(model, ds_cfg["optimizer"]["params"]["weight_decay"]))
     if compile:
         fresh_torch_compile()
         engine.compile()
+    return engine, device, note, checks
+
+
+def deepspeed_train(wl: Workload, *, steps: int, warmup: int, optimizer: str = "auto", compile: bool = False,
+                    check: bool = True, seed: int = 0, overrides: dict | None = None) -> Row:
+    """compile: the engine's own `engine.compile()`, as `train_torch.py --deepspeed ... --compile`."""
+    variant = "zero2-compile" if compile else "zero2"
+    reason = deepspeed_available()
+    if reason is not None:
+        return Row(framework="torch+deepspeed", workload=wl.name, variant=variant, skipped=reason, config=wl.describe())
+    import torch
+
+    mem = PeakMemory("torch", torch_device())
+    mem.reset()
+    engine, device, note, checks = build_engine(wl, optimizer=optimizer, compile=compile, overrides=overrides,
+                                                seed=seed, check=check)
+    mem.reset()  # the model and engine stay; the check's buffers are not the training step's
     ids_np, tgt_np = random_batch(wl.config, wl.batch, wl.seq, seed)
     ids = torch.from_numpy(ids_np).long().to(device)  # [B, T]
     tgt = torch.from_numpy(tgt_np).long().to(device)  # [B, T]
@@ -172,6 +196,6 @@ def deepspeed_train(wl: Workload, *, steps: int, warmup: int, optimizer: str = "
     reading = mem.read()
     checks.append(loss_check([float(x) for x in torch.stack(losses).float().cpu()]))
     param_dtype = next(engine.module.parameters()).dtype
-    del engine, model, losses
+    del engine, losses
     return _train_row("torch+deepspeed", wl, variant, times, reading, checks, "torch",
                       f"{device.type}; module {str(param_dtype).replace('torch.', '')}; {note}")

@@ -289,20 +289,28 @@ def jax_optimizer():
                        optax.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WEIGHT_DECAY, mask=decay_mask))
 
 
-def make_jax_train_step(model, tx):
-    """(state, jitted step): step(state, ids, tgt) -> (state, loss), the state donated."""
+def make_jax_train_step(model, tx, pure_state: bool = False):
+    """(state, jitted step): step(state, ids, tgt) -> (state, loss), the state donated.
+
+    pure_state: the state crosses the jit boundary as nested dicts of arrays rather than nnx.State
+    (whose Variables are flattened and rebuilt in Python on every call)."""
     import jax
     from flax import nnx
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
+    template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)  # no arrays held
 
     def step(state, ids, tgt):
+        if pure_state:
+            pure, state = state, jax.tree.map(lambda a: a, template)
+            nnx.replace_by_pure_dict(state, pure)
         model, optimizer = nnx.merge(graphdef, state)
         loss, grads = nnx.value_and_grad(lambda m: m(ids, tgt).loss)(model)
         optimizer.update(model, grads)
-        return nnx.state((model, optimizer)), loss
+        out = nnx.state((model, optimizer))
+        return (nnx.to_pure_dict(out) if pure_state else out), loss
 
-    return state, jax.jit(step, donate_argnums=0)
+    return (nnx.to_pure_dict(state) if pure_state else state), jax.jit(step, donate_argnums=0)
 
 
 def jax_train(wl: Workload, *, steps: int, warmup: int, attn_impl: str = "auto", remat: bool = False,

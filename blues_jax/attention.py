@@ -13,8 +13,8 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from blues import rope
 from blues.errors import ConfigError
 
 logger = logging.getLogger("blues")
@@ -26,10 +26,9 @@ ATTN_IMPLS = ("auto", "cudnn", "xla", "reference")
 
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
     """cos/sin of the rotary angles, float32, each half repeated: [*positions.shape, Dh]."""
-    # inv_freq[j] = theta^(-2j/Dh), computed in float64 (numpy, at trace time) and rounded once, so
-    # both frameworks hold the correctly rounded float32 frequencies; the angles are float32.
-    exponent = np.arange(0, head_dim // 2, dtype=np.float64) * 2.0 / head_dim
-    inv_freq = jnp.asarray((theta ** -exponent).astype(np.float32))  # [Dh/2]
+    # inv_freq: float64 on the host (blues.rope), rounded once to float32, a constant of the traced
+    # graph; the angles themselves are float32 (design page).
+    inv_freq = jnp.asarray(rope.inv_freq(head_dim, theta), dtype=jnp.float32)  # [Dh/2]
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., Dh/2]
     angles = jnp.concatenate([angles, angles], axis=-1)  # [..., Dh]: dimension i pairs with i + Dh/2
     return jnp.cos(angles), jnp.sin(angles)

@@ -146,9 +146,11 @@ def _sorted_compute(x, indices, weights, keep, w_in, w_out, gmm: str):
     (C >= the mean load), so skipping them would save little.
 
     What the backward keeps, per layer at the bench size: the projection's input `hidden`
-    [N*k, 2F] bf16 (512 MiB), the tokens x and the bf16 expert outputs; the sorted rows, the
-    activation, the bf16 weight copies and the float32 expert outputs are recomputed (a gather, an
-    elementwise pass, casts) rather than held (see _fresh for what that measured).
+    [N*k, 2F] bf16 (512 MiB), the tokens x, the bf16 expert outputs and the bf16 weight copies
+    (192 MiB; cast once a step, as autocast's are in blues_torch: the backward's recasts were
+    1.75 ms of kernels a step, docs/performance.md round 6); the sorted rows, the activation and
+    the float32 expert outputs are recomputed (a gather, an elementwise pass) rather than held
+    (see _fresh for what that measured).
     """
     n, d = x.shape
     k = indices.shape[1]
@@ -159,8 +161,9 @@ def _sorted_compute(x, indices, weights, keep, w_in, w_out, gmm: str):
     # A one-hot sum, not jnp.bincount: a scatter-add of n*k ones into E bins is atomics contending
     # on E addresses (PyTorch's equivalent took 0.5 ms a call at the bench size).
     group_sizes = expert_counts(indices, num_experts).astype(jnp.int32)  # [E]
-    hidden = _gather_grouped_matmul(x, order, position.reshape(n, k), w_in, group_sizes, gmm)  # [n*k, 2F]
-    out = _gelu_grouped_matmul(hidden, w_out, group_sizes, gmm)  # [n*k, d]
+    hidden = _gather_grouped_matmul(x, order, position.reshape(n, k), w_in.astype(x.dtype), group_sizes,
+                                    gmm)  # [n*k, 2F]
+    out = _gelu_grouped_matmul(hidden, w_out.astype(x.dtype), group_sizes, gmm)  # [n*k, d]
     picked = _combine(out, position.reshape(n, k), order)  # [n, k, d]
     return _weighted_sum(picked, weights, keep).astype(x.dtype)
 
@@ -175,9 +178,9 @@ def _fresh(tree):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _gather_grouped_matmul(x, order, position, w_in, group_sizes, impl):
     """rows = x[order // k] (the assignments sorted by expert), times their group's w_in:
-    [n, d] -> [n*k, 2F]. position [n, k] is order's inverse; w_in is cast to x's dtype."""
+    [n, d] -> [n*k, 2F]. position [n, k] is order's inverse; w_in in x's dtype."""
     rows = x[order // position.shape[1]]  # [n*k, d]
-    return product(rows, w_in.astype(x.dtype), group_sizes, impl=impl)
+    return product(rows, w_in, group_sizes, impl=impl)
 
 
 def _gather_grouped_matmul_fwd(x, order, position, w_in, group_sizes, impl):
@@ -187,10 +190,10 @@ def _gather_grouped_matmul_fwd(x, order, position, w_in, group_sizes, impl):
 
 def _gather_grouped_matmul_bwd(impl, res, g):
     x, order, position, w_in, group_sizes = res
-    x, w_in = _fresh((x, w_in))
+    x = _fresh(x)
     rows = x[order // position.shape[1]]  # [n*k, d], gathered again
     g = g.astype(x.dtype)  # [n*k, 2F]
-    d_rows = product(g, w_in.astype(x.dtype), group_sizes, transpose_rhs=True, impl=impl)  # [n*k, d]
+    d_rows = product(g, w_in, group_sizes, transpose_rhs=True, impl=impl)  # [n*k, d]
     d_w_in = weight_grad(rows, g, group_sizes, impl=impl)  # [G, d, 2F]
     # dx[t] = sum over t's k assignments: a gather by the inverse map, not autodiff's scatter-add
     dx = jnp.sum(d_rows[position].astype(jnp.float32), axis=1)  # [n, k, d] -> [n, d]
@@ -202,7 +205,7 @@ _gather_grouped_matmul.defvjp(_gather_grouped_matmul_fwd, _gather_grouped_matmul
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _gelu_grouped_matmul(hidden, w_out, group_sizes, impl):
-    """gated_gelu(hidden) times its group's w_out: [M, 2F] -> [M, d]; w_out cast to hidden's dtype.
+    """gated_gelu(hidden) times its group's w_out: [M, 2F] -> [M, d]; w_out in hidden's dtype.
 
     The backward keeps `hidden` and recomputes the activation rather than saving it and autodiff's
     float32 intermediates, as blues_torch's _GatedGelu does: with the Mosaic GEMMs (a Hopper GPU)
@@ -210,7 +213,7 @@ def _gelu_grouped_matmul(hidden, w_out, group_sizes, impl):
     activation and its input gradient from one read of `hidden`.
     """
     act = gated_gelu.forward(hidden, w_out.shape[1], fused=impl == "mosaic")  # [M, F]
-    return product(act, w_out.astype(hidden.dtype), group_sizes, impl=impl)
+    return product(act, w_out, group_sizes, impl=impl)
 
 
 def _gelu_grouped_matmul_fwd(hidden, w_out, group_sizes, impl):
@@ -219,9 +222,9 @@ def _gelu_grouped_matmul_fwd(hidden, w_out, group_sizes, impl):
 
 def _gelu_grouped_matmul_bwd(impl, res, g):
     hidden, w_out, group_sizes = res
-    hidden, w_out = _fresh((hidden, w_out))
+    hidden = _fresh(hidden)
     g = g.astype(hidden.dtype)  # [M, d]
-    d_act = product(g, w_out.astype(hidden.dtype), group_sizes, transpose_rhs=True, impl=impl)  # [M, F]
+    d_act = product(g, w_out, group_sizes, transpose_rhs=True, impl=impl)  # [M, F]
     act, d_hidden = gated_gelu.backward(hidden, d_act, fused=impl == "mosaic")  # [M, F], [M, 2F]
     d_w_out = weight_grad(act, g, group_sizes, impl=impl)  # [G, F, d]
     return d_hidden, d_w_out.astype(w_out.dtype), None

@@ -14,13 +14,26 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_BLOCK_ELEMENTS = 4096  # a program's [bm, bf] block of each half: 32 elements per thread at 4 warps
+
+
+class Launch(NamedTuple):
+    """A kernel's program shape: the elements of its [bm, bf] block of each half, and its warps."""
+    block_elements: int
+    num_warps: int
+
+
+# Picked on an H200 at the bench shape, [32768, 2 x 4096] (scripts/gelu_probe.py, docs/performance.md):
+# the forward 0.218 ms at 4096 x 4 warps (3.70 TB/s), the backward 0.424 ms at 2048 x 4 warps (3.80
+# TB/s; 0.522 at 4096 x 4, 0.435 at 4096 x 8, 0.62-0.64 with 8192-element blocks).
+FORWARD_LAUNCH = Launch(4096, 4)
+BACKWARD_LAUNCH = Launch(2048, 4)
 
 
 def gated_gelu(hidden: jax.Array, f: int) -> jax.Array:
@@ -34,8 +47,7 @@ def forward(hidden: jax.Array, f: int, *, fused: bool, interpret: bool = False) 
     if not fused:
         return gated_gelu(hidden, f).astype(hidden.dtype)
     m = hidden.shape[0]
-    bm, bf = _blocks(m, f)
-    return _pallas(_forward_kernel, (m, f), bm, bf, [(m, f)], hidden.dtype, interpret)(hidden)[0]
+    return _pallas(_forward_kernel, (m, f), FORWARD_LAUNCH, [(m, f)], hidden.dtype, interpret)(hidden)[0]
 
 
 def backward(hidden: jax.Array, d_act: jax.Array, *, fused: bool,
@@ -47,31 +59,31 @@ def backward(hidden: jax.Array, d_act: jax.Array, *, fused: bool,
         (d_hidden,) = act_vjp(d_act.astype(hidden.dtype))  # [M, 2F]
         return act, d_hidden
     m = hidden.shape[0]
-    bm, bf = _blocks(m, f)
-    call = _pallas(_backward_kernel, (m, f), bm, bf, [(m, f), (m, 2 * f)], hidden.dtype, interpret)
+    call = _pallas(_backward_kernel, (m, f), BACKWARD_LAUNCH, [(m, f), (m, 2 * f)], hidden.dtype, interpret)
     act, d_hidden = call(hidden, d_act)
     return act, d_hidden
 
 
-def _blocks(m: int, f: int) -> tuple[int, int]:
+def _blocks(m: int, f: int, block_elements: int) -> tuple[int, int]:
     """Power-of-two block sides (Triton's rule) that divide M and F: no masks, no ragged edge."""
     bf = math.gcd(f, 1024)
-    bm = math.gcd(m, max(_BLOCK_ELEMENTS // bf, 1))
+    bm = math.gcd(m, max(block_elements // bf, 1))
     return bm, bf
 
 
-def _pallas(kernel, shape, bm, bf, out_shapes, dtype, interpret):
+def _pallas(kernel, shape, launch: Launch, out_shapes, dtype, interpret):
     """A grid of [bm, bf] blocks over [M, F]; every ref is the whole array, indexed in the kernel
     (one program touches two column blocks, F apart, of the [M, 2F] arrays)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plt
 
     m, f = shape
+    bm, bf = _blocks(m, f, launch.block_elements)
     return pl.pallas_call(
         functools.partial(kernel, bm=bm, bf=bf, f=f),
         out_shape=[jax.ShapeDtypeStruct(s, dtype) for s in out_shapes],
         grid=(m // bm, f // bf),
-        compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=plt.CompilerParams(num_warps=launch.num_warps, num_stages=1),
         interpret=interpret,
         name=kernel.__name__.strip("_"),
     )

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from blues import rope
 from blues.errors import ConfigError
 
 logger = logging.getLogger("blues")
@@ -25,13 +26,25 @@ ATTN_IMPLS = ("auto", "flash_attn", "sdpa", "reference")
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of the rotary angles, float32, each half repeated: [*positions.shape, Dh]."""
-    # inv_freq[j] = theta^(-2j/Dh). Computed in float64 and rounded once, so both frameworks get
-    # the correctly rounded float32 frequencies; the angles themselves are float32 (design page).
-    exponent = torch.arange(0, head_dim // 2, dtype=torch.float64, device=positions.device) * 2.0 / head_dim
-    inv_freq = (theta ** -exponent).to(torch.float32)  # [Dh/2]
+    inv_freq = _inv_freq(head_dim, theta, positions.device)  # [Dh/2]
     angles = positions.to(torch.float32)[..., None] * inv_freq  # [..., Dh/2]
     angles = torch.cat([angles, angles], dim=-1)  # [..., Dh]: dimension i pairs with i + Dh/2
     return angles.cos(), angles.sin()
+
+
+# inv_freq by (Dh, theta, device): blues.rope's float64 numbers rounded once to float32 and copied to
+# the device once per process (not per forward, and not inside a captured CUDA graph's step, whose
+# warm-up calls fill this); the angles themselves are float32 (design page).
+_INV_FREQ: dict[tuple[int, float, torch.device], torch.Tensor] = {}
+
+
+def _inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # a constant of the compiled graph
+        return torch.tensor(rope.inv_freq(head_dim, theta), dtype=torch.float32, device=device)
+    key = (head_dim, theta, device)
+    if key not in _INV_FREQ:
+        _INV_FREQ[key] = torch.tensor(rope.inv_freq(head_dim, theta), dtype=torch.float32).to(device)
+    return _INV_FREQ[key]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -106,7 +119,7 @@ def _flash_attn_status() -> tuple[bool, bool]:
     return _FLASH_STATUS
 
 
-def _choose(impl: str, device_type: str, dtype: torch.dtype, has_softcap: bool) -> str:
+def _choose(impl: str, device_type: str, dtype: torch.dtype, has_softcap: bool, log: bool = True) -> str:
     if impl not in ATTN_IMPLS:
         raise ConfigError(f"attn_impl '{impl}' is unknown; choose one of {', '.join(ATTN_IMPLS)}")
     flash_ok, flash_softcap = _flash_attn_status()
@@ -123,18 +136,21 @@ def _choose(impl: str, device_type: str, dtype: torch.dtype, has_softcap: bool) 
         if flash_usable and (flash_softcap or not has_softcap):
             chosen = "flash_attn"
         elif has_softcap:
-            logger.warning("attention: attn_logit_softcap is set and no fast kernel here can apply it "
-                           "(%s, %s); falling back to the reference implementation", device_type, dtype)
+            if log:
+                logger.warning("attention: attn_logit_softcap is set and no fast kernel here can apply it "
+                               "(%s, %s); falling back to the reference implementation", device_type, dtype)
             return "reference"
         else:
             chosen = "sdpa"
     elif impl == "sdpa" and has_softcap:
-        logger.warning("attention: SDPA cannot apply attn_logit_softcap; falling back to the "
-                       "reference implementation")
+        if log:
+            logger.warning("attention: SDPA cannot apply attn_logit_softcap; falling back to the "
+                           "reference implementation")
         return "reference"
     else:
         chosen = impl
-    logger.info("attention backend: %s (requested %s, %s, %s)", chosen, impl, device_type, dtype)
+    if log:
+        logger.info("attention backend: %s (requested %s, %s, %s)", chosen, impl, device_type, dtype)
     return chosen
 
 
@@ -148,6 +164,8 @@ def resolve_attn_impl(impl: str, device: torch.device | str, dtype: torch.dtype,
     """The backend `attention` will use for these inputs: 'flash_attn', 'sdpa' or 'reference'."""
     key = (impl, torch.device(device).type, dtype, softcap is not None)
     if key not in _RESOLVED:
+        if torch.compiler.is_compiling():  # a logging call would break the traced graph: choose silently
+            return _choose(*key, log=False)  # and leave the record (and the log line) to an eager call
         _RESOLVED[key] = _choose(*key)
     return _RESOLVED[key]
 

@@ -31,21 +31,16 @@ VARIANTS = {
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", nargs="+", default=["tiny", "bench"])
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--compile", action="store_true", help="each engine through engine.compile()")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     args = p.parse_args()
-    base = deepspeed_step.ds_config_for
     print(f"{'variant':<26} {'preset':<6} {'tokens/s':>10}")
-    for name, override in VARIANTS.items():
-        def config_for(wl, optimizer, override=override):
-            cfg, note = base(wl, optimizer)
-            for key, value in override.items():
-                cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
-            return cfg, note
-        deepspeed_step.ds_config_for = config_for
+    for name in args.variants:
         for preset in args.presets:
-            row = deepspeed_step.deepspeed_train(train_workload(preset, False), steps=args.steps,
-                                                 warmup=args.warmup, check=False)
+            row = deepspeed_step.deepspeed_train(train_workload(preset, False), steps=args.steps, warmup=args.warmup,
+                                                 compile=args.compile, check=False, overrides=VARIANTS[name])
             print(f"{name:<26} {preset:<6} {row.tokens_per_s:>10,.0f}", flush=True)
 
 

@@ -89,11 +89,19 @@ def probe_jax(m: int, f: int) -> None:
     ref_bwd = [np.asarray(ref_act), np.asarray(vjp(d_act.astype(jnp.float32))[0])]
     print(f"JAX, [M, 2F] = [{m}, {2 * f}] bf16")
     moved_fwd, moved_bwd = 2 * m * (2 * f + f), 2 * m * (2 * f + f + f + 2 * f)
-    for fused, label in ((False, "XLA's fusion (before)"), (True, "Pallas kernel")):
+    # The kernels' launch shapes (elements of a program's block per half, warps), the module's own first.
+    own = (gated_gelu.FORWARD_LAUNCH, gated_gelu.BACKWARD_LAUNCH)
+    others = [gated_gelu.Launch(*shape) for shape in ((4096, 4), (2048, 4), (4096, 8), (8192, 8), (8192, 4))]
+    variants = [(False, "XLA's fusion (before)", own)] + [(True, "Pallas kernel, the module's launches", own)] + [
+        (True, f"Pallas kernel, {launch.block_elements} x {launch.num_warps} warps", (launch, launch))
+        for launch in others]
+    for fused, label, (fwd_launch, bwd_launch) in variants:
+        gated_gelu.FORWARD_LAUNCH, gated_gelu.BACKWARD_LAUNCH = fwd_launch, bwd_launch  # read when traced
         fwd = jax.jit(lambda h, fused=fused: gated_gelu.forward(h, f, fused=fused))
         bwd = jax.jit(lambda h, d, fused=fused: gated_gelu.backward(h, d, fused=fused))
         report(f"forward, {label}", lambda fwd=fwd: [fwd(hidden)], jax_sync, [np.asarray(ref_act)], moved_fwd)
         report(f"backward, {label}", lambda bwd=bwd: list(bwd(hidden, d_act)), jax_sync, ref_bwd, moved_bwd)
+    gated_gelu.FORWARD_LAUNCH, gated_gelu.BACKWARD_LAUNCH = own
 
 
 def main() -> None:

@@ -4,6 +4,8 @@
     python scripts/profile_gpu.py decode   # tiny preset, greedy decode step: CUDA kernels per token, eager vs compiled
     python scripts/profile_gpu.py jax-train [--preset bench]   # JAX training step: GPU time by kernel kind
     python scripts/profile_gpu.py torch-train [--preset bench]   # the same for the torch.compile'd step
+    python scripts/profile_gpu.py deepspeed-train [--preset bench]   # DeepSpeed's step against plain PyTorch's, by phase
+    python scripts/profile_gpu.py jax-dispatch [--preset bench]   # the JAX step's host time, two forms of its state
 
 `memory`: the training step of bench/train_step.py (bf16 autocast, float32 weights, AdamW) at
 batch 8 x 2048; every tensor autograd saves for the backward is attributed to the innermost module
@@ -14,6 +16,14 @@ the allocator's readings after the forward, the backward and the optimizer step.
 `decode`: `blues_torch.generation`'s decode step at batch 1 and 64, bf16, captured in a CUDA graph,
 without and with torch.compile; torch.profiler over --steps replays lists the kernels per token and
 the top kernels by GPU time.
+
+`jax-train` also names the top XLA fusions: their HLO instruction in the compiled step (shape, the JAX
+op and source line it came from, the ops fused), which the kernel names alone do not say.
+
+`deepspeed-train`: the compiled PyTorch step, the DeepSpeed engine eager and through `engine.compile()`,
+each timed by phase (forward, backward, optimizer step; synchronised between phases, medians) and
+whole (unsynchronised); then the compiled engine's GPU kernels and, by Python's profiler, the host
+time of its backward and step by DeepSpeed function: where the engine's own cost goes.
 """
 from __future__ import annotations
 
@@ -187,9 +197,10 @@ def jax_train(args) -> None:
     model.train()
     ids_np, tgt_np = random_batch(wl.config, wl.batch, wl.seq, 0)
     ids, tgt = jnp.asarray(ids_np), jnp.asarray(tgt_np)
-    state, step = make_jax_train_step(model, jax_optimizer())
+    state, jitted = make_jax_train_step(model, jax_optimizer())
     del model
-    for _ in range(3):  # compile and warm up
+    step = jitted.lower(state, ids, tgt).compile()  # compiled here so that its HLO can be read below
+    for _ in range(3):  # warm up
         state, loss = step(state, ids, tgt)
     jax.block_until_ready(loss)
     trace_dir = tempfile.mkdtemp()
@@ -217,6 +228,121 @@ def jax_train(args) -> None:
     _print_kernels(f"\n== JAX training step, {args.preset} (batch {wl.batch} x {wl.seq}): {wall_ms:.1f} ms wall "
                    f"per step (traced, {wl.tokens / wall_ms * 1e3:,.0f} tokens/s)", kernels, counts, ops,
                    args.steps, args.top)
+    _print_fusions(step.as_text(), [name for name, _ in kernels.most_common(args.top)], kernels, args.steps)
+
+
+def jax_dispatch(args) -> None:
+    """Host time of a JAX training step: how long the call takes to return (argument handling and
+    launch, while a synchronised step leaves the GPU idle), the step synchronised after each call
+    (as the bench times it), and steps queued back to back; the state as nnx.State and as pure dicts."""
+    import statistics
+    import time
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from blues_jax import BluesModel
+    from bench.train_step import jax_optimizer, make_jax_train_step, random_batch, train_workload
+
+    wl = train_workload(args.preset, quick=False)
+    ids_np, tgt_np = random_batch(wl.config, wl.batch, wl.seq, 0)
+    ids, tgt = jnp.asarray(ids_np), jnp.asarray(tgt_np)
+    print(f"\n== JAX training step, {args.preset} (batch {wl.batch} x {wl.seq}), host side, ms (medians of {args.steps})")
+    for pure in (False, True):
+        model = BluesModel(wl.config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+        model.train()
+        state, step = make_jax_train_step(model, jax_optimizer(), pure_state=pure)
+        del model
+        for _ in range(3):
+            state, loss = step(state, ids, tgt)
+        jax.block_until_ready(loss)
+        call, synced = [], []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            state, loss = step(state, ids, tgt)
+            t1 = time.perf_counter()
+            jax.block_until_ready(loss)
+            call.append((t1 - t0) * 1e3)
+            synced.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            state, loss = step(state, ids, tgt)
+        jax.block_until_ready(loss)
+        queued = (time.perf_counter() - t0) * 1e3 / args.steps
+        print(f"   state as {'pure dicts' if pure else 'nnx.State '}: {len(jax.tree.leaves(state))} arrays, call returns "
+              f"{statistics.median(call):6.2f}, synchronised step {statistics.median(synced):7.2f}, "
+              f"queued step {queued:7.2f} ({wl.tokens / statistics.median(synced) * 1e3:,.0f} / "
+              f"{wl.tokens / queued * 1e3:,.0f} tokens/s)", flush=True)
+        del state, step
+
+
+def _hlo_sources(hlo: str) -> dict[int, str]:
+    """Stack frame id -> its innermost frames in this repository ("file:line function", outermost last),
+    from the FileNames / FunctionNames / FileLocations / StackFrames tables of an HLO module's text."""
+    import re
+    tables: dict[str, dict[int, str]] = {}
+    section = None
+    for line in hlo.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            section = line
+            tables[section] = {}
+        elif section and (m := re.match(r"(\d+) (.*)$", line)):
+            tables[section][int(m.group(1))] = m.group(2)
+        elif section:
+            section = None
+    files, functions = tables.get("FileNames", {}), tables.get("FunctionNames", {})
+    locations, frames = tables.get("FileLocations", {}), tables.get("StackFrames", {})
+    repo = str(Path(__file__).resolve().parents[1]) + "/"
+
+    def where(frame: int) -> list[str]:
+        out, seen = [], set()
+        while frame in frames and frame not in seen:
+            seen.add(frame)
+            loc = re.search(r"file_location_id=(\d+) parent_frame_id=(\d+)", frames[frame])
+            spec = locations.get(int(loc.group(1)), "")
+            f = re.search(r"file_name_id=(\d+) function_name_id=(\d+) line=(\d+)", spec)
+            if f:
+                path = files.get(int(f.group(1)), "").strip('"')
+                if path.startswith(repo) and "/.venv/" not in path:
+                    out.append(f"{path[len(repo):]}:{f.group(3)} {functions.get(int(f.group(2)), '').strip(chr(34))}")
+            frame = int(loc.group(2))  # a frame that is its own parent is the outermost
+        return out
+
+    return {frame: " < ".join(where(frame)[:3]) for frame in frames}
+
+
+def _print_fusions(hlo: str, kernel_names: list[str], kernels, steps: int) -> None:
+    """For each kernel that is an XLA fusion, its instruction in the optimized HLO: the result shape, its
+    operands, the code that made it, and the ops of its fused computation by count."""
+    import re
+    sources = _hlo_sources(hlo)
+    instr = {}  # HLO name -> (result shape, operands, called computation, op_name, source)
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (.*?) fusion\((.*?)\), kind=.*?calls=%?([\w.\-]+)", line)
+        if m:
+            op = re.search(r'op_name="([^"]*)"', line)
+            frame = re.search(r"stack_frame_id=(\d+)", line)
+            operands = ", ".join(re.sub(r"\.\d+$", "", o.strip().lstrip("%")) for o in m.group(3).split(","))
+            instr[m.group(1)] = (m.group(2)[:70], operands[:150], m.group(4), op.group(1) if op else "",
+                                 sources.get(int(frame.group(1)), "") if frame else "")
+    bodies: dict[str, list[str]] = {}
+    current = None
+    for line in hlo.splitlines():
+        head = re.match(r"%?([\w.\-]+) \(.*\) -> .* \{$", line.strip())
+        if head:
+            current = head.group(1)
+            bodies[current] = []
+        elif current and (op := re.search(r" = .*? ([a-z][a-z\-]*)\(", line)):
+            bodies[current].append(op.group(1))
+    print("  the top fusions in the compiled HLO (kernel -> instruction = shape, operands, origin, fused ops):")
+    for name in kernel_names:
+        key = name if name in instr else next((k for k in instr if k.replace(".", "_") == name), None)
+        if key is None:  # not an XLA fusion (a library or Pallas kernel)
+            continue
+        shape, operands, called, op_name, src = instr[key]
+        ops = collections.Counter(bodies.get(called, []))
+        kinds = ", ".join(f"{k} x{n}" if n > 1 else k for k, n in ops.most_common(9) if k != "parameter")
+        print(f"  {kernels[name] / 1e6 / steps:8.2f} ms  {key} = {shape}\n"
+              f"             ({operands})\n             {op_name[-90:]}  [{src}]\n             fuses: {kinds}")
 
 
 def _print_kernels(title: str, kernels, counts, ops, steps: int, top: int) -> None:
@@ -231,6 +357,17 @@ def _print_kernels(title: str, kernels, counts, ops, steps: int, top: int) -> No
     print("  top kernels (ms per step, calls per step, op):")
     for name, ns in kernels.most_common(top):
         print(f"  {ns / 1e6 / steps:8.2f} ms  x{counts[name] / steps:5.1f}  {ops.get(name, ''):48s}  {name[:90]}")
+
+
+def _torch_kernels(prof) -> tuple[collections.Counter, collections.Counter]:
+    """A torch.profiler run's CUDA kernels: name -> total ns, name -> calls."""
+    kernels: collections.Counter = collections.Counter()
+    counts: collections.Counter = collections.Counter()
+    for e in prof.key_averages():
+        if e.self_device_time_total > 0:
+            kernels[e.key] += int(e.self_device_time_total * 1e3)
+            counts[e.key] += e.count
+    return kernels, counts
 
 
 def torch_train(args) -> None:
@@ -276,20 +413,153 @@ def torch_train(args) -> None:
         for _ in range(args.steps):
             step()
         torch.cuda.synchronize()
-    kernels: collections.Counter = collections.Counter()
-    counts: collections.Counter = collections.Counter()
-    for e in prof.key_averages():
-        if e.self_device_time_total > 0:
-            kernels[e.key] += int(e.self_device_time_total * 1e3)
-            counts[e.key] += e.count
+    kernels, counts = _torch_kernels(prof)
     _print_kernels(f"\n== torch.compile training step, {args.preset} (batch {wl.batch} x {wl.seq}): {wall_ms:.1f} ms "
                    f"wall per step ({wl.tokens / wall_ms * 1e3:,.0f} tokens/s untraced), peak {peak:.2f} GiB",
                    kernels, counts, {}, args.steps, args.top)
 
 
+def _phases(forward, backward, update, steps: int, warmup: int = 3) -> dict[str, float]:
+    """Median ms of each phase (synchronised around it) and of the whole step run without syncs."""
+    import statistics
+    import time
+    phases: dict[str, list[float]] = {"forward": [], "backward": [], "step": [], "whole": []}
+    for i in range(warmup + steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = forward()
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        backward(loss)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        update()
+        torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        if i >= warmup:
+            for key, dt in zip(("forward", "backward", "step"), (t1 - t0, t2 - t1, t3 - t2)):
+                phases[key].append(dt * 1e3)
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        backward(forward())
+        update()
+        torch.cuda.synchronize()
+        phases["whole"].append((time.perf_counter() - t0) * 1e3)
+    return {key: statistics.median(ms) for key, ms in phases.items()}
+
+
+def _plain_step(wl, ids, tgt, compile: bool):
+    """bench/train_step.py's PyTorch step (float32 weights, bf16 autocast, clipping, fused AdamW) as
+    (forward, backward, update) callables."""
+    from blues_torch import BluesModel
+    from bench.train_step import BETAS, GRAD_CLIP, LR, WEIGHT_DECAY, fresh_torch_compile, torch_param_groups
+
+    torch.manual_seed(0)
+    with torch.device(ids.device):
+        model = BluesModel(wl.config)
+    model.train()
+    opt = torch.optim.AdamW(torch_param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, fused=True)
+    if compile:
+        fresh_torch_compile()
+    run = torch.compile(model) if compile else model
+    params = list(model.parameters())
+
+    def forward():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return run(ids, tgt).loss
+
+    def update():
+        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return forward, lambda loss: loss.backward(), update
+
+
+def _profile_steps(forward, backward, update, steps: int):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            backward(forward())
+            update()
+        torch.cuda.synchronize()
+    return _torch_kernels(prof)
+
+
+def deepspeed_train(args) -> None:
+    """Plain PyTorch (compiled, eager), then the DeepSpeed engine (eager, compiled): phases; the GPU
+    kernels of both compiled steps; DeepSpeed's host time by function."""
+    import cProfile
+    import gc
+    import io
+    import pstats
+    from bench import deepspeed_step
+    from bench.train_step import random_batch, train_workload
+
+    wl = train_workload(args.preset, quick=False)
+    device = torch.device("cuda")
+    ids_np, tgt_np = random_batch(wl.config, wl.batch, wl.seq, 0)
+    ids = torch.from_numpy(ids_np).long().to(device)  # [B, T]
+    tgt = torch.from_numpy(tgt_np).long().to(device)  # [B, T]
+    print(f"\n== one training step, {args.preset} (batch {wl.batch} x {wl.seq}), ms (medians of {args.steps}): "
+          "phases synchronised, whole step not")
+    print(f"   {'path':<34} {'forward':>8} {'backward':>9} {'step':>7} {'sum':>7} {'whole':>7} {'tokens/s':>9}")
+
+    def report(name, times):
+        total = times["forward"] + times["backward"] + times["step"]
+        print(f"   {name:<34} {times['forward']:8.1f} {times['backward']:9.1f} {times['step']:7.1f} {total:7.1f} "
+              f"{times['whole']:7.1f} {wl.tokens / times['whole'] * 1e3:9,.0f}", flush=True)
+
+    tables = []
+    for compile in (True, False):
+        step = _plain_step(wl, ids, tgt, compile)
+        report(f"PyTorch, {'torch.compile' if compile else 'eager'}", _phases(*step, args.steps))
+        if compile:
+            tables.append(("PyTorch, torch.compile", _profile_steps(*step, args.steps)))
+        del step
+        gc.collect()
+        torch.cuda.empty_cache()
+    for compile in (False, True):
+        engine, _, note, _ = deepspeed_step.build_engine(wl, compile=compile)
+        step = (lambda: engine(ids, tgt).loss, engine.backward, engine.step)
+        report(f"DeepSpeed ZeRO-2, {'engine.compile()' if compile else 'eager'}", _phases(*step, args.steps))
+        if compile:
+            tables.append(("DeepSpeed ZeRO-2, engine.compile()", _profile_steps(*step, args.steps)))
+        else:
+            del engine, step
+            gc.collect()
+            torch.cuda.empty_cache()
+    print(f"   ({note})")
+    for name, (kernels, counts) in tables:
+        _print_kernels(f"\n== {name}", kernels, counts, {}, args.steps, args.top)
+
+    for phase in ("backward", "step"):
+        profiler = cProfile.Profile()
+        for _ in range(args.steps):
+            loss = engine(ids, tgt).loss
+            if phase == "step":
+                engine.backward(loss)
+            torch.cuda.synchronize()
+            profiler.enable()
+            if phase == "backward":
+                engine.backward(loss)
+            else:
+                engine.step()
+            torch.cuda.synchronize()
+            profiler.disable()
+            if phase == "backward":
+                engine.step()
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(args.top)
+        print(f"\n== host time in DeepSpeed's {phase} (engine.compile(), cProfile, {args.steps} calls; "
+              "synchronize = waiting for the GPU)")
+        print("\n".join(line for line in out.getvalue().splitlines()[3:] if line.strip()))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", nargs="+", choices=("memory", "decode", "jax-train", "torch-train"))
+    p.add_argument("what", nargs="+", choices=("memory", "decode", "jax-train", "torch-train", "deepspeed-train",
+                                              "jax-dispatch"))
     p.add_argument("--preset", default="bench", help="jax-train: the preset (its bench batch and sequence)")
     p.add_argument("--chunks", type=int, nargs="+", default=[4096, 1024])
     p.add_argument("--checkpointing", type=lambda s: s == "on", nargs="+", default=[False],
@@ -298,7 +568,8 @@ def main() -> None:
     p.add_argument("--top", type=int, default=18)
     args = p.parse_args()
     for what in args.what:
-        {"memory": memory, "decode": decode, "jax-train": jax_train, "torch-train": torch_train}[what](args)
+        {"memory": memory, "decode": decode, "jax-train": jax_train, "torch-train": torch_train,
+         "deepspeed-train": deepspeed_train, "jax-dispatch": jax_dispatch}[what](args)
 
 
 if __name__ == "__main__":

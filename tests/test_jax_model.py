@@ -290,7 +290,8 @@ def test_fused_gated_gelu_kernels_match_autodiff(dtype):
     (2^-7 of the value at most: 8 significant bits) where the float32 results straddle a rounding
     boundary."""
     m, f = 40, 96
-    assert gated_gelu._blocks(m, f) == (8, 32)
+    assert gated_gelu._blocks(m, f, gated_gelu.FORWARD_LAUNCH.block_elements) == (8, 32)
+    assert gated_gelu._blocks(m, f, gated_gelu.BACKWARD_LAUNCH.block_elements) == (8, 32)
     hidden = jnp.asarray(_randn((m, 2 * f), 30, 2.0), dtype)
     d_act = jnp.asarray(_randn((m, f), 31), dtype)
     want_act, want_vjp = jax.vjp(lambda h: gated_gelu.gated_gelu(h, f).astype(dtype), hidden)

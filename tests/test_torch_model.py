@@ -87,6 +87,25 @@ def test_softcap_with_sdpa_falls_back_visibly(caplog):
         BluesModel(small_config(), attn_impl="flash")
 
 
+def test_attention_choice_made_inside_torch_compile_keeps_one_graph(caplog):
+    """The first call of a compiled model chooses the backend while dynamo traces it: a log line there
+    is a graph break, and one inside the loop over layers sent the whole forward back to eager."""
+    attn_mod._RESOLVED.clear()
+    q, k, v = torch.randn(1, 5, 4, 8), torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 8)
+
+    def rope_attention(q, k, v):
+        cos, sin = rope_cos_sin(torch.arange(5), 8, 10000.0)
+        return attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, softcap=None)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(rope_attention, fullgraph=True, backend="eager")  # fullgraph: a break raises
+    got = compiled(q, k, v)
+    assert not attn_mod._RESOLVED  # chosen, not recorded, while tracing
+    with caplog.at_level(logging.INFO, logger="blues"):
+        torch.testing.assert_close(got, rope_attention(q, k, v))  # the first eager call records and logs it
+    assert any("attention backend: sdpa" in r.message for r in caplog.records)
+
+
 def test_rope_formula():
     dh, theta = 8, 500.0
     positions = torch.tensor([0, 1, 5, 31])

@@ -1,0 +1,31 @@
+"""scripts/profile_gpu.py's reading of a compiled XLA module: the names a GPU profile shows for XLA's
+fusions mean nothing until they are traced back to an instruction and the code that made it."""
+from __future__ import annotations
+
+import collections
+import re
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import profile_gpu  # noqa: E402
+
+
+def _scaled_tanh(x, y):
+    return jnp.tanh(x * 3.0 + y).sum(axis=-1)  # one fusion: multiply, add, tanh and the reduction
+
+
+def test_fusions_are_named_with_their_source_and_ops(capsys):
+    hlo = jax.jit(_scaled_tanh).lower(jnp.ones((64, 128)), jnp.ones((64, 128))).compile().as_text()
+    fusions = re.findall(r"%([\w.\-]+) = \S+ fusion\(", hlo)
+    assert fusions, "the CPU compiler made no fusion of the test function"
+    kernel = fusions[0].replace(".", "_")  # a GPU profile's kernel name for the instruction
+    profile_gpu._print_fusions(hlo, [kernel, "some_library_kernel"], collections.Counter({kernel: 2_000_000}), 2)
+    out = capsys.readouterr().out
+    assert f"1.00 ms  {fusions[0]} = f32[64]" in out  # per step: 2 ms over 2 steps
+    assert "tests/test_profile_tools.py:" in out and "_scaled_tanh" in out  # the line that made it
+    assert "tanh" in out.split("fuses:")[1]  # the fused ops
+    assert "some_library_kernel" not in out  # not a fusion: left out
