@@ -374,46 +374,27 @@ def torch_train(args) -> None:
     """Profile --steps compiled PyTorch training steps (bench/train_step.py's step: bf16 autocast,
     float32 weights, fused AdamW) and sum GPU kernel time."""
     import time
-    from blues_torch import BluesModel
-    from bench.train_step import (BETAS, LR, WEIGHT_DECAY, random_batch, torch_param_groups,
-                                  train_workload)
+    from bench.train_step import random_batch, train_workload
 
     wl = train_workload(args.preset, quick=False)
     device = torch.device("cuda")
     ids_np, tgt_np = random_batch(wl.config, wl.batch, wl.seq, 0)
-    ids = torch.from_numpy(ids_np).long().to(device)
-    tgt = torch.from_numpy(tgt_np).long().to(device)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = BluesModel(wl.config)
-    model.train()
-    opt = torch.optim.AdamW(torch_param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, fused=True)
-    forward = torch.compile(model)
-    params = list(model.parameters())
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = forward(ids, tgt)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    ids = torch.from_numpy(ids_np).long().to(device)  # [B, T]
+    tgt = torch.from_numpy(tgt_np).long().to(device)  # [B, T]
+    forward, backward, update = _plain_step(wl, ids, tgt, compile=True)
     for _ in range(3):  # compile and warm up
-        step()
+        backward(forward())
+        update()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        step()
+        backward(forward())
+        update()
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
     peak = torch.cuda.max_memory_allocated() / GIB
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.steps):
-            step()
-        torch.cuda.synchronize()
-    kernels, counts = _torch_kernels(prof)
+    kernels, counts = _profile_steps(forward, backward, update, args.steps)
     _print_kernels(f"\n== torch.compile training step, {args.preset} (batch {wl.batch} x {wl.seq}): {wall_ms:.1f} ms "
                    f"wall per step ({wl.tokens / wall_ms * 1e3:,.0f} tokens/s untraced), peak {peak:.2f} GiB",
                    kernels, counts, {}, args.steps, args.top)
