@@ -132,14 +132,15 @@ def _merge(config: dict, overrides: dict) -> dict:
 
 
 def build_engine(wl: Workload, *, optimizer: str = "auto", compile: bool = False, overrides: dict | None = None,
-                 seed: int = 0, check: bool = False):
+                 seed: int = 0, check: bool = False, fast_norms: bool = True):
     """-> (engine, device, note, checks): train_torch.py's DeepSpeed engine for wl in this process.
 
     overrides: keys of the config to replace (scripts/ds_variants.py); compile: `engine.compile()`,
-    from a fresh dynamo state. The memory counters are reset after the attention check (check=True)."""
+    from a fresh dynamo state. The memory counters are reset after the attention check (check=True).
+    fast_norms=False: DeepSpeed's own per-gradient norm and overflow loops (blues_torch/deepspeed_norms.py)."""
     import deepspeed
     import torch
-    from blues_torch import BluesModel
+    from blues_torch import BluesModel, deepspeed_norms
 
     init_single_rank()
     device = torch_device()
@@ -156,6 +157,10 @@ def build_engine(wl: Workload, *, optimizer: str = "auto", compile: bool = False
         ds_cfg = _merge(ds_cfg, overrides)
         note += f"; overrides {json.dumps(overrides)}"
     log(f"  deepspeed config: {note}")
+    if fast_norms:
+        deepspeed_norms.install()  # ZeRO's per-gradient norm/overflow loops cost ~60 ms of host time a step
+    else:
+        deepspeed_norms.uninstall()
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_cfg,
                                            model_parameters=torch_param_groups(model, ds_cfg["optimizer"]["params"]["weight_decay"]))
     if compile:

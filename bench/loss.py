@@ -23,7 +23,7 @@ import numpy as np
 from blues.config import BluesConfig
 from bench.mfu import lm_head_loss_flops_per_token
 from bench.report import Row
-from bench.timing import GIB, log, time_steps, torch_sync, jax_sync, xla_temp_bytes
+from bench.timing import GIB, jax_sync, time_steps, torch_sync, xla_temp_bytes
 from bench.train_step import model_config, _rel
 
 LOSS_TOL, GRAD_TOL = 1e-3, 1e-2
@@ -138,6 +138,7 @@ def _rows(framework, results, n_tokens, cfg, shape, backend) -> list[Row]:
 def jax_loss(preset: str = "bench", *, quick: bool, steps: int, warmup: int, chunks=None, seed: int = 0) -> list[Row]:
     import jax
     import jax.numpy as jnp
+    from blues_jax import xent_kernel
     from blues_jax.loss import chunked_lm_loss, cross_entropy, lm_head_logits
 
     cfg = model_config(preset, quick)
@@ -152,8 +153,10 @@ def jax_loss(preset: str = "bench", *, quick: bool, steps: int, warmup: int, chu
     def plain(h, embed):
         return cross_entropy(lm_head_logits(h, embed, cfg.vocab_size), targets)
 
+    fused = xent_kernel.fused_applies(h.dtype)  # as the model's training step chooses on one device
+
     def chunked(c):
-        return lambda h, embed: chunked_lm_loss(h, embed, targets, cfg.vocab_size, c)
+        return lambda h, embed: chunked_lm_loss(h, embed, targets, cfg.vocab_size, c, fused=fused)
 
     def compile_fwd_bwd(fn):
         return jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(h, embed).compile()

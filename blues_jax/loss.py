@@ -14,6 +14,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from blues_jax.xent_kernel import softmax_xent
+
 IGNORE_INDEX = -100
 
 
@@ -48,31 +50,32 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return _nll_sum(logits.astype(jnp.float32), targets) / _num_valid(targets)
 
 
-def _chunk_loss_and_grads(h_c, t_c, embed, vocab_size: int, inv_n, with_grads: bool):
+def _chunk_loss_and_grads(h_c, t_c, embed, vocab_size: int, inv_n, with_grads: bool, fused: bool):
     """One chunk: (nll sum, grad_h [B, c, d], grad_embed [Vp, d] float32) for d(loss)/d(nll) = inv_n.
     embed is already in h_c's dtype (the casts below are no-ops).
 
     The logits are rounded to the matmul dtype (bf16 in training), as PyTorch's plain path and the
     usual fused losses keep them: at V = 200k their memory traffic, not the GEMMs', is what the
     chunk's elementwise work costs, and 2 bytes a logit instead of 4 halves it. All math after the
-    GEMM is float32."""
-    logits = _padded_logits(h_c, embed, vocab_size, h_c.dtype).astype(jnp.float32)  # [B, c, Vp], padding at -inf
-    nll = _nll_sum(logits, t_c)
+    GEMM is float32 (blues_jax/xent_kernel.py; `fused`: its Pallas kernel)."""
     if not with_grads:
-        return nll, None, None
+        logits = _padded_logits(h_c, embed, vocab_size, h_c.dtype).astype(jnp.float32)  # [B, c, Vp], padding at -inf
+        return _nll_sum(logits, t_c), None, None
+    b, c, _ = h_c.shape
+    logits = jnp.einsum("bcd,vd->bcv", h_c, embed, preferred_element_type=h_c.dtype)  # [B, c, Vp]
     valid = t_c != IGNORE_INDEX  # [B, c]
-    safe = jnp.where(valid, t_c, 0)
-    lse = jax.nn.logsumexp(logits, axis=-1)  # [B, c]; XLA shares it with _nll_sum's
-    onehot = jnp.arange(logits.shape[-1]) == safe[..., None]  # [B, c, Vp]
-    scale = jnp.where(valid, inv_n, 0.0)[..., None]  # [B, c, 1]
-    grad_logits = ((jnp.exp(logits - lse[..., None]) - onehot) * scale).astype(h_c.dtype)  # [B, c, Vp]
-    grad_h = jnp.einsum("bcv,vd->bcd", grad_logits, embed.astype(h_c.dtype),
+    safe = jnp.where(valid, t_c, 0)  # ignored rows read column 0, then are zeroed
+    scale = jnp.where(valid, inv_n, 0.0)  # [B, c]
+    nll, grad_logits = softmax_xent(logits.reshape(b * c, -1), safe.reshape(-1), scale.reshape(-1), vocab_size,
+                                    fused=fused)  # [B*c], [B*c, Vp]
+    grad_logits = grad_logits.reshape(logits.shape)  # [B, c, Vp]
+    grad_h = jnp.einsum("bcv,vd->bcd", grad_logits, embed,
                         preferred_element_type=jnp.float32).astype(h_c.dtype)  # [B, c, d]
     grad_embed = jnp.einsum("bcv,bcd->vd", grad_logits, h_c, preferred_element_type=jnp.float32)  # [Vp, d]
-    return nll, grad_h, grad_embed
+    return jnp.sum(jnp.where(valid.reshape(-1), nll, 0.0)), grad_h, grad_embed
 
 
-def _scan_chunks(h, embed, targets, vocab_size: int, chunk_size: int, with_grads: bool):
+def _scan_chunks(h, embed, targets, vocab_size: int, chunk_size: int, with_grads: bool, fused: bool = False):
     """(loss, grad_h [B, T, d] | None, grad_embed [Vp, d] float32 | None), chunk by chunk along T."""
     b, t, d = h.shape
     c = max(1, min(t, chunk_size // b))  # positions per chunk: B*c ~ chunk_size tokens
@@ -90,7 +93,7 @@ def _scan_chunks(h, embed, targets, vocab_size: int, chunk_size: int, with_grads
 
     def body(carry, chunk):
         total, grad_embed = carry
-        nll, grad_h, grad_embed_c = _chunk_loss_and_grads(*chunk, w, vocab_size, inv_n, with_grads)
+        nll, grad_h, grad_embed_c = _chunk_loss_and_grads(*chunk, w, vocab_size, inv_n, with_grads, fused)
         if with_grads:
             grad_embed = grad_embed + grad_embed_c
         return (total + nll, grad_embed), grad_h
@@ -103,17 +106,17 @@ def _scan_chunks(h, embed, targets, vocab_size: int, chunk_size: int, with_grads
     return total * inv_n, grad_h, grad_embed
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _fused_lm_loss(h, embed, targets, vocab_size, chunk_size):
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fused_lm_loss(h, embed, targets, vocab_size, chunk_size, fused):
     return _scan_chunks(h, embed, targets, vocab_size, chunk_size, with_grads=False)[0]
 
 
-def _fused_lm_loss_fwd(h, embed, targets, vocab_size, chunk_size):
-    loss, grad_h, grad_embed = _scan_chunks(h, embed, targets, vocab_size, chunk_size, with_grads=True)
+def _fused_lm_loss_fwd(h, embed, targets, vocab_size, chunk_size, fused):
+    loss, grad_h, grad_embed = _scan_chunks(h, embed, targets, vocab_size, chunk_size, with_grads=True, fused=fused)
     return loss, (grad_h, grad_embed.astype(embed.dtype))
 
 
-def _fused_lm_loss_bwd(vocab_size, chunk_size, residuals, g):
+def _fused_lm_loss_bwd(vocab_size, chunk_size, fused, residuals, g):
     grad_h, grad_embed = residuals
     # The loss is linear in its stored gradients' scale: d(out)/d(loss) = g.
     return (grad_h * g).astype(grad_h.dtype), (grad_embed * g).astype(grad_embed.dtype), None
@@ -123,7 +126,7 @@ _fused_lm_loss.defvjp(_fused_lm_loss_fwd, _fused_lm_loss_bwd)
 
 
 def chunked_lm_loss(h: jax.Array, embed: jax.Array, targets: jax.Array, vocab_size: int,
-                    chunk_size: int) -> jax.Array:
+                    chunk_size: int, *, fused: bool = False) -> jax.Array:
     """Mean cross-entropy of the tied head, chunk by chunk. h [B, T, d] (or [N, d]), targets [B, T] (or [N]).
 
     Equal to cross_entropy(lm_head_logits(h, embed, V), targets) to float32 rounding, gradients
@@ -132,8 +135,9 @@ def chunked_lm_loss(h: jax.Array, embed: jax.Array, targets: jax.Array, vocab_si
     the forward turns each chunk's logits into (softmax - onehot) / n_valid while they are in
     memory and accumulates grad_h and grad_embed, so no logit is computed twice; the backward only
     scales them. Chunks run along T and keep the batch axis whole, so a batch split over devices
-    stays split (each device scans its own rows).
+    stays split (each device scans its own rows). `fused`: each chunk's softmax and its gradient in
+    a Pallas kernel (blues_jax/xent_kernel.py; a GPU, one device).
     """
     if h.ndim == 2:
-        return chunked_lm_loss(h[None], embed, targets[None], vocab_size, chunk_size)  # [1, N, d], [1, N]
-    return _fused_lm_loss(h, embed, targets, vocab_size, chunk_size)
+        return chunked_lm_loss(h[None], embed, targets[None], vocab_size, chunk_size, fused=fused)  # [1, N, d], [1, N]
+    return _fused_lm_loss(h, embed, targets, vocab_size, chunk_size, fused)

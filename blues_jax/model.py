@@ -30,6 +30,7 @@ from blues_jax.experts import (capacity_keep, expert_counts, expert_mlp, load_ba
                                router_z_loss)
 from blues_jax.loss import chunked_lm_loss, cross_entropy, lm_head_logits
 from blues_jax.sharding import constrain_batch
+from blues_jax.xent_kernel import fused_applies as xent_fused_applies
 
 
 @struct.dataclass
@@ -248,7 +249,11 @@ class BluesModel(nnx.Module):
         if targets is not None and not self.deterministic:
             # Training never materialises [B, T, Vp] logits: the loss is computed chunk by chunk.
             logits = None
-            lm_loss = chunked_lm_loss(head_in, self.embed[...], targets, cfg.vocab_size, self.loss_chunk_size)
+            # The Pallas loss kernel is a per-device call that XLA's partitioner cannot split: a mesh
+            # keeps XLA's form of it, which follows the batch's sharding.
+            fused = (self.mesh is None or self.mesh.size == 1) and xent_fused_applies(head_in.dtype)
+            lm_loss = chunked_lm_loss(head_in, self.embed[...], targets, cfg.vocab_size, self.loss_chunk_size,
+                                      fused=fused)
         else:
             logits = lm_head_logits(head_in, self.embed[...], cfg.vocab_size)  # [B, T, V]
             lm_loss = None if targets is None else cross_entropy(logits, targets)

@@ -20,7 +20,8 @@ the top kernels by GPU time.
 `jax-train` also names the top XLA fusions: their HLO instruction in the compiled step (shape, the JAX
 op and source line it came from, the ops fused), which the kernel names alone do not say.
 
-`deepspeed-train`: the compiled PyTorch step, the DeepSpeed engine eager and through `engine.compile()`,
+`deepspeed-train`: the compiled PyTorch step, the DeepSpeed engine eager (with DeepSpeed's own
+per-gradient norm loops, then blues_torch/deepspeed_norms.py's) and through `engine.compile()`,
 each timed by phase (forward, backward, optimizer step; synchronised between phases, medians) and
 whole (unsynchronised); then the compiled engine's GPU kernels and, by Python's profiler, the host
 time of its backward and step by DeepSpeed function: where the engine's own cost goes.
@@ -500,10 +501,13 @@ def deepspeed_train(args) -> None:
         del step
         gc.collect()
         torch.cuda.empty_cache()
-    for compile in (False, True):
-        engine, _, note, _ = deepspeed_step.build_engine(wl, compile=compile)
+    # DeepSpeed's own norm and overflow loops first (eager), for the before/after of
+    # blues_torch/deepspeed_norms.py in one run; the engines after it use the multi-tensor ones.
+    for compile, fast_norms in ((False, False), (False, True), (True, True)):
+        engine, _, note, _ = deepspeed_step.build_engine(wl, compile=compile, fast_norms=fast_norms)
         step = (lambda: engine(ids, tgt).loss, engine.backward, engine.step)
-        report(f"DeepSpeed ZeRO-2, {'engine.compile()' if compile else 'eager'}", _phases(*step, args.steps))
+        norms = "" if fast_norms else ", own norms"
+        report(f"DeepSpeed ZeRO-2, {'engine.compile()' if compile else 'eager'}{norms}", _phases(*step, args.steps))
         if compile:
             tables.append(("DeepSpeed ZeRO-2, engine.compile()", _profile_steps(*step, args.steps)))
         else:

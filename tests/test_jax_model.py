@@ -379,6 +379,63 @@ def test_chunked_loss_matches_plain():
     assert float(jax.jit(plain)(h, embed, none)) == 0.0
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("v, launch", [(977, (256, 1, 4)), (977, (128, 3, 4)), (300, (128, 3, 4))])
+def test_softmax_xent_kernel_matches_reference(dtype, v, launch):
+    """The Pallas loss kernels (Pallas's interpreter here; tests/test_gpu.py runs them compiled)
+    against XLA's form. Vp 1000 in pieces of 256 or 128 ends in a partial piece (its load past Vp
+    masked); split 3 ways (3 pieces each) the last split also holds a piece wholly past Vp, and with
+    V 300 the middle split holds no real column at all (its max stays -inf). Columns V..Vp-1 must
+    stay out of the softmax and get a zero gradient; a zero scale is an ignored row; targets sit on
+    the first, a piece-boundary and the last real column.
+    nll: an online (rescaled running) sum against max-then-sum, float32 rounding of a ~7 logsumexp:
+    atol 4e-6. grad: the kernels take e^x as 2^(x log2 e), whose float32 exponent carries a rounding
+    of 2^-24 of |x log2 e| (< 40 here: 2.4e-6 relative in the result), against XLA's e^x: rtol 4e-6
+    for float32 logits; bf16 rounds either result once (2^-7)."""
+    from blues_jax import xent_kernel
+    r, vp = 12, 1000
+    logits = jnp.asarray(_randn((r, vp), 40, 3.0), dtype)
+    targets = np.random.default_rng(41).integers(0, v, r).astype(np.int32)
+    targets[:3] = (0, 256, v - 1)
+    scale = np.where(np.arange(r) % 5 == 0, 0.0, 0.25).astype(np.float32)
+    want_nll, want_grad = xent_kernel.softmax_xent(logits, targets, scale, v, fused=False)
+    nll, grad = xent_kernel.softmax_xent(logits, targets, scale, v, fused=True, interpret=True,
+                                         launch=xent_kernel.Launch(*launch))
+    assert grad.dtype == dtype and grad.shape == (r, vp) and nll.shape == (r,)
+    np.testing.assert_allclose(np.asarray(nll), np.asarray(want_nll), rtol=0, atol=4e-6)
+    tol = dict(rtol=4e-6, atol=1e-9) if dtype == jnp.float32 else dict(rtol=2 ** -7, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(grad, np.float32), np.asarray(want_grad, np.float32), **tol)
+    assert np.abs(np.asarray(grad, np.float32)[:, v:]).max() == 0.0
+    assert np.abs(np.asarray(grad, np.float32)[scale == 0]).max() == 0.0
+
+
+def test_chunked_loss_with_the_kernel_matches_plain(monkeypatch):
+    """chunked_lm_loss(fused=True) (the kernel in Pallas's interpreter) against the plain loss, bf16
+    logits as in training: the loss and both gradients, a ragged last chunk and ignored targets."""
+    import blues_jax.loss as loss_module
+    from blues_jax import xent_kernel
+    monkeypatch.setattr(loss_module, "softmax_xent", functools.partial(xent_kernel.softmax_xent, interpret=True))
+    b, t, d, v, vp = 2, 13, 16, 200, 256
+    h = jnp.asarray(_randn((b, t, d), 42), jnp.bfloat16)
+    embed = _randn((vp, d), 43, 0.25)
+    embed[v:] = 0.0
+    targets = np.random.default_rng(44).integers(0, v, (b, t)).astype(np.int32)
+    targets[1, 5:9] = -100
+
+    def loss(h, embed, fused):
+        return chunked_lm_loss(h, embed, targets, v, 10, fused=fused)
+
+    grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
+    want, want_grads = grad_fn(h, embed, False)
+    got, grads = grad_fn(h, embed, True)
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    # Both round the same float32 gradient of each logit to bf16 before the two GEMMs: a logit whose
+    # float32 values straddle a rounding boundary differs by one bf16 unit, seen through the GEMMs.
+    for g, w in zip(grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=2 ** -7, atol=1e-5)
+    assert np.abs(np.asarray(grads[1])[v:]).max() == 0.0
+
+
 # ---- the model ---------------------------------------------------------------------------------------
 
 def test_parameter_count():
