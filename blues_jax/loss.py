@@ -57,7 +57,7 @@ def _chunk_loss_and_grads(h_c, t_c, embed, vocab_size: int, inv_n, with_grads: b
     The logits are rounded to the matmul dtype (bf16 in training), as PyTorch's plain path and the
     usual fused losses keep them: at V = 200k their memory traffic, not the GEMMs', is what the
     chunk's elementwise work costs, and 2 bytes a logit instead of 4 halves it. All math after the
-    GEMM is float32 (blues_jax/xent_kernel.py; `fused`: its Pallas kernel)."""
+    GEMM is float32 (blues_jax/xent_kernel.py; `fused`: its Pallas kernels)."""
     if not with_grads:
         logits = _padded_logits(h_c, embed, vocab_size, h_c.dtype).astype(jnp.float32)  # [B, c, Vp], padding at -inf
         return _nll_sum(logits, t_c), None, None
