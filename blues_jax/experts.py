@@ -28,6 +28,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from blues.errors import BluesError
 from blues_jax import gated_gelu
 from blues_jax.grouped_matmul import mosaic_applies, product, weight_grad
+from blues_jax.sharding import mesh_is_trivial
 
 BATCH_AXES = ("data", "expert")  # mesh axes the token axis is split over (data-major order)
 EXPERT_AXIS = "expert"
@@ -62,10 +63,6 @@ def route(x: jax.Array, router: jax.Array, *, k: int, noise_std: float, normaliz
 
 
 # ---- the capacity rule -----------------------------------------------------------------------------
-
-def _mesh_is_trivial(mesh: Mesh | None) -> bool:
-    return mesh is None or mesh.size == 1
-
 
 def _num_shards(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
@@ -108,7 +105,7 @@ def capacity_keep(indices: jax.Array, num_experts: int, capacity: int, *, mesh: 
     a mesh every device ranks its own tokens and offsets them by the other shards' all-gathered
     [k, E] counts, so the result is the same however the batch is split.
     """
-    if _mesh_is_trivial(mesh):
+    if mesh_is_trivial(mesh):
         return _local_keep(indices, num_experts, capacity, sharded=False)
     _check_tokens(indices.shape[0], mesh)
     spec = P(BATCH_AXES, None)
@@ -365,12 +362,12 @@ def expert_mlp(x: jax.Array, indices: jax.Array, weights: jax.Array, keep: jax.A
     if gemm == "auto":
         gemm = "mosaic" if _sorted_pays(x, indices, w_in, w_out, mesh) else "blocks"
     if gemm != "blocks":
-        if not _mesh_is_trivial(mesh):
+        if not mesh_is_trivial(mesh):
             raise BluesError(f"expert gemm {gemm!r} runs on one device; a mesh uses 'blocks'")
         return _sorted_compute(x, indices, weights, _keep_all(indices) if keep is None else keep, w_in, w_out, gemm)
     if keep is None:  # dropless: the capacity bound does not apply
         keep, capacity = _keep_all(indices), None
-    if _mesh_is_trivial(mesh):
+    if mesh_is_trivial(mesh):
         return _local_expert_mlp(x, indices, weights, keep, w_in, w_out, capacity=capacity, ep=1, sharded=False)
     _check_tokens(x.shape[0], mesh)
     ep = mesh.shape[EXPERT_AXIS]
@@ -390,7 +387,7 @@ SORTED_MIN_ROWS_PER_EXPERT = 128
 
 def _sorted_pays(x, indices, w_in, w_out, mesh) -> bool:
     """The sorted form with Mosaic grouped GEMMs: one device, Hopper bf16, enough rows per expert."""
-    return (_mesh_is_trivial(mesh) and indices.size >= SORTED_MIN_ROWS_PER_EXPERT * w_in.shape[0]
+    return (mesh_is_trivial(mesh) and indices.size >= SORTED_MIN_ROWS_PER_EXPERT * w_in.shape[0]
             and mosaic_applies(x, w_in) and mosaic_applies(x, w_out))
 
 

@@ -52,7 +52,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 def _chunk_loss_and_grads(h_c, t_c, embed, vocab_size: int, inv_n, with_grads: bool, fused: bool):
     """One chunk: (nll sum, grad_h [B, c, d], grad_embed [Vp, d] float32) for d(loss)/d(nll) = inv_n.
-    embed is already in h_c's dtype (the casts below are no-ops).
+    embed is already in h_c's dtype (_padded_logits' cast is a no-op).
 
     The logits are rounded to the matmul dtype (bf16 in training), as PyTorch's plain path and the
     usual fused losses keep them: at V = 200k their memory traffic, not the GEMMs', is what the

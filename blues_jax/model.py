@@ -29,7 +29,7 @@ from blues_jax.attention import ATTN_IMPLS, apply_rope, attention, rope_cos_sin
 from blues_jax.experts import (capacity_keep, expert_counts, expert_mlp, load_balancing_loss, route,
                                router_z_loss)
 from blues_jax.loss import chunked_lm_loss, cross_entropy, lm_head_logits
-from blues_jax.sharding import constrain_batch
+from blues_jax.sharding import constrain_batch, mesh_is_trivial
 from blues_jax.xent_kernel import fused_applies as xent_fused_applies
 
 
@@ -251,7 +251,7 @@ class BluesModel(nnx.Module):
             logits = None
             # The Pallas loss kernel is a per-device call that XLA's partitioner cannot split: a mesh
             # keeps XLA's form of it, which follows the batch's sharding.
-            fused = (self.mesh is None or self.mesh.size == 1) and xent_fused_applies(head_in.dtype)
+            fused = mesh_is_trivial(self.mesh) and xent_fused_applies(head_in.dtype)
             lm_loss = chunked_lm_loss(head_in, self.embed[...], targets, cfg.vocab_size, self.loss_chunk_size,
                                       fused=fused)
         else:

@@ -166,8 +166,13 @@ def shard_batch(batch, mesh: Mesh):
     return jax.tree.map(put, batch)
 
 
+def mesh_is_trivial(mesh: Mesh | None) -> bool:
+    """No mesh, or one device: nothing to split, and per-device kernels may run as they are."""
+    return mesh is None or mesh.size == 1
+
+
 def constrain_batch(x: jax.Array, mesh: Mesh | None) -> jax.Array:
     """Inside jit: keep an activation's batch axis split over the mesh (no-op without a mesh)."""
-    if mesh is None or mesh.size == 1:
+    if mesh_is_trivial(mesh):
         return x
     return jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.ndim))
