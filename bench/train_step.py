@@ -17,6 +17,7 @@ per-expert loop.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -39,6 +40,10 @@ ATTN_TOL = 2e-2
 # rounding differences average out (~1e-4 expected); 1e-2 also absorbs the odd token whose top-k
 # routing flips between two bf16 paths. A broken fast path moves the loss by O(1).
 MODEL_LOSS_TOL = 1e-2
+# The compiled step's gradients against eager's, the worst parameter's relative error: bf16 rounding
+# summed in different orders left <= 7.4% (tests/test_gpu.py, H200); a gradient path the compiled
+# graph loses is 1.0 (torch 2.11 lost every layer's: docs/performance.md round 8).
+COMPILED_GRAD_TOL = 0.3
 
 
 @dataclass(frozen=True)
@@ -179,6 +184,36 @@ def check_torch_model_paths(model, ids, tgt, device) -> tuple[bool, str]:
     return ok, f"model loss fast {fast:.4f} vs reference {ref:.4f} (rel {err:.1e} < {MODEL_LOSS_TOL:.0e})"
 
 
+def check_torch_compiled_gradients(model, ids, tgt, compile_fn=None) -> tuple[bool, str]:
+    """One bf16-autocast training forward and backward, compiled (`compile_fn`, torch.compile by
+    default) against eager: every parameter's gradient, router noise off so both take the same routes."""
+    import torch
+    quiet = dataclasses.replace(model.config, router_noise_std=0.0)
+    owners = [model, *(layer.moe for layer in model.layers)]  # the modules that read the noise setting
+    saved = [m.config for m in owners]
+    for m in owners:
+        m.config = quiet
+
+    def gradients(run):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16):
+            run(ids, tgt).loss.backward()
+        return {name: p.grad.float().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    try:
+        eager = gradients(model)
+        compiled = gradients((compile_fn or torch.compile)(model))
+    finally:
+        for m, cfg in zip(owners, saved):
+            m.config = cfg
+        model.zero_grad(set_to_none=True)
+    errors = {name: float((compiled[name] - g).norm() / g.norm().clamp(min=1e-30)) if name in compiled else 1.0
+              for name, g in eager.items()}
+    worst = max(errors, key=errors.get)
+    ok = all(math.isfinite(e) for e in errors.values()) and errors[worst] < COMPILED_GRAD_TOL
+    return ok, f"compiled grads vs eager worst rel {errors[worst]:.1e} ({worst}; < {COMPILED_GRAD_TOL})"
+
+
 def torch_train(wl: Workload, *, steps: int, warmup: int, compile: bool = False, attn_impl: str = "auto",
                 check: bool = True, seed: int = 0) -> Row:
     import torch
@@ -200,6 +235,8 @@ def torch_train(wl: Workload, *, steps: int, warmup: int, compile: bool = False,
     if check:
         checks.append(check_torch_attention(wl.config, wl.batch, wl.seq, device, attn_impl))
         checks.append(check_torch_model_paths(model, ids[:1], tgt[:1], device))
+        if compile:
+            checks.append(check_torch_compiled_gradients(model, ids[:1], tgt[:1]))
         log(f"  checks: {'; '.join(c[1] for c in checks)}")
         mem.reset()  # the checks' transient buffers (materialised logits) are not the training step's
 

@@ -188,9 +188,11 @@ class BluesModel(nnx.Module):
     """Embedding (tied LM head) -> L blocks -> final RMSNorm -> logits."""
 
     def __init__(self, config: BluesConfig, *, rngs: nnx.Rngs, attn_impl: str = "auto",
-                 loss_chunk_size: int = 1024, remat: bool = False, dtype: jnp.dtype = jnp.float32):
+                 loss_chunk_size: int | None = None, remat: bool = False, dtype: jnp.dtype = jnp.float32):
         if attn_impl not in ATTN_IMPLS:
             raise ConfigError(f"attn_impl '{attn_impl}' is unknown; choose one of {', '.join(ATTN_IMPLS)}")
+        if loss_chunk_size is None:  # the config's width-aware default
+            loss_chunk_size = config.default_loss_chunk_size
         if not (isinstance(loss_chunk_size, int) and loss_chunk_size > 0):
             raise ConfigError(f"loss_chunk_size must be a positive integer, got {loss_chunk_size!r}")
         self.config = config

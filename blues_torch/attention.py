@@ -105,8 +105,9 @@ def _flash_attention(q, k, v, softcap):
 _FLASH_STATUS: tuple[bool, bool] | None = None
 
 
-def _flash_attn_status() -> tuple[bool, bool]:
-    """(importable, supports softcap); checked once per process."""
+def flash_attn_status() -> tuple[bool, bool]:
+    """(importable, supports softcap); checked once per process. The model probes it when built:
+    under torch.compile the install probe (importlib) would break the graph."""
     global _FLASH_STATUS
     if _FLASH_STATUS is None:
         _FLASH_STATUS = (False, False)
@@ -122,7 +123,7 @@ def _flash_attn_status() -> tuple[bool, bool]:
 def _choose(impl: str, device_type: str, dtype: torch.dtype, has_softcap: bool, log: bool = True) -> str:
     if impl not in ATTN_IMPLS:
         raise ConfigError(f"attn_impl '{impl}' is unknown; choose one of {', '.join(ATTN_IMPLS)}")
-    flash_ok, flash_softcap = _flash_attn_status()
+    flash_ok, flash_softcap = flash_attn_status()
     flash_usable = flash_ok and device_type == "cuda" and dtype in (torch.float16, torch.bfloat16)
     if impl == "flash_attn":
         if not flash_usable:

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from blues.config import BluesConfig
 from blues.errors import BluesError, ConfigError
-from blues_torch.attention import ATTN_IMPLS, apply_rope, attention, rope_cos_sin
+from blues_torch.attention import ATTN_IMPLS, apply_rope, attention, flash_attn_status, rope_cos_sin
 from blues_torch.experts import (capacity_keep, expert_counts, expert_mlp, load_balancing_loss, route,
                                  router_z_loss)
 from blues_torch.loss import chunked_lm_loss, cross_entropy, lm_head_logits
@@ -60,7 +60,11 @@ class _RMSNormFunction(torch.autograd.Function):
         xf = x.float()
         r = torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps)  # [..., 1]
         ctx.save_for_backward(x, r, scale)
-        return (xf * r * scale.float()).to(x.dtype)
+        y = xf * r * scale.float()  # [..., d] float32
+        # Never `y.to(x.dtype)` when that is a no-op: an output aliasing an intermediate made torch
+        # 2.11's torch.compile route this Function's gradient to a phantom second output (pytorch
+        # #180642), so with float32 weights the compiled step gave every layer a zero gradient.
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -94,6 +98,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, dh
         self.softcap = config.attn_logit_softcap
         self.attn_impl = attn_impl
+        flash_attn_status()  # probed here, never first inside a compiled forward (a graph break there)
         self.q = nn.Parameter(torch.empty(d, self.n_heads * dh))  # column h*Dh + j: head h, dim j
         self.k = nn.Parameter(torch.empty(d, self.n_kv_heads * dh))
         self.v = nn.Parameter(torch.empty(d, self.n_kv_heads * dh))
@@ -176,11 +181,13 @@ class Block(nn.Module):
 class BluesModel(nn.Module):
     """Embedding (tied LM head) -> L blocks -> final RMSNorm -> logits."""
 
-    def __init__(self, config: BluesConfig, *, attn_impl: str = "auto", loss_chunk_size: int = 1024,
+    def __init__(self, config: BluesConfig, *, attn_impl: str = "auto", loss_chunk_size: int | None = None,
                  gradient_checkpointing: bool = False):
         super().__init__()
         if attn_impl not in ATTN_IMPLS:
             raise ConfigError(f"attn_impl '{attn_impl}' is unknown; choose one of {', '.join(ATTN_IMPLS)}")
+        if loss_chunk_size is None:  # the config's width-aware default
+            loss_chunk_size = config.default_loss_chunk_size
         if not (isinstance(loss_chunk_size, int) and loss_chunk_size > 0):
             raise ConfigError(f"loss_chunk_size must be a positive integer, got {loss_chunk_size!r}")
         self.config = config

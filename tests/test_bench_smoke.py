@@ -141,3 +141,34 @@ def test_quick_peer_deepspeed_parity(tmp_path):
     assert_rows_ok(proc, rows, expected)
     ds = next(r for r in rows if r["framework"] == "torch+deepspeed")
     assert ds["skipped"] or ds["check_ok"]
+
+
+def test_compiled_gradient_check_passes_and_catches_a_lost_path():
+    """bench's check of the compiled training step: the real compiled model passes; a "compiler" whose
+    step keeps the loss but loses every gradient path (what torch 2.11 did to the layers) fails at
+    rel. error 1.0. The aot_eager backend runs dynamo and AOTAutograd, where that bug lived, without
+    inductor's C++ build on the CPU."""
+    import types
+
+    import torch
+
+    from bench.train_step import check_torch_compiled_gradients, model_config
+    from blues_torch import BluesModel
+
+    config = model_config("tiny", quick=True)
+    torch.manual_seed(0)
+    model = BluesModel(config).train()
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    tgt = torch.randint(0, config.vocab_size, (2, 16))
+    ok, text = check_torch_compiled_gradients(model, ids, tgt, compile_fn=lambda m: torch.compile(m, backend="aot_eager"))
+    assert ok, text
+
+    def losing_compiler(m):
+        def step(ids, tgt):
+            out = m(ids, tgt)
+            return types.SimpleNamespace(loss=out.loss.detach() + 0.0 * m.embed.sum())
+        return step
+
+    ok, text = check_torch_compiled_gradients(model, ids, tgt, compile_fn=losing_compiler)
+    assert not ok and "worst rel 1.0e+00" in text, text
+    assert model.config.router_noise_std == config.router_noise_std  # the check leaves the model as it was

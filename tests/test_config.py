@@ -101,3 +101,22 @@ def test_core_imports_neither_framework():
             "print(','.join(bad)); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, f"blues imported: {result.stdout} {result.stderr[-500:]}"
+
+
+@pytest.mark.parametrize("hidden, chunk", [(1024, 1024), (4096, 1024), (512, 1024), (192, 4096), (64, 8192)])
+def test_default_loss_chunk_size_widens_narrow_models(hidden, chunk):
+    """At least 1024 tokens a chunk, and chunk x d >= 512 x 1024 rounded up to a power of two: a
+    narrow model's chunk of the LM head is otherwise cheaper than its dispatch (docs/performance.md)."""
+    config = dataclasses.replace(BluesConfig(), hidden_size=hidden, head_dim=hidden // 4)
+    assert config.default_loss_chunk_size == chunk
+    assert chunk * hidden >= 512 * 1024 and (chunk == 1024 or (chunk // 2) * hidden < 512 * 1024)
+
+
+def test_models_take_the_config_default_loss_chunk_size():
+    torch_model = pytest.importorskip("blues_torch").BluesModel
+    config = BluesConfig.preset("tiny")
+    assert torch_model(config).loss_chunk_size == config.default_loss_chunk_size == 4096
+    assert torch_model(config, loss_chunk_size=256).loss_chunk_size == 256
+    jax_model = pytest.importorskip("blues_jax").BluesModel
+    nnx = pytest.importorskip("flax.nnx")
+    assert jax_model(config, rngs=nnx.Rngs(0)).loss_chunk_size == 4096

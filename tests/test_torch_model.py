@@ -508,6 +508,23 @@ def test_rmsnorm_and_gated_gelu_backwards_match_autograd():
     torch.testing.assert_close(torch.autograd.grad((out * upstream).sum(), hidden)[0], want, rtol=1e-5, atol=1e-6)
 
 
+def test_rmsnorm_under_torch_compile_keeps_its_gradient():
+    """The norm's Function must not return an alias of an intermediate (a no-op `.to(x.dtype)` on
+    float32 input): torch 2.11's torch.compile routed such an output's gradient to a phantom second
+    output (pytorch#180642), and compiled training with float32 weights gave every layer a zero
+    gradient (found on the H200, docs/performance.md round 8). A Function of that form gets a zero
+    gradient under 2.11's compile on CPU and CUDA alike; torch builds with the fix pass either way."""
+    from blues_torch.model import RMSNorm
+    g = torch.Generator().manual_seed(5)
+    norm = RMSNorm(12, 1e-5)
+    x = torch.randn(3, 12, generator=g, requires_grad=True)
+    upstream = torch.randn(3, 12, generator=g)
+    want = torch.autograd.grad((norm(x) * upstream).sum(), (x, norm.scale))
+    got = torch.autograd.grad((torch.compile(norm)(x) * upstream).sum(), (x, norm.scale))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_dense_small_block_path_matches_sorted_path():
     """Decode-sized CUDA blocks compute every expert densely (experts._dense_small_block_mlp);
     on any device it must equal the sorted per-expert path, capacity refusals included."""
