@@ -184,9 +184,10 @@ def check_torch_model_paths(model, ids, tgt, device) -> tuple[bool, str]:
     return ok, f"model loss fast {fast:.4f} vs reference {ref:.4f} (rel {err:.1e} < {MODEL_LOSS_TOL:.0e})"
 
 
-def check_torch_compiled_gradients(model, ids, tgt, compile_fn=None) -> tuple[bool, str]:
-    """One bf16-autocast training forward and backward, compiled (`compile_fn`, torch.compile by
-    default) against eager: every parameter's gradient, router noise off so both take the same routes."""
+def compiled_gradient_errors(model, ids, tgt, compile_fn=None, autocast: bool = True) -> dict[str, float]:
+    """One training forward and backward, compiled (`compile_fn`, torch.compile by default) against
+    eager, router noise off so both take the same routes: each parameter's relative gradient error
+    (1.0 where the compiled step gave it none). autocast: bf16 autocast, as for float32 weights."""
     import torch
     quiet = dataclasses.replace(model.config, router_noise_std=0.0)
     owners = [model, *(layer.moe for layer in model.layers)]  # the modules that read the noise setting
@@ -196,7 +197,7 @@ def check_torch_compiled_gradients(model, ids, tgt, compile_fn=None) -> tuple[bo
 
     def gradients(run):
         model.zero_grad(set_to_none=True)
-        with torch.autocast(ids.device.type, dtype=torch.bfloat16):
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
             run(ids, tgt).loss.backward()
         return {name: p.grad.float().clone() for name, p in model.named_parameters() if p.grad is not None}
 
@@ -207,8 +208,13 @@ def check_torch_compiled_gradients(model, ids, tgt, compile_fn=None) -> tuple[bo
         for m, cfg in zip(owners, saved):
             m.config = cfg
         model.zero_grad(set_to_none=True)
-    errors = {name: float((compiled[name] - g).norm() / g.norm().clamp(min=1e-30)) if name in compiled else 1.0
-              for name, g in eager.items()}
+    return {name: float((compiled[name] - g).norm() / g.norm().clamp(min=1e-30)) if name in compiled else 1.0
+            for name, g in eager.items()}
+
+
+def check_torch_compiled_gradients(model, ids, tgt, compile_fn=None) -> tuple[bool, str]:
+    """The compiled bf16-autocast training step's gradients against eager's (compiled_gradient_errors)."""
+    errors = compiled_gradient_errors(model, ids, tgt, compile_fn)
     worst = max(errors, key=errors.get)
     ok = all(math.isfinite(e) for e in errors.values()) and errors[worst] < COMPILED_GRAD_TOL
     return ok, f"compiled grads vs eager worst rel {errors[worst]:.1e} ({worst}; < {COMPILED_GRAD_TOL})"
