@@ -40,10 +40,14 @@ ATTN_TOL = 2e-2
 # rounding differences average out (~1e-4 expected); 1e-2 also absorbs the odd token whose top-k
 # routing flips between two bf16 paths. A broken fast path moves the loss by O(1).
 MODEL_LOSS_TOL = 1e-2
-# The compiled step's gradients against eager's, the worst parameter's relative error: bf16 rounding
-# summed in different orders left <= 7.4% (tests/test_gpu.py, H200); a gradient path the compiled
-# graph loses is 1.0 (torch 2.11 lost every layer's: docs/performance.md round 8).
-COMPILED_GRAD_TOL = 0.3
+# The compiled step's gradients against eager's, both bf16 and measured against eager float32: the
+# worst parameter's excess error (compiled's relative error minus eager bf16's own). bf16 rounding
+# alone cannot be told apart by comparing the two bf16 steps: at the bench size a router's gradient
+# (a small sum of cancelling terms, whose top-k choices flip on near ties) differed by 39% between
+# them (H200, round 9). Against float32 the two are equally far from it; a gradient path the
+# compiled graph loses is 1.0 from it while eager is not (torch 2.11 lost every layer's:
+# docs/performance.md round 8).
+COMPILED_GRAD_TOL = 0.2
 
 
 @dataclass(frozen=True)
@@ -184,10 +188,15 @@ def check_torch_model_paths(model, ids, tgt, device) -> tuple[bool, str]:
     return ok, f"model loss fast {fast:.4f} vs reference {ref:.4f} (rel {err:.1e} < {MODEL_LOSS_TOL:.0e})"
 
 
-def compiled_gradient_errors(model, ids, tgt, compile_fn=None, autocast: bool = True) -> dict[str, float]:
-    """One training forward and backward, compiled (`compile_fn`, torch.compile by default) against
-    eager, router noise off so both take the same routes: each parameter's relative gradient error
-    (1.0 where the compiled step gave it none). autocast: bf16 autocast, as for float32 weights."""
+def compiled_gradient_errors(model, ids, tgt, compile_fn=None, autocast: bool = True) -> dict[str, tuple[float, float]]:
+    """One training forward and backward, compiled (`compile_fn`, torch.compile by default) and
+    eager, both in bf16, and the eager float32 reference, router noise off so that all take the same
+    routes as far as rounding lets them: each parameter's (compiled's, eager bf16's) relative gradient
+    error against the reference (compiled's 1.0 where it gave none). autocast: bf16 autocast over the
+    model's float32 weights (the reference: autocast off); else the model is bf16 (DeepSpeed's mode)
+    and the reference a float32 copy of it."""
+    import copy
+
     import torch
     quiet = dataclasses.replace(model.config, router_noise_std=0.0)
     owners = [model, *(layer.moe for layer in model.layers)]  # the modules that read the noise setting
@@ -195,29 +204,41 @@ def compiled_gradient_errors(model, ids, tgt, compile_fn=None, autocast: bool = 
     for m in owners:
         m.config = quiet
 
-    def gradients(run):
-        model.zero_grad(set_to_none=True)
-        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+    def gradients(run, module, bf16_autocast):
+        module.zero_grad(set_to_none=True)
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
             run(ids, tgt).loss.backward()
-        return {name: p.grad.float().clone() for name, p in model.named_parameters() if p.grad is not None}
+        grads = {name: p.grad.float().clone() for name, p in module.named_parameters() if p.grad is not None}
+        module.zero_grad(set_to_none=True)
+        return grads
 
     try:
-        eager = gradients(model)
-        compiled = gradients((compile_fn or torch.compile)(model))
+        reference_model = model if autocast else copy.deepcopy(model).float()
+        reference = gradients(reference_model, reference_model, False)
+        del reference_model
+        eager = gradients(model, model, autocast)
+        compiled = gradients((compile_fn or torch.compile)(model), model, autocast)
     finally:
         for m, cfg in zip(owners, saved):
             m.config = cfg
-        model.zero_grad(set_to_none=True)
-    return {name: float((compiled[name] - g).norm() / g.norm().clamp(min=1e-30)) if name in compiled else 1.0
-            for name, g in eager.items()}
+
+    def rel(name, grads):
+        g = reference[name]
+        return float((grads[name] - g).norm() / g.norm().clamp(min=1e-30)) if name in grads else 1.0
+
+    return {name: (rel(name, compiled), rel(name, eager)) for name in reference}
 
 
 def check_torch_compiled_gradients(model, ids, tgt, compile_fn=None) -> tuple[bool, str]:
-    """The compiled bf16-autocast training step's gradients against eager's (compiled_gradient_errors)."""
+    """The compiled bf16-autocast training step's gradients no further from float32's than eager
+    bf16's are, within COMPILED_GRAD_TOL (compiled_gradient_errors)."""
     errors = compiled_gradient_errors(model, ids, tgt, compile_fn)
-    worst = max(errors, key=errors.get)
-    ok = all(math.isfinite(e) for e in errors.values()) and errors[worst] < COMPILED_GRAD_TOL
-    return ok, f"compiled grads vs eager worst rel {errors[worst]:.1e} ({worst}; < {COMPILED_GRAD_TOL})"
+    excess = {name: c - e for name, (c, e) in errors.items()}
+    worst = max(excess, key=excess.get)
+    ok = all(math.isfinite(c) and math.isfinite(e) for c, e in errors.values()) and excess[worst] < COMPILED_GRAD_TOL
+    c, e = errors[worst]
+    return ok, (f"compiled grads vs float32 worst rel {c:.1e} against eager bf16's {e:.1e} ({worst}; "
+                f"excess < {COMPILED_GRAD_TOL})")
 
 
 def torch_train(wl: Workload, *, steps: int, warmup: int, compile: bool = False, attn_impl: str = "auto",

@@ -54,12 +54,12 @@ class BluesConfig:
     @property
     def default_loss_chunk_size(self) -> int:
         """Tokens per chunk of the chunked LM loss when a model is given none: at least 1024, and at
-        narrow widths the power of two that keeps a chunk's head GEMMs at >= 2^19 x Vp multiply-adds
-        (chunk x d >= 512 x 1024). A narrow model's chunk otherwise costs less GPU time than its
-        dispatch: compiled PyTorch at `tiny` (d 192) ran 612k tokens/s with 1024-token chunks, 655k
-        with 4096 and 792k with 16384, at 2.6, 6.0 and 13.6 GiB (H200, docs/performance.md round 8).
+        narrow widths the power of two that keeps a chunk's head GEMMs at >= 2^20 x Vp multiply-adds
+        (chunk x d >= 1024 x 1024). A narrow model's chunk otherwise costs less GPU time than its
+        dispatch: compiled PyTorch at `tiny` (d 192) ran 621k tokens/s with 1024-token chunks, 728k
+        with 4096 and 850k with 8192, at 2.4, 4.5 and 7.7 GiB (H200, docs/performance.md round 9).
         Memory grows with it: a chunk holds [chunk, Vp] logits."""
-        rows = 2 ** 19 / self.hidden_size
+        rows = 2 ** 20 / self.hidden_size
         return max(1024, 2 ** math.ceil(math.log2(rows)))
 
     @property

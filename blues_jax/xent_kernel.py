@@ -18,18 +18,11 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-
-class Launch(NamedTuple):
-    """The kernels' program shape: a row's logits in `splits` programs, each of which walks its share
-    in pieces of `block_elements` (a power of two) with `num_warps` warps."""
-    block_elements: int
-    splits: int
-    num_warps: int
+from blues.xent_launch import Launch, geometry
 
 
 # Picked on an H200 at the bench chunk, [1024, 200064] bf16 (scripts/loss_kernel_probe.py;
@@ -50,32 +43,28 @@ def softmax_xent(logits: jax.Array, targets: jax.Array, scale: jax.Array, vocab_
     """logits [R, Vp], targets [R] int in [0, V), scale [R] float32 -> (nll [R] float32, grad [R, Vp])."""
     if not fused:
         return _reference(logits, targets, scale, vocab_size)
-    from jax.experimental import pallas as pl
-
     rows, vp = logits.shape
-    block = min(launch.block_elements, pl.next_power_of_2(vp))
-    n_blocks = pl.cdiv(vp, block)
-    splits = min(launch.splits, n_blocks)
-    geometry = dict(vocab=vocab_size, padded=vp, block=block, per_split=pl.cdiv(n_blocks, splits))
+    block, splits, per_split = geometry(vp, launch)
+    fitted = dict(vocab=vocab_size, padded=vp, block=block, per_split=per_split)
     targets = targets.astype(jnp.int32)
     partial = [jax.ShapeDtypeStruct((rows, splits), jnp.float32)] * 3
-    run_max, run_sum, target_logit = _call(_statistics_kernel, geometry, partial, (rows, splits), launch,
+    run_max, run_sum, target_logit = _call(_statistics_kernel, fitted, partial, (rows, splits), launch,
                                            interpret)(logits, targets)  # [R, splits] each
     # The splits' statistics combined: a few numbers a row, left to XLA.
     row_max = jnp.max(run_max, axis=1)  # [R]; finite: the first split holds real columns
     lse = row_max + jnp.log(jnp.sum(run_sum * jnp.exp(run_max - row_max[:, None]), axis=1))  # [R]
     nll = lse - jnp.sum(target_logit, axis=1)  # [R]
     out = [jax.ShapeDtypeStruct((rows, vp), logits.dtype)]
-    (grad,) = _call(_gradient_kernel, geometry, out, (rows, splits), launch, interpret)(
+    (grad,) = _call(_gradient_kernel, fitted, out, (rows, splits), launch, interpret)(
         logits, targets, scale.astype(jnp.float32), lse)  # [R, Vp]
     return nll, grad
 
 
-def _call(kernel, geometry, out_shape, grid, launch: Launch, interpret: bool):
+def _call(kernel, fitted, out_shape, grid, launch: Launch, interpret: bool):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plt
 
-    return pl.pallas_call(functools.partial(kernel, **geometry), out_shape=out_shape, grid=grid,
+    return pl.pallas_call(functools.partial(kernel, **fitted), out_shape=out_shape, grid=grid,
                           compiler_params=plt.CompilerParams(num_warps=launch.num_warps, num_stages=1),
                           interpret=interpret, name=kernel.__name__.strip("_"))
 

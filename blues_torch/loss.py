@@ -14,6 +14,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from blues_torch import xent_kernel
+
 logger = logging.getLogger("blues")
 
 IGNORE_INDEX = -100
@@ -65,9 +67,9 @@ class _ChunkedLMLoss(torch.autograd.Function):
             for start in range(0, h.shape[0], chunk_size):
                 sl = slice(start, start + chunk_size)
                 h_c = h[sl].to(dtype)  # [c, d]
-                logits = _chunk_logits(h_c, w, vocab_size, dtype)  # [c, Vp] in dtype, padding at -inf
-                nll, grad_logits = _nll_and_grad_logits(logits, safe_targets[sl], valid[sl], scale[sl], dtype,
-                                                        need_h or need_embed)  # [], [c, Vp] in dtype
+                logits = h_c @ w.t()  # [c, Vp] in dtype: see _nll_and_grad_logits_eager
+                nll, grad_logits = _nll_and_grad_logits(logits, safe_targets[sl], valid[sl], scale[sl], vocab_size,
+                                                        dtype, need_h or need_embed)  # [], [c, Vp] in dtype
                 total += nll
                 del logits
                 if grad_logits is None:
@@ -94,7 +96,9 @@ def _nll_and_grad_logits_eager(logits: torch.Tensor, targets: torch.Tensor, vali
     """One chunk's logits [c, Vp] (the matmul dtype, padding at -inf) -> (sum of the valid rows'
     nll, (softmax - onehot) * scale [c, Vp] in `dtype`, or None without gradients); float32 math.
 
-    The softmax is written as amax -> subtract -> exp -> sum (not torch.logsumexp, whose inf guard
+    The logits are rounded to the matmul dtype (bf16 in training), as the plain path under autocast and
+    the usual fused losses (Liger, Megatron) keep them: written and read back at 2 bytes instead of 4,
+    this is ~40% of the loss's memory traffic at V = 200k. The softmax is written as amax -> subtract -> exp -> sum (not torch.logsumexp, whose inf guard
     hides the pattern) so inductor's online-softmax pass computes max and sum in one read of the logits."""
     x = logits.float()  # [c, Vp]
     row_max = x.amax(dim=-1, keepdim=True)  # [c, 1]
@@ -113,11 +117,19 @@ def _nll_and_grad_logits_eager(logits: torch.Tensor, targets: torch.Tensor, vali
 _COMPILED_NLL: list = []  # [the torch.compile'd function], built on first use on a GPU
 
 
-def _nll_and_grad_logits(logits, targets, valid, scale, dtype, with_grad):
-    """`_nll_and_grad_logits_eager`, fused by torch.compile on a GPU: one online-softmax reduction
-    over the [c, Vp] logits and one pass writing the `dtype` gradient, instead of ~7 eager passes
-    (exp, subtract, scale, cast and their temporaries); the loss's elementwise work rivalled its
-    GEMMs at V = 200k (docs/performance.md). Elsewhere, and if compiling fails, it runs eagerly."""
+def _nll_and_grad_logits(logits, targets, valid, scale, vocab_size, dtype, with_grad):
+    """One chunk's logits [c, Vp] in the matmul dtype -> (sum of the valid rows' nll, the gradient
+    (softmax - onehot) * scale [c, Vp] in `dtype`, or None without gradients).
+
+    On a GPU with 16-bit logits: blues_torch/xent_kernel.py's Triton kernels, which write the
+    gradient over the logits (no second [c, Vp] buffer). Other GPU cases: `_nll_and_grad_logits_eager`
+    fused by torch.compile (an online-softmax reduction and a gradient pass instead of ~7 eager passes;
+    the loss's elementwise work rivalled its GEMMs at V = 200k, docs/performance.md). On a CPU, and if
+    compiling fails, the eager form."""
+    if xent_kernel.fused_applies(logits):
+        nll = xent_kernel.softmax_xent_(logits, targets, scale, vocab_size, with_grad)  # [c]
+        return (nll * valid).sum(), (logits if with_grad else None)
+    logits[:, vocab_size:] = float("-inf")  # the padding columns leave the softmax
     if not logits.is_cuda:
         return _nll_and_grad_logits_eager(logits, targets, valid, scale, dtype, with_grad)
     if not _COMPILED_NLL:
@@ -158,17 +170,6 @@ def _addmm_float32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
         acc.addmm_(a, b)
     else:
         acc += _mm_float32(a, b)
-
-
-def _chunk_logits(h: torch.Tensor, w: torch.Tensor, vocab_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """Logits [c, Vp] of one chunk in the matmul dtype, padding columns at -inf so no softmax sees them.
-
-    Rounded to `dtype` (bf16 in training), as the plain path under autocast and the usual fused
-    losses (Liger, Megatron) keep them: written and read back at 2 bytes instead of 4, this is ~40% of
-    the loss's memory traffic at V = 200k; everything after the GEMM is float32."""
-    logits = h.to(dtype) @ w.t()  # [c, Vp]
-    logits[:, vocab_size:] = float("-inf")
-    return logits
 
 
 # Kept out of a torch.compile'd model's graph (a graph break here): traced, the chunk loop is

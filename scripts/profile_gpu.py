@@ -431,15 +431,15 @@ def _phases(forward, backward, update, steps: int, warmup: int = 3) -> dict[str,
     return {key: statistics.median(ms) for key, ms in phases.items()}
 
 
-def _plain_step(wl, ids, tgt, compile: bool):
+def _plain_step(wl, ids, tgt, compile: bool, loss_chunk_size: int | None = None):
     """bench/train_step.py's PyTorch step (float32 weights, bf16 autocast, clipping, fused AdamW) as
-    (forward, backward, update) callables."""
+    (forward, backward, update) callables; the loss chunk the model's default unless given."""
     from blues_torch import BluesModel
     from bench.train_step import BETAS, GRAD_CLIP, LR, WEIGHT_DECAY, fresh_torch_compile, torch_param_groups
 
     torch.manual_seed(0)
     with torch.device(ids.device):
-        model = BluesModel(wl.config)
+        model = BluesModel(wl.config, loss_chunk_size=loss_chunk_size)
     model.train()
     opt = torch.optim.AdamW(torch_param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, fused=True)
     if compile:

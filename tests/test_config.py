@@ -103,20 +103,20 @@ def test_core_imports_neither_framework():
     assert result.returncode == 0, f"blues imported: {result.stdout} {result.stderr[-500:]}"
 
 
-@pytest.mark.parametrize("hidden, chunk", [(1024, 1024), (4096, 1024), (512, 1024), (192, 4096), (64, 8192)])
+@pytest.mark.parametrize("hidden, chunk", [(1024, 1024), (4096, 1024), (512, 2048), (192, 8192), (64, 16384)])
 def test_default_loss_chunk_size_widens_narrow_models(hidden, chunk):
-    """At least 1024 tokens a chunk, and chunk x d >= 512 x 1024 rounded up to a power of two: a
+    """At least 1024 tokens a chunk, and chunk x d >= 1024 x 1024 rounded up to a power of two: a
     narrow model's chunk of the LM head is otherwise cheaper than its dispatch (docs/performance.md)."""
     config = dataclasses.replace(BluesConfig(), hidden_size=hidden, head_dim=hidden // 4)
     assert config.default_loss_chunk_size == chunk
-    assert chunk * hidden >= 512 * 1024 and (chunk == 1024 or (chunk // 2) * hidden < 512 * 1024)
+    assert chunk * hidden >= 1024 * 1024 and (chunk == 1024 or (chunk // 2) * hidden < 1024 * 1024)
 
 
 def test_models_take_the_config_default_loss_chunk_size():
     torch_model = pytest.importorskip("blues_torch").BluesModel
     config = BluesConfig.preset("tiny")
-    assert torch_model(config).loss_chunk_size == config.default_loss_chunk_size == 4096
+    assert torch_model(config).loss_chunk_size == config.default_loss_chunk_size == 8192
     assert torch_model(config, loss_chunk_size=256).loss_chunk_size == 256
     jax_model = pytest.importorskip("blues_jax").BluesModel
     nnx = pytest.importorskip("flax.nnx")
-    assert jax_model(config, rngs=nnx.Rngs(0)).loss_chunk_size == 4096
+    assert jax_model(config, rngs=nnx.Rngs(0)).loss_chunk_size == 8192

@@ -195,6 +195,53 @@ def test_jax_loss_kernel_matches_xla_gpu():
 
 
 @needs_cuda
+def test_torch_loss_kernel_matches_aten_gpu(monkeypatch):
+    """blues_torch/xent_kernel.py's Triton kernels at the real vocabulary (V 200019 in Vp 200064: a
+    partial last piece, and padding columns holding garbage that must be ignored) against the float32
+    aten form, alone and inside the chunked loss with its gradients under bf16 autocast, against the
+    same loss with the kernels off (the compiled aten form). Tolerances as the JAX kernel's test: the
+    nll is float32 math on the same bf16 logits (2e-5 absolute on values ~15); the gradient is rounded
+    to bf16 on both sides (one bf16 ulp, 2^-7 relative)."""
+    from blues_torch import loss, xent_kernel
+    r, d, v, vp = 2048, 256, 200019, 200064
+    g = torch.Generator(device="cuda").manual_seed(8)
+    logits = (3 * torch.randn(r, vp, device="cuda", generator=g)).bfloat16()  # [R, Vp]
+    logits[:, v:] = 5.0  # not -inf: the kernels must mask the padding themselves
+    targets = torch.randint(0, v, (r,), device="cuda", generator=g)
+    targets[:2] = torch.tensor([0, v - 1])
+    scale = torch.where(torch.arange(r, device="cuda") % 7 == 0, 0.0, 1.0 / r)  # [R]
+    x = logits.float()
+    x[:, v:] = float("-inf")
+    want_nll = torch.logsumexp(x, -1) - x.gather(1, targets[:, None])[:, 0]  # [R]
+    valid = torch.ones(r, dtype=torch.bool, device="cuda")
+    _, want_grad = loss._nll_and_grad_logits_eager(x, targets, valid, scale, torch.bfloat16, True)
+    nll = xent_kernel.softmax_xent_(logits, targets, scale, v, with_grad=True)  # logits now hold the gradient
+    torch.testing.assert_close(nll, want_nll, rtol=0, atol=2e-5)
+    torch.testing.assert_close(logits[:, :v].float(), want_grad[:, :v].float(), rtol=2 ** -7, atol=1e-12)
+    assert torch.count_nonzero(logits[:, v:]) == 0
+
+    h = (torch.randn(4, 512, d, device="cuda", generator=g)).requires_grad_()
+    embed = torch.randn(vp, d, device="cuda", generator=g) / d ** 0.5
+    embed[v:] = 0.0
+    embed.requires_grad_()
+    t = torch.randint(0, v, (4, 512), device="cuda", generator=g)
+    t[0, :9] = -100
+
+    def loss_and_grads():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = loss.chunked_lm_loss(h, embed, t, v, 1024)
+        return out, torch.autograd.grad(out, (h, embed))
+
+    got, grads = loss_and_grads()
+    monkeypatch.setattr(xent_kernel, "fused_applies", lambda logits: False)
+    want, want_grads = loss_and_grads()
+    assert abs(got.item() - want.item()) <= 1e-6 * abs(want.item())
+    for a, b in zip(grads, want_grads):
+        assert rel_err(a.cpu(), b.cpu()) < 1e-3
+    assert torch.count_nonzero(grads[1][v:]) == 0
+
+
+@needs_cuda
 def test_dense_decode_experts_match_expert_loop_gpu():
     """Decode-sized blocks without gradients take the dense path (every expert on every row)."""
     from blues_torch.experts import capacity_keep, expert_mlp
@@ -251,13 +298,13 @@ def test_chunked_loss_matches_plain_gpu():
 @pytest.mark.parametrize("weights", ["float32", "bfloat16"])
 def test_compiled_training_gradients_match_eager_gpu(weights):
     """torch.compile's training step computes the gradients eager PyTorch does, through every fast
-    path at once (grouped GEMMs, the Triton GeLU backward, SDPA, the chunked loss): float32 weights
-    under bf16 autocast (train_torch.py) and a bf16 module (DeepSpeed's bf16 mode). Router noise is
-    off so that both take the same routes; what is left is bf16 rounding summed in different orders:
-    up to 5.7% relative (the router's) with float32 weights and 7.4% with a bf16 module, whose
-    gradients are themselves bf16 (H200, 2026-11-29), so 0.1 and 0.15. A gradient path lost in the
-    compiled graph is far outside either: under torch 2.11 the RMSNorm's no-op `.to` made every layer's
-    gradient zero (rel. error 1.0; blues_torch/model.py, _RMSNormFunction)."""
+    path at once (grouped GEMMs, the Triton GeLU backward, SDPA, the chunked loss and its Triton
+    kernels): float32 weights under bf16 autocast (train_torch.py) and a bf16 module (DeepSpeed's bf16
+    mode). Both bf16 steps are measured against eager float32, router noise off so that all take the
+    same routes as far as rounding lets them. Compiled bf16 is to be no further from float32 than
+    eager bf16 is, within 0.1: round 8's compiled-vs-eager differences were <= 7.4% (H200). A gradient
+    path lost in the compiled graph is 1.0 from float32: under torch 2.11 the RMSNorm's no-op `.to`
+    made every layer's gradient zero (blues_torch/model.py, _RMSNormFunction)."""
     import dataclasses
     from bench.train_step import compiled_gradient_errors
     from blues_torch import BluesModel
@@ -269,7 +316,9 @@ def test_compiled_training_gradients_match_eager_gpu(weights):
     rng = np.random.default_rng(5)
     ids, targets = (torch.from_numpy(rng.integers(0, config.vocab_size, (2, 512))).cuda() for _ in range(2))
     errors = compiled_gradient_errors(model, ids, targets, autocast=weights == "float32")
-    assert max(errors.values()) < (0.1 if weights == "float32" else 0.15), sorted(errors.items(), key=lambda kv: -kv[1])[:4]
+    excess = sorted(((c - e, name, c, e) for name, (c, e) in errors.items()), reverse=True)
+    assert excess[0][0] < 0.1, excess[:4]
+    assert max(e for _, _, _, e in excess) < 0.5, excess[:4]  # eager bf16 itself near float32
 
 
 @needs_cuda
