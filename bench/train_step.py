@@ -235,7 +235,8 @@ def check_torch_compiled_gradients(model, ids, tgt, compile_fn=None) -> tuple[bo
     errors = compiled_gradient_errors(model, ids, tgt, compile_fn)
     excess = {name: c - e for name, (c, e) in errors.items()}
     worst = max(excess, key=excess.get)
-    ok = all(math.isfinite(c) and math.isfinite(e) for c, e in errors.values()) and excess[worst] < COMPILED_GRAD_TOL
+    finite = all(math.isfinite(c) and math.isfinite(e) for c, e in errors.values())
+    ok = finite and excess[worst] < COMPILED_GRAD_TOL
     c, e = errors[worst]
     return ok, (f"compiled grads vs float32 worst rel {c:.1e} against eager bf16's {e:.1e} ({worst}; "
                 f"excess < {COMPILED_GRAD_TOL})")

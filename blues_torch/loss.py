@@ -98,8 +98,9 @@ def _nll_and_grad_logits_eager(logits: torch.Tensor, targets: torch.Tensor, vali
 
     The logits are rounded to the matmul dtype (bf16 in training), as the plain path under autocast and
     the usual fused losses (Liger, Megatron) keep them: written and read back at 2 bytes instead of 4,
-    this is ~40% of the loss's memory traffic at V = 200k. The softmax is written as amax -> subtract -> exp -> sum (not torch.logsumexp, whose inf guard
-    hides the pattern) so inductor's online-softmax pass computes max and sum in one read of the logits."""
+    this is ~40% of the loss's memory traffic at V = 200k. The softmax is written as amax -> subtract
+    -> exp -> sum (not torch.logsumexp, whose inf guard hides the pattern) so inductor's online-softmax
+    pass computes max and sum in one read of the logits."""
     x = logits.float()  # [c, Vp]
     row_max = x.amax(dim=-1, keepdim=True)  # [c, 1]
     e = (x - row_max).exp()  # [c, Vp]
