@@ -5,7 +5,8 @@
 # GPU test, the PyTorch loss rows, DeepSpeed compiled (needs .whl, carried; its compiled PyTorch row, cut by
 # a 170 s limit in call 3, moved to D). D: compiled PyTorch at
 # bench and tiny. E: the kernel probe with the aten form, compiled PyTorch at tiny (the final launch).
-#   bash scripts/round9_gpu.sh A|B|C|D|E   (writes $OUT/logs/*.txt and $OUT/<part>/bench_results.json)
+# F: the PyTorch loss kernels' GPU tests at the final launch, JAX at tiny (the new default chunk).
+#   bash scripts/round9_gpu.sh A|B|C|D|E|F   (writes $OUT/logs/*.txt and $OUT/<part>/bench_results.json)
 set -uo pipefail
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 mkdir -p "$OUT/logs"
@@ -49,6 +50,11 @@ E)
   done
   timeout 130 python3 -m bench --table none --what train --framework torch --torch-compile on --preset tiny \
     --out "$OUT/tiny" --steps 20 --warmup 2 > "$OUT/logs/e2_tiny.txt" 2>&1
+  ;;
+F)
+  timeout 60 python3 -m pytest -q tests/test_gpu.py -k "torch_loss_kernel or chunked_loss_matches" > "$OUT/logs/f1_tests.txt" 2>&1
+  timeout 100 python3 -m bench --table none --what train --framework jax --preset tiny \
+    --out "$OUT/tiny_jax" --steps 20 --warmup 2 > "$OUT/logs/f2_tiny_jax.txt" 2>&1
   ;;
 esac
 rm -f "$OUT"/*/bench_table.md   # the device returns at most 8 files; the tables are rebuilt from the results
