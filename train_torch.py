@@ -91,7 +91,10 @@ class Dist:
             deepspeed.init_distributed()
             import torch.distributed as tdist
 
+            from blues_torch.deepspeed_shm import release_shm_segment
+
             self.rank, self.world_size = tdist.get_rank(), tdist.get_world_size()
+            release_shm_segment(self.rank, self.barrier)
             self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
             acc = get_accelerator()
             if acc.device_name() == "cuda":

@@ -112,6 +112,8 @@ def init_single_rank() -> None:
     import deepspeed
     import torch
     import torch.distributed as dist
+
+    from blues_torch.deepspeed_shm import release_shm_segment
     if dist.is_available() and dist.is_initialized():
         return
     os.environ.setdefault("RANK", "0")
@@ -121,6 +123,7 @@ def init_single_rank() -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                auto_mpi_discovery=False)
+    release_shm_segment(0, lambda: None)  # one rank: nobody else maps it
 
 
 def _merge(config: dict, overrides: dict) -> dict:

@@ -40,12 +40,16 @@ def _launch(tmp_path, out, *extra):
     env = dict(os.environ, DS_ACCELERATOR="cpu", BLUES_CACHE=str(tmp_path / "cache"), BLUES_WRITE_PARAM_HASH="1",
                OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), "train_torch.py",
+    port = _free_port()
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(port), "train_torch.py",
            "--deepspeed", "ds_config.json", "--precision", "fp32", "--data", str(tmp_path / "corpus.csv"),
            "--config", CONFIG, "--batch_size", "2", "--eval_batches", "2", "--eval_every", "100",
            "--save_every", "2", "--warmup_steps", "2", "--out_dir", str(out), *extra]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    # DeepSpeed's CPU all-reduce segments (66 MB of /dev/shm a rank) are released by the trainer
+    left = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not left, left
     return proc
 
 

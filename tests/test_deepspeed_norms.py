@@ -32,6 +32,8 @@ def engine():
     again). The group itself stays, as in the bench: DeepSpeed caches groups made from it."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
+    from blues_torch.deepspeed_shm import shm_segment
+
     with pytest.MonkeyPatch.context() as mp:
         for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                             "MASTER_PORT": str(_free_port())}.items():
@@ -40,6 +42,7 @@ def engine():
             mp.setattr(DeepSpeedZeroOptimizer, name, getattr(DeepSpeedZeroOptimizer, name))
         wl = train_workload("tiny", quick=True)
         eng, device, _, _ = build_engine(wl)
+        assert not shm_segment(0).exists()  # build_engine released DeepSpeed's CPU all-reduce segment
         yield eng, wl, device
 
 
