@@ -75,16 +75,17 @@ from blues.metrics import MetricsLogger
 from blues.plots import plot_experts, plot_losses
 from blues.schedule import learning_rate
 from blues.train_args import TrainArgs, parse_args
+from blues_jax.checkpoint import (Checkpointer, data_to_keys, discard_later_checkpoints, keys_to_data,
+                                  restore_arrays, seal_finished_saves)
 from blues.train_loop import (SAMPLE_PROMPT, SAMPLE_TOKENS, BadStepGuard, BestExport, EvalAccumulator, GracefulStop,
                               Progress, RunDir, SpikeDetector, StepTimer, TimeBudget, log, log_samples,
-                              resume_command, summary_line)
+                              invoked_script, resume_command, settings_lines, summary_line)
 
 SCRIPT = "train_jax.py"
 BETAS, EPS = (0.9, 0.95), 1e-8
 # Evaluation materialises [rows, T, V] float32 logits; rows are chosen so one forward holds at
 # most this many tokens per device (~0.8 GB of logits at V = 200k), as train_torch.py does.
 EVAL_TOKENS_PER_FORWARD = 1024
-ARRAYS, TRAINER = "arrays", "trainer_state"  # the two Orbax items of a checkpoint
 
 
 # ---- processes and the mesh -------------------------------------------------------------------------
@@ -270,132 +271,10 @@ def make_next_logits(graph, shardings: dict, window: int):
 
 # ---- state <-> checkpoint ---------------------------------------------------------------------------
 
-def _is_key(x) -> bool:
-    import jax
-
-    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def keys_to_data(rng):
-    """Typed PRNG keys -> their uint32 key data (what Orbax can store); counts unchanged."""
-    import jax
-
-    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, rng)
-
-
-def data_to_keys(data, template):
-    """Inverse of keys_to_data, with the key implementation of `template`'s keys."""
-    import jax
-
-    return jax.tree.map(lambda d, t: jax.random.wrap_key_data(d, impl=jax.random.key_impl(t)) if _is_key(t) else d,
-                        data, template)
-
-
 def _abstract(tree, shardings):
     import jax
 
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-class Checkpointer:
-    """Orbax CheckpointManager in blues.checkpointing's directory convention (see the docstring)."""
-
-    def __init__(self, root: Path, keep: int, is_main: bool):
-        import orbax.checkpoint as ocp
-
-        self.root, self.is_main = root, is_main
-        self.manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, step_prefix="step", step_format_fixed_length=8, create=True,
-            enable_async_checkpointing=True, cleanup_tmp_directories=True))
-        self.pending: list[tuple[int, dict]] = []  # saved, not yet sealed
-        self.last: Path | None = None
-
-    def path(self, step: int) -> Path:
-        return self.root / ckpt.step_dirname(step)
-
-    def save(self, step: int, params, opt_state, rng, trainer_state: dict) -> Path:
-        """Start an asynchronous save; `poll` seals it once Orbax has finalized it."""
-        import orbax.checkpoint as ocp
-
-        arrays = {"params": params, "opt_state": opt_state, "rng": keys_to_data(rng)}
-        self.manager.save(step, args=ocp.args.Composite(**{ARRAYS: ocp.args.StandardSave(arrays),
-                                                         TRAINER: ocp.args.JsonSave(trainer_state)}), force=True)
-        self.pending.append((step, trainer_state))
-        self.last = self.path(step)
-        return self.last
-
-    def poll(self, wait: bool = False) -> None:
-        """Seal the saves Orbax has finished (all of them, waiting, if `wait`)."""
-        if not self.pending:
-            return
-        if wait:
-            self.manager.wait_until_finished()
-        elif self.manager.is_saving_in_progress():
-            return
-        for step, state in self.pending:
-            if self.is_main and self.path(step).is_dir():  # (max_to_keep may already have removed it)
-                seal(self.path(step), step, state)
-        self.pending.clear()
-
-    def close(self) -> None:
-        self.poll(wait=True)
-        self.manager.close()
-
-
-def seal(path: Path, step: int, trainer_state: dict) -> None:
-    """trainer_state.json (the shared resume checks read it) and the COMMITTED manifest."""
-    ckpt.write_json(path / ckpt.TRAINER_STATE, trainer_state)
-    ckpt.seal(path, step, framework="jax")
-
-
-def seal_finished_saves(root: Path) -> None:
-    """Seal checkpoints whose Orbax save completed but whose run died before sealing them.
-
-    Only those newer than the newest sealed one: an older unsealed directory is not a save that
-    finished late but one that was being deleted (max_to_keep) when the run died."""
-    import orbax.checkpoint as ocp
-
-    infos = ckpt.list_checkpoints(root)
-    newest_sealed = max((i.step for i in infos if i.committed), default=-1)
-    for info in infos:
-        if (info.committed or info.step < newest_sealed or not (info.path / TRAINER).is_dir()
-                or not ocp.step.is_checkpoint_finalized(info.path)):
-            continue
-        try:
-            state = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(info.path / TRAINER)
-        except Exception as e:  # damaged: leave it unsealed, so resume skips it
-            log(f"warning: {info.path} was not sealed and its trainer state is unreadable ({e.__class__.__name__})")
-            continue
-        seal(info.path, info.step, state)
-        log(f"note: sealed {info.path}: its save had completed but the run stopped before marking it")
-
-
-def restore_arrays(path: Path, abstract: dict) -> dict:
-    """Orbax restore of a checkpoint's arrays onto the shardings in `abstract` (any mesh)."""
-    import orbax.checkpoint as ocp
-
-    try:
-        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
-            return checkpointer.restore(path / ARRAYS, args=ocp.args.StandardRestore(abstract))
-    except Exception as e:  # Orbax/tensorstore raise many kinds; name the checkpoint and stop
-        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:300]
-        raise CheckpointError(f"{path}: cannot restore its arrays ({first}); the checkpoint does not fit this "
-                              f"model or is damaged") from None
-
-
-def discard_later_checkpoints(root: Path, step: int) -> None:
-    """Remove step directories after the resumed step (damaged, unsealed or abandoned by this resume):
-    this run saves those steps again, and Orbax refuses to overwrite a step. Each is renamed out of
-    the step_* namespace first, so a run killed while deleting leaves no half-deleted checkpoint."""
-    for stale in root.glob(".old-step_*"):  # left by a run killed while deleting
-        shutil.rmtree(stale, ignore_errors=True)
-    for info in ckpt.list_checkpoints(root):
-        if info.step > step or not info.committed:
-            why = "an unsealed, interrupted save" if not info.committed else f"after the resumed step {step}"
-            log(f"note: removing {info.path} ({why})")
-            trash = root / f".old-{info.path.name}-{os.getpid()}"
-            os.replace(info.path, trash)
-            shutil.rmtree(trash, ignore_errors=True)
 
 
 # ---- batches ----------------------------------------------------------------------------------------
@@ -463,7 +342,7 @@ def main(argv) -> int:
         if is_main and args.resume is not None:
             discard_later_checkpoints(ckpt_root, step)
         _sync("checkpoint directory")
-        checkpointer = Checkpointer(ckpt_root.resolve(), args.keep_checkpoints, is_main)
+        checkpointer = Checkpointer(ckpt_root, args.keep_checkpoints, is_main)
         checkpointer.last = resume_path
         metrics = MetricsLogger(args.out_dir, enabled=is_main, resume_step=step if args.resume is not None else None)
         if is_main:
@@ -471,10 +350,11 @@ def main(argv) -> int:
             log(f"{'resuming from ' + str(resume_path) + ' at step ' + str(step) if resume_path else 'starting'}: "
                 f"preset {args.preset}, {args.model_config.num_parameters() / 1e6:.1f}M parameters, data "
                 f"{run['splits'].source} ({len(run['splits'].train):,} train / {len(run['splits'].val):,} val "
-                f"tokens), {jax.device_count()} {jax.devices()[0].platform} device(s), mesh {dict(mesh.shape)}, "
-                f"global batch {args.batch_size * topo['dp']} x {args.grad_accum}, {args.precision}; "
-                f"writing to {args.out_dir}")
+                f"tokens), {jax.device_count()} {jax.devices()[0].platform} device(s), mesh {dict(mesh.shape)}; "
+                f"writing to {args.out_dir}\n"
+                + settings_lines(args, ranks=topo["dp"], rank_word="data-parallel shard"))
 
+        state_step = step
         loop = Loop(args, topo, shardings, graphs, tx, run["train_iter"], run["splits"], run["tokenizer"],
                     checkpointer, guard, metrics, stop, budget,
                     BestExport(args.out_dir, args.model_config, enabled=args.save_best, is_main=is_main,
@@ -490,17 +370,17 @@ def main(argv) -> int:
         if result["status"] == "stopped":
             if is_main:
                 log(f"stopped by {stop.requested} after step {result['step']}; checkpoint {checkpointer.last}")
-                print(f"to resume: {resume_command(SCRIPT, argv, args.out_dir)}", flush=True)
+                print(f"to resume: {resume_command(invoked_script(SCRIPT), argv, args.out_dir)}", flush=True)
             return 0
         if result["status"] == "bad":
             if is_main:
                 print(f"{SCRIPT}: error: stopped after {args.max_bad_steps} consecutive non-finite steps (step "
                       f"{result['step']}); the last good weights are in {checkpointer.last}; lower --lr or check "
-                      f"the data, then resume with: {resume_command(SCRIPT, argv, args.out_dir)}",
+                      f"the data, then resume with: {resume_command(invoked_script(SCRIPT), argv, args.out_dir)}",
                       file=sys.stderr, flush=True)
             return 1
         if is_main:
-            print(summary_line(steps=result["step"], elapsed=time.time() - started, train_loss=result["loss"],
+            print(summary_line(first_step=state_step, steps=result["step"], elapsed=time.time() - started, train_loss=result["loss"],
                                val_loss=result["val_loss"], skipped=guard.skipped, checkpoint=checkpointer.last,
                                out_dir=args.out_dir, best=loop.best), flush=True)
     return 0

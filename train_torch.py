@@ -60,7 +60,7 @@ from blues.metrics import MetricsLogger
 from blues.schedule import learning_rate
 from blues.train_args import TrainArgs, check_numbers, load_json_file, parse_args
 from blues.train_loop import (BadStepGuard, BestExport, EvalAccumulator, GracefulStop, Progress, RunDir,
-                              SpikeDetector, StepTimer, TimeBudget, log, log_samples, resume_command,
+                              SpikeDetector, StepTimer, TimeBudget, log, log_samples, invoked_script, resume_command, settings_lines,
                               reuse_freed_host_memory, summary_line)
 from parity.convert import to_canonical
 from parity.optim_convert import deepspeed_safe_globals
@@ -160,11 +160,13 @@ def _ds_set(cfg: dict, path: tuple[str, ...], value) -> None:
     cfg[path[-1]] = value
 
 
-def resolve_deepspeed_config(args: TrainArgs, world_size: int) -> tuple[dict, TrainArgs]:
-    """Merge flags and ds_config.json: explicit flags win and are written into the dict."""
+def resolve_deepspeed_config(args: TrainArgs, world_size: int) -> tuple[dict, TrainArgs, dict[str, str]]:
+    """Merge flags and ds_config.json: explicit flags win and are written into the dict; a field set
+    to "auto" (or absent) takes the trainer's value. -> (DeepSpeed config, args, {flag: the file's
+    name} for every setting the file decided)."""
     path = args.deepspeed
     cfg = load_json_file(path, "--deepspeed")
-    where = f"--deepspeed {path}"
+    where, name = f"--deepspeed {path}", Path(path).name
     if (_ds_get(cfg, ("fp16", "enabled")) or False) is True:
         raise ConfigError(f"{where}: field 'fp16.enabled' is not supported; use bf16 (or --precision fp32)")
     opt_type = _ds_get(cfg, ("optimizer", "type"))
@@ -177,19 +179,23 @@ def resolve_deepspeed_config(args: TrainArgs, world_size: int) -> tuple[dict, Tr
         raise ConfigError(f"{where}: remove the 'scheduler' section; the schedule comes from --lr, --min_lr, "
                           f"--warmup_steps and --max_steps (blues/schedule.py)")
 
-    values = {}
+    values, sources = {}, {}
     for flag, field_path in _DS_FIELDS.items():
-        name = ".".join(field_path)
-        if flag in args.explicit or _ds_get(cfg, field_path) is None:
+        field = ".".join(field_path)
+        value = _ds_get(cfg, field_path)
+        if flag in args.explicit or value is None or value == "auto":
             values[flag] = getattr(args, flag)
-        else:
-            value = _ds_get(cfg, field_path)
-            want = int if flag in ("batch_size", "grad_accum") else float
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (want is int and not isinstance(value, int)):
-                raise ConfigError(f"{where}: field '{name}' must be {'an integer' if want is int else 'a number'}, got {value!r}")
-            values[flag] = want(value)
-    bf16_json = (_ds_get(cfg, ("bf16", "enabled")) or False) is True
-    precision = args.precision if "precision" in args.explicit else ("bf16" if bf16_json else "fp32")
+            continue
+        want = int if flag in ("batch_size", "grad_accum") else float
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (want is int and not isinstance(value, int)):
+            raise ConfigError(f"{where}: field '{field}' must be {'an integer' if want is int else 'a number'} "
+                              f"or \"auto\", got {value!r}")
+        values[flag], sources[flag] = want(value), name
+    bf16_json = _ds_get(cfg, ("bf16", "enabled"))
+    if "precision" in args.explicit or bf16_json in (None, "auto"):
+        precision = args.precision
+    else:
+        precision, sources["precision"] = ("bf16" if bf16_json is True else "fp32"), name
     try:
         check_numbers({**{k: getattr(args, k) for k in ("max_steps", "eval_every", "eval_batches", "save_every",
                                                         "keep_checkpoints", "max_bad_steps", "warmup_steps",
@@ -206,7 +212,7 @@ def resolve_deepspeed_config(args: TrainArgs, world_size: int) -> tuple[dict, Tr
     cfg["optimizer"]["params"].setdefault("betas", list(BETAS))
     cfg["optimizer"]["params"].setdefault("eps", EPS)
     cfg.setdefault("steps_per_print", 10 ** 9)  # progress comes from our bar, not DeepSpeed's log
-    return cfg, args.replace(precision=precision, **values)
+    return cfg, args.replace(precision=precision, **values), sources
 
 
 # ---- model, optimizer, batches ------------------------------------------------------------------
@@ -489,9 +495,9 @@ def main(argv) -> int:
     from blues_torch import BluesModel
 
     dist = Dist(args.deepspeed is not None)
-    ds_config = None
+    ds_config, file_sources = None, {}
     if args.deepspeed is not None:
-        ds_config, args = resolve_deepspeed_config(args, dist.world_size)
+        ds_config, args, file_sources = resolve_deepspeed_config(args, dist.world_size)
     cfg = args.model_config
     tokenizer = load_tokenizer()
     cfg.check_tokenizer(tokenizer.n_vocab)
@@ -567,14 +573,15 @@ def main(argv) -> int:
             log(f"{'resuming from ' + str(resume_path) + ' at step ' + str(step) if resume_path else 'starting'}: "
                 f"preset {args.preset}, {n_params / 1e6:.1f}M parameters, data {splits.source} "
                 f"({len(splits.train):,} train / {len(splits.val):,} val tokens), device {dist.device}"
-                f"{' x' + str(dist.world_size) if dist.world_size > 1 else ''}, {args.precision}"
+                f"{' x' + str(dist.world_size) if dist.world_size > 1 else ''}"
                 f"{', DeepSpeed ZeRO-' + str(ds_config['zero_optimization']['stage']) if ds_config else ''}; "
-                f"writing to {args.out_dir}")
+                f"writing to {args.out_dir}\n" + settings_lines(args, ranks=dist.world_size, file_sources=file_sources))
 
         run = Run(args, dist, model, train_model, engine, optimizer, gen, train_iter, splits, tokenizer, checkpointer,
                   guard, metrics, stop, autocast, budget,
                   BestExport(args.out_dir, args.model_config, enabled=args.save_best, is_main=dist.is_main,
                              resuming=resume_path is not None))
+        first_step = step
         result = train(run, step)
         if args.compile and dist.is_main:  # recompiling every step would be a silent slowdown: say so
             log(f"torch.compile: {compiled_graphs()} graph(s) compiled for the training step, "
@@ -589,17 +596,17 @@ def main(argv) -> int:
         if result["status"] == "stopped":
             if dist.is_main:
                 log(f"stopped by {stop.requested} after step {result['step']}; checkpoint {checkpointer.last}")
-                print(f"to resume: {resume_command(SCRIPT, argv, args.out_dir)}", flush=True)
+                print(f"to resume: {resume_command(invoked_script(SCRIPT), argv, args.out_dir)}", flush=True)
             return 0
         if result["status"] == "bad":
             msg = (f"stopped after {args.max_bad_steps} consecutive non-finite steps (step {result['step']}); "
                    f"the last good weights are in {checkpointer.last}; lower --lr or check the data, then resume "
-                   f"with: {resume_command(SCRIPT, argv, args.out_dir)}")
+                   f"with: {resume_command(invoked_script(SCRIPT), argv, args.out_dir)}")
             if dist.is_main:
                 print(f"{SCRIPT}: error: {msg}", file=sys.stderr, flush=True)
             return 1
         if dist.is_main:
-            print(summary_line(steps=result["step"], elapsed=time.time() - started, train_loss=result["loss"],
+            print(summary_line(first_step=first_step, steps=result["step"], elapsed=time.time() - started, train_loss=result["loss"],
                                val_loss=result["val_loss"], skipped=guard.skipped, checkpoint=checkpointer.last,
                                out_dir=args.out_dir, best=run.best), flush=True)
     return 0

@@ -30,6 +30,7 @@ from typing import Callable
 
 from blues.errors import CheckpointError
 from blues.hashing import sha256_file
+from blues.schedule import learning_rate
 
 MANIFEST = "COMMITTED"
 FORMAT = "blues-checkpoint-v1"
@@ -335,10 +336,20 @@ def check_resume(state: dict, train_args: dict, *, world_size: int, checkpoint) 
     saved = dict(state["train_args"])
     saved["global_batch"] = saved["batch_size"] * state.get("world_size", 1)
     current = dict(train_args, global_batch=train_args["batch_size"] * world_size)
+    for args in (saved, current):  # the same files, however the run that named them reached them
+        if args.get("data") is not None:
+            args["data"] = [os.path.abspath(p) for p in args["data"]]
     check_config_match({k: saved.get(k) for k in RESUME_MUST_MATCH}, {k: current.get(k) for k in RESUME_MUST_MATCH},
                        what="data/batch setting", checkpoint=checkpoint)
     notes = []
-    for key in ("max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "precision"):
+    if saved.get("max_steps") != current.get("max_steps"):
+        step = int(state["step"])
+        old, new = (learning_rate(step, lr=saved["lr"], min_lr=saved["min_lr"], warmup_steps=saved["warmup_steps"],
+                                  max_steps=m) for m in (saved["max_steps"], current["max_steps"]))
+        notes.append(f"--max_steps changed on resume ({saved['max_steps']} -> {current['max_steps']}): the cosine "
+                     f"schedule now reaches --min_lr at step {current['max_steps']} instead of {saved['max_steps']}, "
+                     f"so step {step + 1} trains at lr {new:.3g} where the original schedule had {old:.3g}")
+    for key in ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "precision"):
         if saved.get(key) != current.get(key):
             notes.append(f"--{key} changed on resume ({saved.get(key)} -> {current.get(key)}): the run is no "
                          f"longer identical to an uninterrupted one")

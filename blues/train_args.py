@@ -84,6 +84,7 @@ DEFAULTS: dict[str, Any] = dict(
     num_processes=None,
     process_id=None,
 )
+_PATH_FLAGS = ("out_dir", "resume", "init_from", "deepspeed", "config")  # plus --data's list
 _FRAMEWORK_ONLY = {"deepspeed": "torch", "local_rank": "torch", "compile": "torch", "mesh": "jax",
                    "coordinator": "jax", "num_processes": "jax", "process_id": "jax"}
 
@@ -139,7 +140,8 @@ class TrainArgs:
         """JSON-serialisable view (stored in checkpoints and printed at start-up)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
              if f.name not in ("model_config", "explicit")}
-        d["data"] = list(self.data) if self.data is not None else None
+        # absolute: a resume from another directory names the same files by other relative paths
+        d["data"] = [os.path.abspath(p) for p in self.data] if self.data is not None else None
         d["inject_nan"] = list(self.inject_nan)
         d["model_config"] = self.model_config.to_dict()
         return d
@@ -235,6 +237,11 @@ def parse_args(argv: Sequence[str] | None, framework: str) -> TrainArgs:
     explicit = frozenset(ns)  # defaults are SUPPRESSed, so only flags given on the command line
     values = {k: v for k, v in DEFAULTS.items() if _FRAMEWORK_ONLY.get(k, framework) == framework}
     values.update(ns)
+    for key in _PATH_FLAGS:  # `~` works even where no shell expanded it (quoted, or --flag=~/x)
+        if isinstance(values.get(key), str):
+            values[key] = os.path.expanduser(values[key])
+    if values["data"] is not None:
+        values["data"] = [os.path.expanduser(p) for p in values["data"]]
 
     check_numbers(values)
     if values["preset"] not in PRESETS:

@@ -198,7 +198,8 @@ def log_samples(tokenizer, next_logits, *, step: int, context: int, seed: int, m
         ids = sample_continuation(next_logits, prompt, context=context, temperature=temperature,
                                   seed=seed * 1_000_003 + step, stop_id=tokenizer.eot_id)
         texts[name] = tokenizer.decode(ids)
-        log(f"  sample ({name}, step {step}): {SAMPLE_PROMPT!s}|{texts[name]!r}")
+        shown = " ".join(f"{SAMPLE_PROMPT}{texts[name]}".splitlines())  # one line of plain text
+        log(f"  sample ({name}, step {step}): {shown}")
         if metrics is not None:
             metrics.text(f"sample/{name}", f"{SAMPLE_PROMPT}**{texts[name]}**", step)
     return texts
@@ -313,9 +314,9 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def summary_line(*, steps: int, elapsed: float, train_loss: float | None, val_loss: float | None,
+def summary_line(*, first_step: int, steps: int, elapsed: float, train_loss: float | None, val_loss: float | None,
                  skipped: int, checkpoint, out_dir, best: "BestExport | None" = None) -> str:
-    parts = [f"trained {steps} steps in {format_duration(elapsed)}"]
+    parts = [f"trained {steps - first_step} steps this run (steps {first_step}->{steps}) in {format_duration(elapsed)}"]
     if train_loss is not None:
         parts.append(f"train loss {train_loss:.4f}")
     if val_loss is not None and math.isfinite(val_loss):
@@ -331,8 +332,34 @@ def summary_line(*, steps: int, elapsed: float, train_loss: float | None, val_lo
     return "done: " + "; ".join(parts)
 
 
+def settings_lines(args, *, ranks: int, rank_word: str = "rank", file_sources: dict[str, str] | None = None) -> str:
+    """The batch, learning-rate schedule and precision of a run, each with where it came from: 'flag',
+    the config file that set it (`file_sources`: {flag: file name}, e.g. ds_config.json) or 'default'
+    (blues/train_args.py's DEFAULTS). Two indented lines that follow the trainer's `starting:` line."""
+    def src(flag: str) -> str:
+        return "flag" if flag in args.explicit else (file_sources or {}).get(flag, "default")
+
+    sequences = args.batch_size * ranks * args.grad_accum
+    return (f"  batch: {args.batch_size} sequences per micro-batch per {rank_word} ({src('batch_size')}) x {ranks} "
+            f"{rank_word}{'s' if ranks != 1 else ''} x {args.grad_accum} micro-batches accumulated "
+            f"({src('grad_accum')}) = a global batch of {sequences} sequences = {sequences * args.seq_len:,} tokens "
+            f"per optimizer step\n"
+            f"  schedule: lr {args.lr:g} ({src('lr')}), linear warmup over {args.warmup_steps} steps "
+            f"({src('warmup_steps')}), cosine decay to {args.min_lr:g} ({src('min_lr')}) at step {args.max_steps} "
+            f"({src('max_steps')}); weight decay {args.weight_decay:g} ({src('weight_decay')}), gradient clipping "
+            f"{args.grad_clip:g} ({src('grad_clip')}); precision {args.precision} ({src('precision')})")
+
+
+def invoked_script(script: str) -> str:
+    """How to run this trainer again from the same working directory: the script path as it was
+    started (`../blues/train_torch.py`), or `script` when it was started some other way."""
+    started = sys.argv[0] if sys.argv else ""
+    return started if os.path.basename(started) == script else script
+
+
 def resume_command(script: str, argv: Sequence[str], out_dir) -> str:
-    """The command that resumes this run: the same flags with --out_dir DIR --resume auto."""
+    """The command that resumes this run: the same flags with --out_dir DIR --resume auto (paths as the
+    user typed them: the command works from the directory the run was started in)."""
     args, skip = [], False
     for a in argv:
         if skip:

@@ -31,7 +31,6 @@ Every problem is a CheckpointError: one line naming the file and what is wrong. 
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -224,40 +223,15 @@ def _read_torch(path: Path, state: dict, config: BluesConfig, with_optimizer: bo
 def _read_jax(path: Path, state: dict, config: BluesConfig, with_optimizer: bool = True) -> Loaded:
     """Orbax item `arrays/`: {"params", "opt_state", "rng"} restored as host numpy trees, whatever mesh
     saved them; `params` alone without the optimizer (a third of the reading)."""
+    from blues_jax.checkpoint import read_numpy
     from parity import optim_convert
 
-    tree = _restore_orbax(path, params_only=not with_optimizer)
+    tree = read_numpy(path, params_only=not with_optimizer)
     arrays = from_module_arrays(flatten(tree["params"]), config)
     if not with_optimizer or state.get("weights_only") or "opt_state" not in tree:
         return Loaded(arrays, config, "jax", path)
     optimizer = optim_convert.from_optax(tree["opt_state"], config)
     return Loaded(arrays, config, "jax", path, optimizer, state, tree.get("rng"))
-
-
-def _restore_orbax(path: Path, *, params_only: bool) -> dict:
-    import jax
-    import orbax.checkpoint as ocp
-
-    item = (path / ARRAYS).resolve()  # Orbax wants absolute paths
-    if not item.is_dir():
-        raise CheckpointError(f"{path} is a JAX checkpoint without its {ARRAYS}/ item (damaged)")
-    as_numpy = lambda tree: jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)  # noqa: E731
-    try:
-        with ocp.PyTreeCheckpointer() as checkpointer:
-            meta = checkpointer.metadata(item).item_metadata.tree
-            if not isinstance(meta, dict) or "params" not in meta:
-                raise CheckpointError(f"{item} holds no 'params' tree: not a train_jax.py checkpoint")
-            if params_only and "partial_restore" in inspect.signature(ocp.args.PyTreeRestore).parameters:
-                wanted = {"params": meta["params"]}
-                args = ocp.args.PyTreeRestore(item=wanted, restore_args=as_numpy(wanted), partial_restore=True)
-            else:  # (an Orbax without partial restores reads the whole item)
-                args = ocp.args.PyTreeRestore(restore_args=as_numpy(meta))
-            return checkpointer.restore(item, args=args)
-    except CheckpointError:
-        raise
-    except Exception as e:  # Orbax/tensorstore raise many kinds; name the checkpoint and stop
-        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
-        raise CheckpointError(f"{item}: cannot read it ({first}); the checkpoint is damaged") from None
 
 
 # ---- exports and .pt files -------------------------------------------------------------------------
