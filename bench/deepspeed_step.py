@@ -77,7 +77,8 @@ def ds_config_for(wl: Workload, optimizer: str) -> tuple[dict, str]:
     cfg.setdefault("zero_optimization", {})["stage"] = 2
     cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": True}
     cfg.pop("fp16", None)
-    cfg.setdefault("gradient_clipping", GRAD_CLIP)
+    if cfg.get("gradient_clipping") in (None, "auto"):  # "auto": the trainer's value, here the bench's
+        cfg["gradient_clipping"] = GRAD_CLIP
     cfg["steps_per_print"] = 10 ** 9
     cfg["wall_clock_breakdown"] = False
     opt = cfg.setdefault("optimizer", copy.deepcopy(DEFAULT_DS_CONFIG["optimizer"]))
@@ -85,7 +86,8 @@ def ds_config_for(wl: Workload, optimizer: str) -> tuple[dict, str]:
     params.setdefault("betas", list(BETAS))
     params.setdefault("eps", EPS)
     params["lr"] = LR
-    params.setdefault("weight_decay", WEIGHT_DECAY)
+    if params.get("weight_decay") in (None, "auto"):
+        params["weight_decay"] = WEIGHT_DECAY
     if optimizer == "deepspeed":
         params.pop("torch_adam", None)
         params.pop("fused", None)
