@@ -69,7 +69,7 @@ import numpy as np
 
 from blues import checkpointing as ckpt
 from blues.cli import run_main
-from parity.safetensors_io import load_init_weights
+from blues.safetensors_io import load_init_weights
 from blues.errors import BluesError, CheckpointError, UsageError
 from blues.metrics import MetricsLogger
 from blues.plots import plot_experts, plot_losses

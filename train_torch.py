@@ -64,7 +64,7 @@ from blues.train_loop import (BadStepGuard, BestExport, EvalAccumulator, Gracefu
                               reuse_freed_host_memory, summary_line)
 from parity.convert import to_canonical
 from parity.optim_convert import deepspeed_safe_globals
-from parity.safetensors_io import load_init_weights
+from blues.safetensors_io import load_init_weights
 
 SCRIPT = "train_torch.py"
 BETAS, EPS = (0.9, 0.95), 1e-8

@@ -9,7 +9,7 @@ launcher); jax has `--mesh data=2,expert=4` and, for multi-process runs, `--coor
 --num_processes N --process_id I` (all three or none; see train_jax.py's docstring).
 
 `--init_from PATH` (both): start from the canonical weights of an export (`model.safetensors` +
-`config.json`, parity/safetensors_io.py) instead of a random initialisation; the tensors must fit
+`config.json`, blues/safetensors_io.py) instead of a random initialisation; the tensors must fit
 the run's model config. The cross-framework training-parity test starts both trainers this way.
 
 Hidden flags (for tests, not in --help; both trainers honour them the same way):

@@ -256,7 +256,7 @@ class BestExport:
         self.config, self.enabled, self.is_main = config, enabled, is_main
         self.val_loss, self.step = math.inf, None
         if enabled and resuming and (self.dir / "model.safetensors").is_file():
-            from parity.safetensors_io import read_safetensors
+            from blues.safetensors_io import read_safetensors
 
             _, meta = read_safetensors(self.dir / "model.safetensors", verify=False)
             self.val_loss, self.step = float(meta.get("blues.val_loss", "inf")), int(meta.get("blues.step", 0))
@@ -272,7 +272,7 @@ class BestExport:
             return False
         arrays = canonical_arrays()
         if self.is_main:
-            from parity.safetensors_io import save_export
+            from blues.safetensors_io import save_export
 
             save_export(self.dir, arrays, self.config,
                         metadata={"blues.step": str(step), "blues.val_loss": repr(float(val_loss))})

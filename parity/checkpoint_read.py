@@ -43,7 +43,7 @@ import numpy as np
 from blues import checkpointing as ckpt
 from blues.config import BluesConfig
 from blues.errors import BluesError, CheckpointError
-from parity.convert import ConversionError, flatten, from_module_arrays
+from blues.canonical import ConversionError, flatten, from_module_arrays
 from parity.optim_convert import AdamWState
 
 OPTIMIZER_NAME = "optimizer.safetensors"  # in an export: the AdamW moments, canonical names
@@ -205,7 +205,7 @@ def _read_torch(path: Path, state: dict, config: BluesConfig, with_optimizer: bo
         rng_file = path / "rng_rank00000.pt"
         rng = _torch_load(rng_file) if rng_file.is_file() else None
         return Loaded(weights, config, "torch-deepspeed", path, optimizer, keep, rng)
-    from parity.safetensors_io import read_safetensors
+    from blues.safetensors_io import read_safetensors
 
     module, _ = read_safetensors(path / "model.safetensors")
     arrays = from_module_arrays(module, config)
@@ -237,7 +237,7 @@ def _read_jax(path: Path, state: dict, config: BluesConfig, with_optimizer: bool
 # ---- exports and .pt files -------------------------------------------------------------------------
 
 def _read_export(path: Path, with_optimizer: bool = True) -> Loaded:
-    from parity.safetensors_io import CONFIG_NAME, WEIGHTS_NAME, load_export, read_safetensors
+    from blues.safetensors_io import CONFIG_NAME, WEIGHTS_NAME, load_export, read_safetensors
 
     directory = path if path.is_dir() else path.parent
     _check_no_links(directory, ([WEIGHTS_NAME] if path.is_dir() else []) + [CONFIG_NAME, OPTIMIZER_NAME,

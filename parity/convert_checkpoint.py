@@ -56,7 +56,7 @@ from blues.errors import BluesError, CheckpointError, UsageError
 from blues.layout import canonical_layout
 from parity.checkpoint_read import (ARRAYS, OPTIMIZER_FORMAT, OPTIMIZER_NAME, TRAINER, Loaded, read_source,
                                     resolve_source)
-from parity.convert import ConversionError, check_canonical, flatten, nest, to_module_arrays
+from blues.canonical import ConversionError, check_canonical, flatten, nest, to_module_arrays
 
 TARGETS = ("torch", "jax", "safetensors")
 TORCH_ROUTER_SEED = (7919, 1)  # train_torch.py seeds its router-noise generator with seed * 7919 + 1 + rank
@@ -197,7 +197,7 @@ def _fresh_jax_rng(config: BluesConfig, seed: int):
 
 def write_export(src: Loaded, staging: Path, dtype: str) -> Path:
     """`staging/`: model.safetensors + config.json (+ optimizer.safetensors + trainer_state.json)."""
-    from parity.safetensors_io import save_export, write_safetensors
+    from blues.safetensors_io import save_export, write_safetensors
 
     meta = {"blues.source": src.kind, "blues.step": str(src.step)}
     save_export(staging, src.arrays, src.config, dtype=dtype, metadata=meta)

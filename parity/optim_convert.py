@@ -62,7 +62,7 @@ import numpy as np
 from blues.config import BluesConfig
 from blues.errors import CheckpointError
 from blues.layout import TensorSpec, canonical_layout
-from parity.convert import ConversionError, check_canonical, flatten, from_module_arrays, nest, to_module_arrays
+from blues.canonical import ConversionError, check_canonical, flatten, from_module_arrays, nest, to_module_arrays
 
 
 @dataclass

@@ -195,7 +195,7 @@ def jax_grads(model, ids: np.ndarray, targets: np.ndarray, *, hidden: bool = Fal
     the raw nnx.State of gradients for an optax update)."""
     import jax.numpy as jnp
 
-    from parity.convert import _jax_param
+    from blues_jax.state_dict_adapter import param_at as _jax_param
 
     grads_fn = _jax_fns()[1]
     with _eval(model):

@@ -191,7 +191,7 @@ def test_weights_only_reads_and_other_sources(runs, tmp_path):
     the seed's `model_iter_N.pt` name means step N of a run; a `.pt` state dict converts, weights only."""
     import torch
 
-    from parity.convert import to_module_arrays
+    from blues.canonical import to_module_arrays
     from parity.convert_checkpoint import read_source
 
     for framework in ("torch", "jax"):
@@ -244,7 +244,7 @@ class _Payload:
 def bad_cases(runs, tmp: Path):
     import torch
 
-    from parity.safetensors_io import save_export, write_safetensors
+    from blues.safetensors_io import save_export, write_safetensors
     from parity.convert_checkpoint import read_source
 
     (tmp / "notes.txt").write_text("hello\n")
@@ -428,7 +428,7 @@ def test_check_fails_when_the_frameworks_disagree(runs, monkeypatch):
 
 
 def test_check_bad_inputs(runs, tmp_path):
-    from parity.safetensors_io import save_export
+    from blues.safetensors_io import save_export
     from oracle import random_canonical
     from blues.config import BluesConfig
 

@@ -38,7 +38,7 @@ from blues_jax import generation as jgen
 from blues_torch import generation as tgen
 from oracle import random_canonical
 from parity.convert import from_canonical, to_canonical
-from parity.safetensors_io import read_safetensors, save_export
+from blues.safetensors_io import read_safetensors, save_export
 
 torch.set_num_threads(1)  # two cores shared with other test runs
 
@@ -579,7 +579,7 @@ def test_reads_a_train_jax_checkpoint_and_runs_it_in_torch(tmp_path, text_arrays
 
 def test_reads_a_pt_state_dict_with_config_json_next_to_it(tmp_path, text_arrays):
     """A bare bfloat16 state dict by layout path (padded embedding), its config in config.json beside it."""
-    from parity.convert import to_module_arrays
+    from blues.canonical import to_module_arrays
 
     cfg, arrays = text_arrays
     module = to_module_arrays(arrays, cfg)

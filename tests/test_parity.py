@@ -106,7 +106,7 @@ def results(name: str, direction: str) -> dict:
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_round_trips_are_bit_exact(name, tmp_path):
-    from parity.safetensors_io import load_export, save_export
+    from blues.safetensors_io import load_export, save_export
 
     cfg = config(name)
     arrays = random_canonical(cfg, seed=1)
@@ -299,7 +299,7 @@ def test_conversion_script_round_trip(tmp_path, capsys):
     main: every stage holds the original tensors bit for bit (weights only: no training state)."""
     from blues.cli import run_main
     from parity.convert_checkpoint import main, read_source
-    from parity.safetensors_io import load_export, save_export
+    from blues.safetensors_io import load_export, save_export
 
     cfg = config("odd_sizes")
     arrays = random_canonical(cfg, seed=5)

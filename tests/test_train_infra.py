@@ -240,7 +240,7 @@ def test_resume_command():
 
 def test_best_export_keeps_the_best_evaluation_and_survives_a_resume(tmp_path):
     from oracle import random_canonical
-    from parity.safetensors_io import read_safetensors
+    from blues.safetensors_io import read_safetensors
     from blues.config import BluesConfig
     from blues.train_loop import BestExport
 

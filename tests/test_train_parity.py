@@ -37,7 +37,7 @@ def runs(tmp_path_factory):
     import torch
 
     from parity.convert import new_model, to_canonical
-    from parity.safetensors_io import save_export
+    from blues.safetensors_io import save_export
 
     root = tmp_path_factory.mktemp("train_parity")
     rng = np.random.default_rng(2)

@@ -166,8 +166,9 @@ def test_init_from_an_export_starts_from_its_weights(env, tmp_path):
 
     from blues.train_args import load_model_config
     from blues_torch import BluesModel
-    from parity.convert import to_canonical, to_module_arrays
-    from parity.safetensors_io import save_export
+    from blues.canonical import to_module_arrays
+    from blues_torch.state_dict_adapter import to_canonical
+    from blues.safetensors_io import save_export
 
     cfg = load_model_config("tiny", CONFIG)
     torch.manual_seed(123)  # not the run's seed: the run must not re-initialise

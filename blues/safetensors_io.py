@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from blues.canonical import ConversionError, check_canonical
 from blues.config import BluesConfig
 from blues.errors import BluesError, CheckpointError
 
@@ -179,8 +180,6 @@ def read_safetensors(path: str | os.PathLike, *, verify: bool = True) -> tuple[d
 def save_export(directory: str | os.PathLike, arrays: Mapping[str, np.ndarray], config: BluesConfig, *,
                 dtype: str = "float32", metadata: Mapping[str, str] | None = None) -> Path:
     """Write `directory/model.safetensors` and `directory/config.json` (each atomically)."""
-    from parity.convert import check_canonical
-
     check_canonical(arrays, config)  # a bad export is refused before anything is written
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -223,7 +222,6 @@ def load_export(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], BluesCo
         config = config or embedded
     if config is None:
         raise CheckpointError(f"{weights} has no config: put its {CONFIG_NAME} next to it")
-    from parity.convert import ConversionError, check_canonical
     try:
         check_canonical(arrays, config)
     except ConversionError as e:
@@ -233,7 +231,6 @@ def load_export(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], BluesCo
 
 def load_init_weights(path: str | os.PathLike, config: BluesConfig) -> dict[str, np.ndarray]:
     """The trainers' `--init_from`: canonical arrays from an export, checked against the run's config."""
-    from parity.convert import ConversionError, check_canonical
 
     arrays, _ = load_export(path)
     try:
