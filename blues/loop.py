@@ -1,0 +1,117 @@
+"""The training loop both trainers run: one function, the framework behind a small protocol.
+
+`train(trainer, args, step, ...)` runs optimizer steps from `step` (updates already applied) until
+--max_steps, a stop signal, --stop_after, --max_minutes or --max_bad_steps consecutive non-finite steps,
+and decides everything that does not depend on the framework: the learning rate of each step
+(blues/schedule.py), the non-finite-step guard, metrics, the progress bar, loss spikes, and when to
+evaluate and save. The framework's side (`Trainer`) takes one optimizer step, evaluates and saves.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Protocol
+
+from blues.metrics import MetricsLogger
+from blues.schedule import learning_rate
+from blues.train_args import TrainArgs
+from blues.train_loop import (BadStepGuard, GracefulStop, Progress, SpikeDetector, StepTimer, invoked_script, log,
+                              resume_command, summary_line)
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports to the loop (the same on every rank / process)."""
+    losses: list[float]  # loss, lm_loss, aux_loss, z_loss (means over the micro-batches and ranks)
+    grad_norm: float  # before clipping
+    applied: bool = True  # False: the update was skipped for a reason of the framework's own (DeepSpeed)
+    stop_elsewhere: bool = False  # another rank received a stop signal
+    out_of_time: bool = False  # --max_minutes, decided the same on every rank
+
+
+class Trainer(Protocol):
+    def step(self, lr: float, inject_nan: bool) -> StepResult: ...  # one optimizer step (or a skipped one)
+    def evaluate(self, step: int) -> float: ...  # validation loss (logged, samples printed)
+    def save(self, step: int) -> None: ...  # a checkpoint of the state after `step` updates
+    def after_step(self) -> None: ...  # housekeeping between steps (e.g. sealing finished async saves)
+
+
+def train(trainer: Trainer, args: TrainArgs, step: int, *, guard: BadStepGuard, metrics: MetricsLogger,
+          stop: GracefulStop, tokens_per_step: int, is_main: bool) -> dict:
+    """The loop; returns {"status": "done" | "stopped" | "bad", "step", "loss", "val_loss"}."""
+    spikes = SpikeDetector()
+    progress = Progress(args.max_steps, step, enabled=is_main)
+    timer = StepTimer()
+    last_loss, val_loss = None, None
+    try:
+        while step < args.max_steps:
+            timer.restart()
+            lr = learning_rate(step, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
+                               max_steps=args.max_steps)
+            result = trainer.step(lr, (step + 1) in args.inject_nan)
+            loss, grad_norm = result.losses[0], result.grad_norm
+            ok = guard.check(loss, grad_norm)
+            if ok and not result.applied:  # the framework skipped an update the guard thought fine
+                guard.skipped += 1
+                guard.consecutive += 1
+                ok = False
+            if result.stop_elsewhere and not stop:
+                stop.requested = "a stop signal on another rank"
+            step += 1
+            tps = timer.tokens_per_s(tokens_per_step)
+            metrics.log_train(step=step, loss=loss, lm_loss=result.losses[1], aux_loss=result.losses[2],
+                              z_loss=result.losses[3], lr=lr, grad_norm=grad_norm, tokens_per_s=tps,
+                              skipped_steps=guard.skipped)
+            if ok:
+                last_loss = loss
+                if is_main:
+                    spikes.update(step, loss)
+            elif is_main:
+                log(f"warning: step {step}: non-finite loss {loss} or gradient norm {grad_norm}; "
+                    f"update skipped ({guard.consecutive}/{args.max_bad_steps} in a row)")
+            progress.update(step, loss, tps, lr)
+            trainer.after_step()
+
+            if guard.should_stop:
+                trainer.save(step)
+                return {"status": "bad", "step": step}
+            if result.out_of_time and is_main:
+                log(f"--max_minutes {args.max_minutes:g} reached after step {step}: finishing the run here")
+            last = step == args.max_steps or result.out_of_time
+            if step % args.eval_every == 0 or last:
+                val_loss = trainer.evaluate(step)
+            if step == args.stop_after and not stop:
+                stop.requested = f"--stop_after {step}"
+            if stop:
+                trainer.save(step)
+                return {"status": "stopped", "step": step}
+            if step % args.save_every == 0 or last:
+                trainer.save(step)
+            if result.out_of_time:
+                break
+    finally:
+        progress.close()
+    return {"status": "done", "step": step, "loss": last_loss, "val_loss": val_loss}
+
+
+def finish(result: dict, *, script: str, argv, args: TrainArgs, stop: GracefulStop, checkpoint, guard: BadStepGuard,
+           elapsed: float, first_step: int, best, is_main: bool) -> int:
+    """What the run prints at its end (the main process only) and its exit status: a stopped run says
+    how to resume, a run stopped by non-finite steps fails (1), a finished one prints its summary."""
+    resume = resume_command(invoked_script(script), argv, args.out_dir)
+    if result["status"] == "stopped":
+        if is_main:
+            log(f"stopped by {stop.requested} after step {result['step']}; checkpoint {checkpoint}")
+            print(f"to resume: {resume}", flush=True)
+        return 0
+    if result["status"] == "bad":
+        if is_main:
+            print(f"{script}: error: stopped after {args.max_bad_steps} consecutive non-finite steps (step "
+                  f"{result['step']}); the last good weights are in {checkpoint}; lower --lr or check the data, "
+                  f"then resume with: {resume}", file=sys.stderr, flush=True)
+        return 1
+    if is_main:
+        print(summary_line(first_step=first_step, steps=result["step"], elapsed=elapsed, train_loss=result["loss"],
+                           val_loss=result["val_loss"], skipped=guard.skipped, checkpoint=checkpoint,
+                           out_dir=args.out_dir, best=best), flush=True)
+    return 0

@@ -1,0 +1,201 @@
+"""train_torch.py's checkpoints in blues.checkpointing's atomic step directories.
+
+Plain: DIR/checkpoints/step_XXXXXXXX/ holds model.safetensors (the module's state dict: canonical
+names, embedding with its zero padding rows), optimizer.pt and rng.pt (tensors and primitives only:
+loaded with torch.load(weights_only=True), so loading never runs code), trainer_state.json (step,
+config, flags, data position, bad-step counter, python/numpy RNG) and the COMMITTED manifest.
+DeepSpeed: the engine's own `save_checkpoint` shards (every rank writes its own) in `ds/` of the same
+directory, plus each rank's RNG. Resuming restores all of it, so a resumed run repeats an
+uninterrupted one bit for bit on CPU in float32.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from blues import checkpointing as ckpt
+from blues.errors import CheckpointError, UsageError
+from blues.train_args import TrainArgs
+from blues.train_loop import BadStepGuard, log
+from blues_torch.distributed import Dist
+from parity.optim_convert import deepspeed_safe_globals
+
+
+@contextlib.contextmanager
+def _weights_only_loads(extra_safe_globals=()):
+    """Force every torch.load inside (DeepSpeed's included) to weights_only=True."""
+
+    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(list(extra_safe_globals)):
+            yield
+    finally:
+        if old is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
+
+
+def _safe_load(path: Path, device):
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise CheckpointError(f"{path} cannot be loaded safely (refused, nothing executed): {first}") from None
+
+
+def rng_state(gen) -> dict:
+    state = {"torch_cpu": torch.get_rng_state(), "router": gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, gen) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    gen.set_state(state["router"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def host_rng_state() -> dict:
+    """python and numpy global RNG states, as JSON (neither is used by training; kept for completeness)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {"numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "python": [py_state[0], list(py_state[1]), py_state[2]]}
+
+
+def set_host_rng_state(state: dict) -> None:
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+class Checkpointer:
+    """Saves/loads plain or DeepSpeed checkpoints in blues.checkpointing's atomic directories."""
+
+    def __init__(self, args: TrainArgs, dist: Dist, model, optimizer, engine, gen):
+        self.args, self.dist, self.model, self.optimizer, self.engine, self.gen = (
+            args, dist, model, optimizer, engine, gen)
+        self.root = Path(args.out_dir) / "checkpoints"
+        self.last: Path | None = None
+
+    def trainer_state(self, step: int, data_state: dict, guard: BadStepGuard) -> dict:
+        return {"step": step, "framework": "torch", "deepspeed": self.engine is not None,
+                "model_config": self.args.model_config.to_dict(), "train_args": self.args.to_dict(),
+                "world_size": self.dist.world_size, "data": data_state, "bad_steps": guard.state_dict(),
+                "host_rng": host_rng_state()}
+
+    def save(self, step: int, data_state: dict, guard: BadStepGuard) -> Path:
+        state = self.trainer_state(step, data_state, guard)
+        if self.engine is None:
+            def write(tmp: Path) -> None:
+                weights = {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
+                save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(rng_state(self.gen), tmp / "rng.pt")
+                ckpt.write_json(tmp / ckpt.TRAINER_STATE, state)
+
+            path = ckpt.save(self.root, step, write, framework="torch")
+        else:
+            # Collective: every rank writes its ZeRO shards and its RNG; rank 0 commits.
+            tmp = self.root / f".tmp-{ckpt.step_dirname(step)}-ds"
+            if self.dist.is_main:
+                ckpt.begin(self.root, step, token="ds")
+            self.dist.barrier()
+            self.engine.save_checkpoint(str(tmp), tag="ds", client_state={"step": step}, save_latest=False)
+            torch.save(rng_state(self.gen), tmp / f"rng_rank{self.dist.rank:05d}.pt")
+            self.dist.barrier()
+            path = None
+            if self.dist.is_main:
+                ckpt.write_json(tmp / ckpt.TRAINER_STATE, state)
+                path = ckpt.commit(tmp, self.root, step, framework="torch")
+            self.dist.barrier()
+            path = self.root / ckpt.step_dirname(step)
+        if self.dist.is_main:
+            ckpt.prune(self.root, self.args.keep_checkpoints)
+        self.last = path
+        return path
+
+    def load(self, path: Path, state: dict) -> None:
+        """Restore weights, optimizer and RNG from `path` (verified; `state` checked by check_resume)."""
+        if self.engine is None:
+            self._load_plain(path)
+        else:
+            self._load_deepspeed(path, state)
+        set_host_rng_state(state["host_rng"])
+
+    def _load_plain(self, path: Path) -> None:
+        try:
+            weights = load_file(str(path / "model.safetensors"), device=str(self.dist.device))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path / 'model.safetensors'} is not a readable safetensors file ({e})") from None
+        try:
+            self.model.load_state_dict(weights, strict=True)
+            self.optimizer.load_state_dict(_safe_load(path / "optimizer.pt", self.dist.device))
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0]
+            raise CheckpointError(f"{path} does not fit this model/optimizer: {first}") from None
+        set_rng_state(_safe_load(path / "rng.pt", "cpu"), self.gen)
+
+    def _load_deepspeed(self, path: Path, state: dict) -> None:
+        rng_file = path / f"rng_rank{self.dist.rank:05d}.pt"
+        with _weights_only_loads(deepspeed_safe_globals()):
+            try:
+                load_path, client = self.engine.load_checkpoint(str(path), tag="ds", load_module_strict=True,
+                                                                load_optimizer_states=True,
+                                                                load_lr_scheduler_states=False)
+            except CheckpointError:
+                raise
+            except Exception as e:  # DeepSpeed raises many kinds; name the checkpoint and stop
+                first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+                raise CheckpointError(f"{path}: DeepSpeed could not load it ({first})") from None
+        if load_path is None:
+            raise CheckpointError(f"{path}: DeepSpeed found no checkpoint under tag 'ds'")
+        if client.get("step") != state["step"]:
+            raise CheckpointError(f"{path}: DeepSpeed's step {client.get('step')} != trainer state's {state['step']}")
+        if rng_file.exists():
+            set_rng_state(_safe_load(rng_file, "cpu"), self.gen)
+        elif self.dist.is_main:
+            log(f"note: {path} has no RNG state for rank {self.dist.rank} (different world size); "
+                f"router noise restarts from the seed")
+
+
+def write_param_hash(model, out_dir, rank: int, tag: str) -> None:
+    """Test hook (BLUES_WRITE_PARAM_HASH=1): sha256 over this rank's parameters, in order."""
+    if os.environ.get("BLUES_WRITE_PARAM_HASH") != "1":
+        return
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    Path(out_dir, f"param_sha256_rank{rank}_{tag}.txt").write_text(h.hexdigest() + "\n")
+
+
+def check_resumable(path: Path, args: TrainArgs, dist: Dist) -> dict:
+    """The checkpoint's trainer state, refused early if it cannot continue this run."""
+    state = ckpt.read_trainer_state(path, framework="torch")
+    notes = ckpt.check_resume(state, args.to_dict(), world_size=dist.world_size, checkpoint=path)
+    if bool(state.get("deepspeed")) != (args.deepspeed is not None):
+        kind = "a DeepSpeed" if state.get("deepspeed") else "a plain (non-DeepSpeed)"
+        raise CheckpointError(f"{path} is {kind} checkpoint; resume it the same way it was trained "
+                              f"({'with' if state.get('deepspeed') else 'without'} --deepspeed)")
+    if int(state["step"]) >= args.max_steps:
+        raise UsageError(f"--max_steps {args.max_steps}: the checkpoint {path} is already at step "
+                         f"{state['step']}; pass a larger --max_steps to train further")
+    if dist.is_main:
+        for note in notes:
+            log(f"note: {note}")
+    return state

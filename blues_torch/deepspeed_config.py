@@ -1,0 +1,93 @@
+"""`--deepspeed ds_config.json`: one source of truth for ZeRO, bf16, clipping and the optimizer.
+
+A flag given on the command line overrides the JSON and is written into the config passed to
+`deepspeed.initialize`; a flag not given takes the JSON's value, and a field set to "auto" (or absent)
+takes the trainer's value (batch_size <-> train_micro_batch_size_per_gpu, grad_accum <->
+gradient_accumulation_steps, lr / weight_decay <-> optimizer.params, grad_clip <-> gradient_clipping,
+precision <-> bf16.enabled). The returned sources say which settings the file decided.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from blues.adamw import BETAS, EPS
+from blues.errors import ConfigError, UsageError
+from blues.train_args import TrainArgs, check_numbers, load_json_file
+
+# flag -> its path in ds_config.json
+_DS_FIELDS = {
+    "batch_size": ("train_micro_batch_size_per_gpu",),
+    "grad_accum": ("gradient_accumulation_steps",),
+    "lr": ("optimizer", "params", "lr"),
+    "weight_decay": ("optimizer", "params", "weight_decay"),
+    "grad_clip": ("gradient_clipping",),
+}
+
+
+def _ds_get(cfg: dict, path: tuple[str, ...]):
+    for key in path:
+        if not isinstance(cfg, dict) or key not in cfg:
+            return None
+        cfg = cfg[key]
+    return cfg
+
+
+def _ds_set(cfg: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        cfg = cfg.setdefault(key, {})
+    cfg[path[-1]] = value
+
+
+def resolve_deepspeed_config(args: TrainArgs, world_size: int) -> tuple[dict, TrainArgs, dict[str, str]]:
+    """Merge flags and ds_config.json: explicit flags win and are written into the dict; a field set
+    to "auto" (or absent) takes the trainer's value. -> (DeepSpeed config, args, {flag: the file's
+    name} for every setting the file decided)."""
+    path = args.deepspeed
+    cfg = load_json_file(path, "--deepspeed")
+    where, name = f"--deepspeed {path}", Path(path).name
+    if (_ds_get(cfg, ("fp16", "enabled")) or False) is True:
+        raise ConfigError(f"{where}: field 'fp16.enabled' is not supported; use bf16 (or --precision fp32)")
+    opt_type = _ds_get(cfg, ("optimizer", "type"))
+    if not isinstance(opt_type, str) or opt_type.lower() != "adamw":
+        raise ConfigError(f"{where}: field 'optimizer.type' must be \"AdamW\" (Blues trains with AdamW), got {opt_type!r}")
+    stage = _ds_get(cfg, ("zero_optimization", "stage"))
+    if stage not in (1, 2):
+        raise ConfigError(f"{where}: field 'zero_optimization.stage' must be 1 or 2, got {stage!r}")
+    if _ds_get(cfg, ("scheduler",)) is not None:
+        raise ConfigError(f"{where}: remove the 'scheduler' section; the schedule comes from --lr, --min_lr, "
+                          f"--warmup_steps and --max_steps (blues/schedule.py)")
+
+    values, sources = {}, {}
+    for flag, field_path in _DS_FIELDS.items():
+        field = ".".join(field_path)
+        value = _ds_get(cfg, field_path)
+        if flag in args.explicit or value is None or value == "auto":
+            values[flag] = getattr(args, flag)
+            continue
+        want = int if flag in ("batch_size", "grad_accum") else float
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (want is int and not isinstance(value, int)):
+            raise ConfigError(f"{where}: field '{field}' must be {'an integer' if want is int else 'a number'} "
+                              f"or \"auto\", got {value!r}")
+        values[flag], sources[flag] = want(value), name
+    bf16_json = _ds_get(cfg, ("bf16", "enabled"))
+    if "precision" in args.explicit or bf16_json in (None, "auto"):
+        precision = args.precision
+    else:
+        precision, sources["precision"] = ("bf16" if bf16_json is True else "fp32"), name
+    try:
+        check_numbers({**{k: getattr(args, k) for k in ("max_steps", "eval_every", "eval_batches", "save_every",
+                                                        "keep_checkpoints", "max_bad_steps", "warmup_steps",
+                                                        "seed", "min_lr", "max_minutes")}, **values})
+    except UsageError as e:
+        raise ConfigError(f"{where} (or the flag overriding it): {e}") from None
+
+    for flag, field_path in _DS_FIELDS.items():
+        _ds_set(cfg, field_path, values[flag])
+    _ds_set(cfg, ("bf16", "enabled"), precision == "bf16")
+    if precision == "bf16":
+        _ds_set(cfg, ("bf16", "check_grad_overflow"), True)  # non-finite grads skip the step
+    cfg["train_batch_size"] = values["batch_size"] * values["grad_accum"] * world_size
+    cfg["optimizer"]["params"].setdefault("betas", list(BETAS))
+    cfg["optimizer"]["params"].setdefault("eps", EPS)
+    cfg.setdefault("steps_per_print", 10 ** 9)  # progress comes from our bar, not DeepSpeed's log
+    return cfg, args.replace(precision=precision, **values), sources

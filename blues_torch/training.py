@@ -1,0 +1,176 @@
+"""The PyTorch training step: optimizer, gradient accumulation, clipping, the non-finite guard, compile
+and the DeepSpeed engine. train_torch.py's loop (blues/loop.py) and the benchmark (bench/train_step.py)
+run this same `TrainStep`, so a benchmark figure is what training runs.
+
+Optimizer: AdamW (blues/adamw.py: betas, eps, decay on matrices only); the learning rate from
+blues/schedule.py is set on the param groups before each update; gradients are clipped by global norm
+(`grad_norm` is the norm before clipping); gradient accumulation averages the micro-batch losses. bf16:
+autocast with float32 master weights (plain) or DeepSpeed's bf16 with float32 optimizer state. A
+non-finite loss or gradient norm skips the update. DeepSpeed is imported only when a run uses it.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+
+from blues.adamw import BETAS, EPS, decays
+from blues.data import eval_batches
+from blues.loop import StepResult
+from blues.train_args import TrainArgs
+from blues.train_loop import EvalAccumulator
+from blues_torch.distributed import Dist
+
+# Evaluation materialises [rows, T, V] float32 logits; rows are chosen so one forward holds at
+# most this many tokens (~0.8 GB of logits at V = 200k) whatever the batch size.
+EVAL_TOKENS_PER_FORWARD = 1024
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (blues.adamw.decays); RMSNorm scales are not decayed."""
+    params = list(model.parameters())
+    return [{"params": [p for p in params if decays(p.ndim)], "weight_decay": weight_decay},
+            {"params": [p for p in params if not decays(p.ndim)], "weight_decay": 0.0}]
+
+
+def make_optimizer(model, *, lr: float, weight_decay: float, device) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=BETAS, eps=EPS,
+                             fused=torch.device(device).type in ("cuda", "cpu"))
+
+
+def make_engine(model, ds_config: dict, weight_decay: float):
+    """The DeepSpeed engine (and its optimizer) over train_torch.py's param groups."""
+    import deepspeed
+
+    from blues_torch import deepspeed_norms
+
+    deepspeed_norms.install()  # ZeRO's per-gradient norm/overflow loops cost ~60 ms of host time a step
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, config=ds_config,
+                                                   model_parameters=param_groups(model, weight_decay))
+    return engine, optimizer
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def to_device(batch, device):
+    x, y = batch
+    return (torch.from_numpy(x).to(device, non_blocking=True).long(),  # [B, T]
+            torch.from_numpy(y).to(device, non_blocking=True).long())  # [B, T]
+
+
+def compile_for_training(train_model, engine):
+    """--compile: torch.compile the module that runs the training forward (DeepSpeed: its engine's
+    own compile). Only the training step is compiled; evaluation and sampling stay eager.
+    `fallback_random` makes compiled dropout draw the same numbers as eager from the same RNG state,
+    so the run's random streams, checkpoints and exact resume mean what they mean in eager mode."""
+    torch._inductor.config.fallback_random = True
+    if engine is not None:
+        engine.compile()
+        return engine
+    return torch.compile(train_model)
+
+
+def compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+def autocast_for(precision: str, device, engine) -> contextlib.AbstractContextManager:
+    """bf16 autocast for a plain bf16 run; DeepSpeed does bf16 itself (a bf16 module)."""
+    if precision == "bf16" and engine is None:
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class TrainStep:
+    """One optimizer step over `grad_accum` micro-batches: `step(batches, lr, inject_nan, flags)` ->
+    (values, applied). values: [loss, lm_loss, aux_loss, z_loss, *flags, grad_norm] as floats, each a
+    mean over micro-batches and ranks (`flags`: per-rank numbers averaged with them in the same
+    all-reduce, e.g. stop signals); applied: whether the update happened."""
+
+    def __init__(self, model, optimizer, *, dist: Dist, grad_clip: float, precision: str, gen,
+                 engine=None, compile: bool = False):
+        self.model, self.optimizer, self.engine, self.dist, self.gen = model, optimizer, engine, dist, gen
+        self.forward = engine if engine is not None else model
+        if compile:
+            self.forward = compile_for_training(self.forward, engine)
+        self.max_norm = grad_clip if grad_clip > 0 else float("inf")
+        self.precision = precision
+        self.params = list(model.parameters())
+
+    def __call__(self, batches, lr: float, inject_nan: bool = False, flags=()) -> tuple[list[float], bool]:
+        g = len(batches)
+        set_lr(self.optimizer, lr)
+        sums = torch.zeros(4 + len(flags), dtype=torch.float32, device=self.dist.device)  # losses, flags
+        for x, y in batches:  # [B, T] each
+            with autocast_for(self.precision, self.dist.device, self.engine):
+                out = self.forward(x, y, generator=self.gen)
+            loss = out.loss * float("nan") if inject_nan else out.loss  # test hook: --inject_nan
+            sums[:4] += torch.stack([loss.detach(), out.lm_loss.detach(), out.aux_loss.detach(),
+                                     out.z_loss.detach()]).float()
+            if self.engine is None:
+                (loss / g).backward()
+            else:
+                self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+                self.engine.step()  # applies the update only at the accumulation boundary
+        for i, flag in enumerate(flags):
+            sums[4 + i] = float(flag) * g
+        reduced = self.dist.mean(sums / g)
+        if self.engine is not None:
+            norm = self.engine.get_global_grad_norm()
+            values = reduced.tolist() + [float("nan") if norm is None else float(norm)]
+            return values, self.engine.was_step_applied()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)  # norm before clipping
+        values = torch.cat([reduced, grad_norm.float().reshape(1)]).tolist()
+        applied = math.isfinite(values[0]) and math.isfinite(values[-1])
+        if applied:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return values, applied
+
+
+def evaluate(model, val_tokens, args: TrainArgs, dist: Dist, autocast) -> EvalAccumulator:
+    """Token-weighted validation loss and expert utilization over `--eval_batches` batches."""
+    cfg = args.model_config
+    acc = EvalAccumulator()
+    rows = max(1, EVAL_TOKENS_PER_FORWARD // args.seq_len)
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=dist.device)  # loss * tokens, tokens
+    counts = torch.zeros(cfg.num_layers, cfg.tot_num_experts, dtype=torch.float64, device=dist.device)
+    dropped = torch.zeros(cfg.num_layers, dtype=torch.float64, device=dist.device)
+    with torch.no_grad(), autocast():
+        for batch in eval_batches(val_tokens, args.seq_len, args.batch_size, args.eval_batches, rank=dist.rank,
+                                  world_size=dist.world_size, vocab_size=cfg.vocab_size):
+            x, y = to_device(batch, dist.device)  # [B, T] each
+            for start in range(0, x.shape[0], rows):
+                out = model(x[start:start + rows], y[start:start + rows])
+                n = y[start:start + rows].numel()
+                totals += torch.stack([out.lm_loss.double() * n, torch.tensor(n, dtype=torch.float64,
+                                                                               device=dist.device)])
+                counts += out.expert_counts.double()
+                dropped += out.dropped.double()
+    if dist.world_size > 1:
+        for t in (totals, counts, dropped):
+            torch.distributed.all_reduce(t)
+    acc.update(totals[0].item() / max(totals[1].item(), 1.0), int(totals[1].item()),
+               counts.cpu().numpy(), dropped.cpu().numpy())
+    model.train(was_training)
+    return acc
+
+
+def make_next_logits(model, device, autocast):
+    def next_logits(ids: np.ndarray) -> np.ndarray:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), autocast():
+            out = model(torch.from_numpy(ids).to(device).long())  # logits [1, t, V]
+        model.train(was_training)
+        return out.logits[0, -1].float().cpu().numpy()  # [V]
+
+    return next_logits
