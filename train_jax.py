@@ -60,7 +60,6 @@ import io
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -70,16 +69,15 @@ import numpy as np
 from blues import checkpointing as ckpt
 from blues.cli import run_main
 from blues.safetensors_io import load_init_weights
-from blues.errors import BluesError, CheckpointError, UsageError
+from blues.errors import BluesError, UsageError
+from blues.loop import StepResult, finish, train as train_loop
 from blues.metrics import MetricsLogger
 from blues.plots import plot_experts, plot_losses
-from blues.schedule import learning_rate
 from blues.train_args import TrainArgs, parse_args
 from blues_jax.checkpoint import (Checkpointer, data_to_keys, discard_later_checkpoints, keys_to_data,
                                   restore_arrays, seal_finished_saves)
 from blues.train_loop import (SAMPLE_PROMPT, SAMPLE_TOKENS, BadStepGuard, BestExport, EvalAccumulator, GracefulStop,
-                              Progress, RunDir, SpikeDetector, StepTimer, TimeBudget, log, log_samples,
-                              invoked_script, resume_command, settings_lines, summary_line)
+                              RunDir, TimeBudget, log, log_samples, settings_lines)
 
 SCRIPT = "train_jax.py"
 BETAS, EPS = (0.9, 0.95), 1e-8
@@ -359,31 +357,18 @@ def main(argv) -> int:
                     checkpointer, guard, metrics, stop, budget,
                     BestExport(args.out_dir, args.model_config, enabled=args.save_best, is_main=is_main,
                                resuming=resume_path is not None))
+        loop.params, loop.opt_state, loop.rng = params, opt_state, rng
         try:
-            result = loop.run(params, opt_state, rng, step)
+            result = train_loop(loop, args, step, guard=guard, metrics=metrics, stop=stop, is_main=is_main,
+                                tokens_per_step=args.batch_size * topo["dp"] * args.seq_len * args.grad_accum)
         finally:
             checkpointer.close()  # waits for the asynchronous save in flight, then seals it
         metrics.close()
         if is_main:
             plot_losses(metrics.path, Path(args.out_dir) / "loss.png")
             plot_experts(metrics.path, Path(args.out_dir) / "experts.png")
-        if result["status"] == "stopped":
-            if is_main:
-                log(f"stopped by {stop.requested} after step {result['step']}; checkpoint {checkpointer.last}")
-                print(f"to resume: {resume_command(invoked_script(SCRIPT), argv, args.out_dir)}", flush=True)
-            return 0
-        if result["status"] == "bad":
-            if is_main:
-                print(f"{SCRIPT}: error: stopped after {args.max_bad_steps} consecutive non-finite steps (step "
-                      f"{result['step']}); the last good weights are in {checkpointer.last}; lower --lr or check "
-                      f"the data, then resume with: {resume_command(invoked_script(SCRIPT), argv, args.out_dir)}",
-                      file=sys.stderr, flush=True)
-            return 1
-        if is_main:
-            print(summary_line(first_step=state_step, steps=result["step"], elapsed=time.time() - started, train_loss=result["loss"],
-                               val_loss=result["val_loss"], skipped=guard.skipped, checkpoint=checkpointer.last,
-                               out_dir=args.out_dir, best=loop.best), flush=True)
-    return 0
+        return finish(result, script=SCRIPT, argv=argv, args=args, stop=stop, checkpoint=checkpointer.last,
+                      guard=guard, elapsed=time.time() - started, first_step=state_step, best=loop.best, is_main=is_main)
 
 
 def prepare(args: TrainArgs) -> dict:
@@ -547,7 +532,7 @@ def canonical_arrays(params, config, topo: dict) -> dict:
 
 
 class Loop:
-    """The training loop: optimizer steps until max_steps, a stop signal or too many bad steps."""
+    """blues.loop's Trainer for JAX: the compiled step, evaluation and checkpoints, holding the state."""
 
     def __init__(self, args, topo, shardings, graphs, tx, train_iter, splits, tokenizer,
                  checkpointer, guard, metrics, stop, budget, best):
@@ -577,63 +562,21 @@ class Loop:
                 "train_args": args.to_dict(), "world_size": self.topo["dp"], "processes": self.topo["processes"],
                 "data": self.train_iter.state_dict(), "bad_steps": self.guard.state_dict()}
 
-    def save(self, step: int, params, opt_state, rng) -> None:
-        self.checkpointer.save(step, params, opt_state, rng, self.trainer_state(step))
+    def save(self, step: int) -> None:
+        self.checkpointer.save(step, self.params, self.opt_state, self.rng, self.trainer_state(step))
 
-    def run(self, params, opt_state, rng, step: int) -> dict:
-        args, guard = self.args, self.guard
-        tokens_per_step = args.batch_size * self.topo["dp"] * args.seq_len * args.grad_accum
-        spikes = SpikeDetector()
-        progress = Progress(args.max_steps, step, enabled=self.is_main)
-        timer = StepTimer()
-        last_loss, val_loss = None, None
-        try:
-            while step < args.max_steps:
-                timer.restart()
-                lr = learning_rate(step, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
-                                   max_steps=args.max_steps)
-                inputs, targets = self.batches()
-                params, opt_state, rng, out = self.train_step(params, opt_state, rng, inputs, targets,
-                                                              np.float32(lr), np.bool_((step + 1) in args.inject_nan))
-                losses = [float(v) for v in np.asarray(out["losses"])]  # waits for the step
-                grad_norm = float(out["grad_norm"])
-                ok = guard.check(losses[0], grad_norm)  # the compiled step made the same decision
-                step += 1
-                tps = timer.tokens_per_s(tokens_per_step)
-                self.metrics.log_train(step=step, loss=losses[0], lm_loss=losses[1], aux_loss=losses[2],
-                                       z_loss=losses[3], lr=lr, grad_norm=grad_norm, tokens_per_s=tps,
-                                       skipped_steps=guard.skipped)
-                if ok:
-                    last_loss = losses[0]
-                    if self.is_main:
-                        spikes.update(step, losses[0])
-                elif self.is_main:
-                    log(f"warning: step {step}: non-finite loss {losses[0]} or gradient norm {grad_norm}; "
-                        f"update skipped ({guard.consecutive}/{args.max_bad_steps} in a row)")
-                progress.update(step, losses[0], tps, lr)
-                self.checkpointer.poll()
+    def step(self, lr: float, inject_nan: bool) -> StepResult:
+        inputs, targets = self.batches()
+        self.params, self.opt_state, self.rng, out = self.train_step(self.params, self.opt_state, self.rng, inputs,
+                                                                     targets, np.float32(lr), np.bool_(inject_nan))
+        losses = [float(v) for v in np.asarray(out["losses"])]  # waits for the step
+        return StepResult(losses, float(out["grad_norm"]), out_of_time=self.out_of_time())
 
-                if guard.should_stop:
-                    self.save(step, params, opt_state, rng)
-                    return {"status": "bad", "step": step}
-                out_of_time = self.out_of_time()
-                if out_of_time and self.is_main:
-                    log(f"--max_minutes {args.max_minutes:g} reached after step {step}: finishing the run here")
-                last = step == args.max_steps or out_of_time
-                if step % args.eval_every == 0 or last:
-                    val_loss = self.run_eval(params, rng, step)
-                if step == args.stop_after and not self.stop:
-                    self.stop.requested = f"--stop_after {step}"
-                if self.stop:
-                    self.save(step, params, opt_state, rng)
-                    return {"status": "stopped", "step": step}
-                if step % args.save_every == 0 or last:
-                    self.save(step, params, opt_state, rng)
-                if out_of_time:
-                    break
-        finally:
-            progress.close()
-        return {"status": "done", "step": step, "loss": last_loss, "val_loss": val_loss}
+    def after_step(self) -> None:
+        self.checkpointer.poll()
+
+    def evaluate(self, step: int) -> float:
+        return self.run_eval(self.params, self.rng, step)
 
     def out_of_time(self) -> bool:
         """--max_minutes, decided by process 0 so that every process stops after the same step."""

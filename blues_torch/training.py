@@ -18,7 +18,6 @@ import torch
 
 from blues.adamw import BETAS, EPS, decays
 from blues.data import eval_batches
-from blues.loop import StepResult
 from blues.train_args import TrainArgs
 from blues.train_loop import EvalAccumulator
 from blues_torch.distributed import Dist
