@@ -111,7 +111,7 @@ class ParallelLayout:
     def gather_choice_counts(self, counts: torch.Tensor) -> torch.Tensor:
         """Every rank's [k, E] choice counts, in rank order: [N, k, E]."""
         out = counts.new_empty((self.world_size * counts.shape[0], counts.shape[1]))  # gathered along axis 0
-        dist.all_gather_into_tensor(out, counts.contiguous(), group=self.batch_group)
+        dist.all_gather_single(out, counts.contiguous(), group=self.batch_group)
         return out.view(self.world_size, *counts.shape)
 
 
@@ -275,7 +275,7 @@ def gather_experts(tensors: Mapping[str, torch.Tensor], layout: ParallelLayout) 
     for name, t in tensors.items():
         if is_expert_tensor(name):
             full = t.new_empty((t.shape[0] * layout.expert_parallel, *t.shape[1:]))
-            dist.all_gather_into_tensor(full, t.contiguous(), group=layout.expert_group)
+            dist.all_gather_single(full, t.contiguous(), group=layout.expert_group)
             t = full
         out[name] = t
     return out
