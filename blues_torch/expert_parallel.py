@@ -18,18 +18,18 @@ layout (`deepspeed.utils.groups`, expert-parallel groups of consecutive ranks) a
 - `gather_experts` / `slice_experts` turn a rank's tensors (weights, optimizer moments: any dict
   by layout path) into canonical full tensors and back, so checkpoints are layout-free.
 
-With one rank and P = 1 nothing here runs: `parallelize` leaves the model as it is.
+With one rank and P = 1 nothing here runs: `parallelize` leaves the model as it is. DeepSpeed is
+imported only where a layout is DeepSpeed's: it is an optional dependency.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from blues.errors import UsageError
-from blues.layout import canonical_layout
 
 EXPERT_TENSORS = ("moe.w_in", "moe.w_out")  # the layout rows whose axis 0 is the expert axis
 
@@ -232,18 +232,24 @@ def reduce_gradients(model, layout: ParallelLayout) -> None:
     """
     if layout.world_size == 1:
         return
-    experts = expert_params(model) if layout.expert_group is not None else []
-    for params, group in ((replicated_params(model) if experts else list(model.parameters()), layout.batch_group),
-                          (experts, layout.expert_data_group)):
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            continue
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        if dist.get_world_size(group) > 1:
-            dist.all_reduce(flat, group=group)
-        flat /= layout.world_size
-        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(part.view_as(g))
+    if layout.expert_group is None:  # every rank holds every expert: all replicated
+        _all_reduce_mean(list(model.parameters()), layout.batch_group, layout.world_size)
+    else:
+        _all_reduce_mean(replicated_params(model), layout.batch_group, layout.world_size)
+        _all_reduce_mean(expert_params(model), layout.expert_data_group, layout.world_size)
+
+
+def _all_reduce_mean(params: list[torch.nn.Parameter], group, divisor: int) -> None:
+    """Sum the parameters' gradients over `group` (one flat all-reduce) and divide by `divisor`."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(flat, group=group)
+    flat /= divisor
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
 
 
 @torch.no_grad()
@@ -292,7 +298,3 @@ def slice_experts(tensors: Mapping[str, torch.Tensor], layout: ParallelLayout) -
         out[name] = t
     return out
 
-
-def expert_names(config) -> Iterable[str]:
-    """The layout paths of the expert tensors of a model with this config."""
-    return [spec.path for spec in canonical_layout(config) if is_expert_tensor(spec.path)]
