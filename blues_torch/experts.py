@@ -5,11 +5,15 @@ order" of the capacity priority rule.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from blues_torch.gated_gelu import gated_gelu
+
+if TYPE_CHECKING:  # the annotation only: expert_parallel imports this module
+    from blues_torch.expert_parallel import ExpertExchange
 
 
 class Routing(NamedTuple):
@@ -57,17 +61,30 @@ def _top_k_lower_index_first(probs: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack(chosen, dim=-1)  # [N, k]
 
 
-def capacity_keep(indices: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+def capacity_keep(indices: torch.Tensor, num_experts: int, capacity: int, shard_counts: torch.Tensor | None = None,
+                  shard: int = 0) -> torch.Tensor:
     """keep [N, k] bool: which assignments an expert of `capacity` slots admits.
 
     Priority: all first choices in token order, then all second choices in token order, ... Each
     assignment's slot is the number of earlier assignments (in that order) to the same expert.
+    When the batch is split over S ranks in rank order (contiguous token ranges), `shard_counts`
+    [S, k, E] holds every rank's `choice_counts` and `shard` is this rank: its tokens are offset by
+    the lower ranks' assignments, so the result is this rank's rows of the whole batch's keep.
     """
-    n, k = indices.shape
-    flat = indices.t().reshape(-1)  # [k*N] in (choice, token) order: the priority order
-    one_hot = (flat[:, None] == torch.arange(num_experts, device=flat.device)).long()  # [k*N, E]
-    slot = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1  # [k*N] 0-based slot in its expert
-    return (slot < capacity).view(k, n).t()  # [N, k]
+    one_hot = (indices[..., None] == torch.arange(num_experts, device=indices.device)).long()  # [N, k, E]
+    rank = one_hot.cumsum(dim=0) - one_hot  # [N, k, E] earlier tokens here with the same choice and expert
+    if shard_counts is None:
+        earlier_shards, totals = 0, one_hot.sum(dim=0)  # [k, E]
+    else:
+        earlier_shards, totals = shard_counts[:shard].sum(dim=0), shard_counts.sum(dim=0)  # [k, E] each
+    earlier_choices = totals.cumsum(dim=0) - totals  # [k, E]: every choice j' < j comes first
+    slot = rank + earlier_shards + earlier_choices  # [N, k, E]
+    return slot.gather(-1, indices[..., None])[..., 0] < capacity  # [N, k]
+
+
+def choice_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[k, E] int64: how many of the tokens' j-th choices name each expert. indices [N, k]."""
+    return (indices[..., None] == torch.arange(num_experts, device=indices.device)).sum(dim=0)  # [N, k, E] -> [k, E]
 
 
 def expert_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -106,20 +123,22 @@ def _expert_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_g
 
 
 def expert_mlp(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None,
-               w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+               w_in: torch.Tensor, w_out: torch.Tensor, exchange: ExpertExchange | None = None) -> torch.Tensor:
     """y[n] = sum_j keep[n,j] * weights[n,j] * Expert_{indices[n,j]}(x[n]).
 
     x [N, d], indices/weights/keep [N, k] (keep None = dropless), w_in [E, d, 2F], w_out [E, F, d]
     -> y [N, d]. Assignments are sorted by expert, their tokens gathered into one [M, d] block and
     each projection is one grouped GEMM (or a loop over experts), so only routed pairs are computed.
+    With an `exchange` (blues_torch/expert_parallel.py) this rank holds E/P of the experts (w_in
+    [E/P, d, 2F]): the sorted rows travel to their experts' ranks and back around the GEMMs.
     """
     n, k = indices.shape
-    num_experts = w_in.shape[0]
+    num_experts = w_in.shape[0] * (1 if exchange is None else exchange.size)
     # Under autocast the experts run in the autocast dtype (grouped_mm is not on autocast's list,
     # so cast explicitly); accumulation of the k contributions is float32.
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     w_in, w_out = w_in.to(dtype), w_out.to(dtype)
-    if x.is_cuda and n * k <= SMALL_BLOCK_ROWS and not torch.is_grad_enabled():
+    if x.is_cuda and n * k <= SMALL_BLOCK_ROWS and not torch.is_grad_enabled() and exchange is None:
         return _dense_small_block_mlp(x.to(dtype), indices, weights, keep, w_in, w_out).to(x.dtype)
 
     expert = indices.reshape(-1)  # [N*k] assignment n*k + j -> expert
@@ -140,15 +159,21 @@ def expert_mlp(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, ke
 
     gate = _GatherRows.apply(weights.reshape(-1), assignment, position[:, None])  # [M]
     xs = _GatherRows.apply(x.to(dtype), token, position.view(n, k))  # [M, d]
-    use_grouped = _grouped_mm_ok(xs, w_in, w_out)
-    hidden = _expert_matmul(xs, w_in, counts, use_grouped)  # [M, 2F]
-    out = _expert_matmul(gated_gelu(hidden), w_out, counts, use_grouped)  # [M, F] -> [M, d]
+    experts = functools.partial(sorted_experts, w_in=w_in, w_out=w_out)
+    out = experts(xs, counts) if exchange is None else exchange(xs, counts, experts)  # [M, d]
     # bf16 * float32 promotes to float32 (the same products as out.float() * gate), but autograd
     # keeps the bf16 `out` for the backward rather than a float32 copy (64 MiB a layer less at bench size).
     out = out * gate[:, None]  # [M, d] float32
     y = torch.zeros(n, x.shape[-1], device=x.device, dtype=torch.float32)
     y.index_add_(0, token, out)  # [N, d]: scatter-add the k contributions back to their tokens
     return y.to(x.dtype)
+
+
+def sorted_experts(xs: torch.Tensor, counts: torch.Tensor, *, w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+    """Every expert on its block of rows: xs [M, d] sorted by expert, counts [E] rows each -> [M, d]."""
+    use_grouped = _grouped_mm_ok(xs, w_in, w_out)
+    hidden = _expert_matmul(xs, w_in, counts, use_grouped)  # [M, 2F]
+    return _expert_matmul(gated_gelu(hidden), w_out, counts, use_grouped)  # [M, F] -> [M, d]
 
 
 class _GatherRows(torch.autograd.Function):
@@ -184,11 +209,13 @@ def _dense_small_block_mlp(x: torch.Tensor, indices: torch.Tensor, weights: torc
     return (out[indices, rows].float() * gate[..., None]).sum(dim=1)  # [N, k, d] -> [N, d]
 
 
-def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Switch loss E * sum_e f_e * P_e. probs [N, E], indices [N, k] (before capacity) -> scalar."""
-    f = expert_counts(indices, num_experts).float() / indices.numel()  # [E] fraction of the N*k assignments
+def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, num_assignments: int) -> torch.Tensor:
+    """Switch loss E * sum_e f_e * P_e. probs [N, E]; counts [E] assignments per expert (before
+    capacity) out of `num_assignments` (N*k), those of the whole batch when it is split over ranks
+    (f is then the batch's, P this rank's mean, and the mean over ranks is the batch's loss) -> scalar."""
+    f = counts.float() / num_assignments  # [E] fraction of the assignments
     p = probs.float().mean(dim=0)  # [E] mean router probability
-    return num_experts * (f * p).sum()
+    return probs.shape[-1] * (f * p).sum()
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:

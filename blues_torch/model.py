@@ -22,8 +22,9 @@ from torch.utils.checkpoint import checkpoint
 from blues.config import BluesConfig
 from blues.errors import BluesError, ConfigError
 from blues_torch.attention import ATTN_IMPLS, apply_rope, attention, flash_attn_status, rope_cos_sin
-from blues_torch.experts import (capacity_keep, expert_counts, expert_mlp, load_balancing_loss, route,
-                                 router_z_loss)
+from blues_torch.expert_parallel import ParallelLayout
+from blues_torch.experts import (capacity_keep, choice_counts, expert_counts, expert_mlp, load_balancing_loss,
+                                 route, router_z_loss)
 from blues_torch.loss import chunked_lm_loss, cross_entropy, lm_head_logits
 
 
@@ -38,6 +39,8 @@ class BluesOutput:
     router_probs: torch.Tensor  # [L, B, T, E] router softmax (detached: a diagnostic)
     expert_counts: torch.Tensor  # [L, E] assignments each expert received, before capacity
     dropped: torch.Tensor  # [L] assignments refused by capacity (0 when dropless)
+    # Under a parallel layout (blues_torch/expert_parallel.py) expert_counts and dropped are the
+    # whole global batch's, the other fields this rank's.
 
 
 class RouterStats(NamedTuple):
@@ -119,12 +122,18 @@ class Attention(nn.Module):
 
 
 class MoE(nn.Module):
-    """Top-k routed mixture of gated-GeLU experts (dropless, or capacity-limited)."""
+    """Top-k routed mixture of gated-GeLU experts (dropless, or capacity-limited).
+
+    `layout` (set by blues_torch.expert_parallel.parallelize; None: this process holds the whole
+    batch and every expert): the batch is split over ranks, so the capacity rule and the
+    load-balancing loss read every rank's counts, and with P > 1 this layer holds E/P experts.
+    """
 
     def __init__(self, config: BluesConfig):
         super().__init__()
         d, e, f = config.hidden_size, config.tot_num_experts, config.expert_hidden_size
         self.config = config
+        self.layout: ParallelLayout | None = None
         self.router = nn.Parameter(torch.empty(d, e))
         self.w_in = nn.Parameter(torch.empty(e, d, 2 * f))  # columns [0, F) value, [F, 2F) gate
         self.w_out = nn.Parameter(torch.empty(e, f, d))
@@ -137,16 +146,26 @@ class MoE(nn.Module):
         xf = x.reshape(b * t, d)  # [N, d], tokens in (b, t) order
         r = route(xf, self.router, k=k, noise_std=cfg.router_noise_std, normalize=cfg.normalize_router_weights,
                   generator=None, training=self.training, noise=noise)
-        capacity = cfg.expert_capacity(b * t)
-        keep = None if capacity is None else capacity_keep(r.indices, e, capacity)  # [N, k]
-        y = expert_mlp(xf, r.indices, r.weights, keep, self.w_in, self.w_out)  # [N, d]
+        layout = self.layout
+        shard_counts, shard, num_tokens = None, 0, b * t
+        if layout is not None:  # the batch is every rank's tokens, in rank order
+            shard_counts = layout.gather_choice_counts(choice_counts(r.indices, e))  # [ranks, k, E]
+            shard, num_tokens = layout.rank, b * t * layout.world_size
+            counts = shard_counts.sum(dim=(0, 1))  # [E]
+        else:
+            counts = expert_counts(r.indices, e)  # [E]
+        capacity = cfg.expert_capacity(num_tokens)
+        keep = None if capacity is None else capacity_keep(r.indices, e, capacity, shard_counts, shard)  # [N, k]
+        exchange = None if layout is None else layout.exchange
+        y = expert_mlp(xf, r.indices, r.weights, keep, self.w_in, self.w_out, exchange)  # [N, d]
         stats = RouterStats(
             indices=r.indices.view(b, t, k),
             probs=r.probs.detach().view(b, t, e),
-            aux_loss=load_balancing_loss(r.probs, r.indices, e),
+            aux_loss=load_balancing_loss(r.probs, counts, num_tokens * k),
             z_loss=router_z_loss(r.logits),
-            counts=expert_counts(r.indices, e),
-            dropped=(~keep).sum() if keep is not None else torch.zeros((), dtype=torch.int64, device=x.device))
+            counts=counts,
+            dropped=(torch.zeros((), dtype=torch.int64, device=x.device) if capacity is None
+                     else (counts - capacity).clamp(min=0).sum()))  # an expert refuses all beyond C
         return y.view(b, t, d), stats
 
 
