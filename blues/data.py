@@ -187,7 +187,7 @@ def _batches(sources: Sequence[Source], text_column: str | None, bar) -> Iterato
     characters; `bar` advances by the on-disk bytes read."""
     done, pending, chars = 0, [], 0
     for src in sources:
-        for docs, pos in read_documents(src, text_column):
+        for docs, pos in read_documents(src, text_column, hint=True):
             pending += docs
             chars += sum(map(len, docs))
             if chars >= BATCH_CHARS:

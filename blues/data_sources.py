@@ -191,8 +191,9 @@ def _check_text(path: Path, stream: BinaryIO, what: str) -> None:
         raise DataError(f"data file {path} is a binary file, not text (it contains NUL bytes)")
 
 
-def pick_column(path: Path, names: Sequence[str], wanted: str, explicit: bool, kind: str = "column") -> str:
-    """`wanted` if present, else its one case-insensitive match (with a note), else a DataError."""
+def pick_column(path: Path, names: Sequence[str], wanted: str, hint: bool, kind: str = "column") -> str:
+    """`wanted` if present, else its one case-insensitive match (with a note), else a DataError
+    (advising --text_column when `hint`)."""
     names = [str(n) for n in names]
     if wanted in names:
         return wanted
@@ -201,13 +202,13 @@ def pick_column(path: Path, names: Sequence[str], wanted: str, explicit: bool, k
         log.warning("data file %s has no '%s' %s; using its '%s' %s", path, wanted, kind, folded[0], kind)
         return folded[0]
     found = ", ".join(repr(n) for n in names)
-    hint = "" if explicit else "; pick one with --text_column NAME"
-    raise DataError(f"data file {path} has no '{wanted}' {kind} ({kind}s found: {found}){hint}")
+    advice = "; pick one with --text_column NAME" if hint else ""
+    raise DataError(f"data file {path} has no '{wanted}' {kind} ({kind}s found: {found}){advice}")
 
 
 # ---- readers: each yields (documents, raw bytes consumed so far) --------------------------------
 
-def _read_delimited(src: Source, column: str | None) -> Iterator[tuple[list[str], int]]:
+def _read_delimited(src: Source, column: str | None, hint: bool) -> Iterator[tuple[list[str], int]]:
     import pandas as pd
 
     wanted = column or DEFAULT_COLUMN[src.format]
@@ -223,7 +224,7 @@ def _read_delimited(src: Source, column: str | None) -> Iterator[tuple[list[str]
                 except StopIteration:
                     break
                 if name is None:
-                    name = pick_column(src.path, chunk.columns, wanted, column is not None)
+                    name = pick_column(src.path, chunk.columns, wanted, hint)
                 texts = chunk[name].tolist()
                 n_rows += len(texts)
                 docs = [t for t in texts if t.strip()]
@@ -245,7 +246,7 @@ def _read_delimited(src: Source, column: str | None) -> Iterator[tuple[list[str]
         raise DataError(f"data file {src.path} has only blank texts in its '{name}' column ({n_rows} rows)")
 
 
-def _read_jsonl(src: Source, column: str | None) -> Iterator[tuple[list[str], int]]:
+def _read_jsonl(src: Source, column: str | None, hint: bool) -> Iterator[tuple[list[str], int]]:
     wanted = column or DEFAULT_COLUMN["jsonl"]
     docs, chars, n_records, n_docs, name = [], 0, 0, 0, None
     with open_stream(src.path) as (raw, stream):
@@ -262,7 +263,7 @@ def _read_jsonl(src: Source, column: str | None) -> Iterator[tuple[list[str], in
             if not isinstance(record, dict):
                 raise InputError(f"data file {src.path} line {lineno} is not a JSON object")
             if name is None:
-                name = pick_column(src.path, list(record), wanted, column is not None, kind="field")
+                name = pick_column(src.path, list(record), wanted, hint, kind="field")
             if name not in record:
                 raise InputError(f"data file {src.path} line {lineno} has no '{name}' field")
             text = record[name]
@@ -283,7 +284,7 @@ def _read_jsonl(src: Source, column: str | None) -> Iterator[tuple[list[str], in
         raise DataError(f"data file {src.path} has only blank texts in its '{name}' field ({n_records} records)")
 
 
-def _read_parquet(src: Source, column: str | None) -> Iterator[tuple[list[str], int]]:
+def _read_parquet(src: Source, column: str | None, hint: bool) -> Iterator[tuple[list[str], int]]:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -302,7 +303,7 @@ def _read_parquet(src: Source, column: str | None) -> Iterator[tuple[list[str], 
             pf = pq.ParquetFile(stream)
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"data file {src.path} is not a valid Parquet file ({e})") from None
-        name = pick_column(src.path, pf.schema_arrow.names, wanted, column is not None)
+        name = pick_column(src.path, pf.schema_arrow.names, wanted, hint)
         field_type = pf.schema_arrow.field(name).type
         if not (pa.types.is_string(field_type) or pa.types.is_large_string(field_type)):
             raise DataError(f"data file {src.path}: column '{name}' holds {field_type}, not strings")
@@ -320,7 +321,7 @@ def _read_parquet(src: Source, column: str | None) -> Iterator[tuple[list[str], 
         raise DataError(f"data file {src.path} has only blank texts in its '{name}' column ({done} rows)")
 
 
-def _read_txt(src: Source, column: str | None) -> Iterator[tuple[list[str], int]]:
+def _read_txt(src: Source, column: str | None, hint: bool) -> Iterator[tuple[list[str], int]]:
     with open_stream(src.path) as (raw, stream):
         _check_text(src.path, stream, "some text")
         text = stream.read().decode("utf-8-sig")
@@ -331,6 +332,8 @@ READERS = {"csv": _read_delimited, "tsv": _read_delimited, "jsonl": _read_jsonl,
            "txt": _read_txt}
 
 
-def read_documents(src: Source, text_column: str | None = None) -> Iterator[tuple[list[str], int]]:
-    """(non-blank documents, bytes of the file consumed so far) in batches, in file order."""
-    return READERS[src.format](src, text_column)
+def read_documents(src: Source, text_column: str | None = None, *,
+                   hint: bool = False) -> Iterator[tuple[list[str], int]]:
+    """(non-blank documents, bytes of the file consumed so far) in batches, in file order. `hint`:
+    a missing text column's message advises --text_column (for commands that have it)."""
+    return READERS[src.format](src, text_column, hint)

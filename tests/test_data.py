@@ -134,9 +134,11 @@ def test_directories_and_globs(tmp_path):
 def test_text_column(tmp_path, caplog):
     p = write_csv(tmp_path / "cols.csv", ["x", "y"], column="body")
     assert load_documents(p, text_column="body") == ["x", "y"]
+    with pytest.raises(DataError, match=r"cols\.csv has no 'Text' column \(columns found: 'body', 'Other'\)$"):
+        load_documents(p)  # generate.py --eval_file, parity.check: no --text_column to advise
     with pytest.raises(DataError, match=r"cols\.csv has no 'Text' column \(columns found: 'body', 'Other'\); "
                                         r"pick one with --text_column NAME$"):
-        load_documents(p)
+        prepare_data(p, seq_len=8, cache_dir=tmp_path / "c")
     lower = write_csv(tmp_path / "lower.csv", ["x"], column="text")
     with caplog.at_level("WARNING", logger="blues.data"):
         assert load_documents(lower) == ["x"]
