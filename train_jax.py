@@ -394,7 +394,8 @@ def prepare(args: TrainArgs) -> dict:
     tokenizer = load_tokenizer()
     cfg.check_tokenizer(tokenizer.n_vocab)
 
-    splits = prepare_data(args.data, seq_len=args.seq_len, tokenizer=tokenizer, show_progress=topo["process"] == 0)
+    splits = prepare_data(args.data, seq_len=args.seq_len, tokenizer=tokenizer, show_progress=topo["process"] == 0,
+                          text_column=args.text_column, workers=args.workers, val_fraction=args.val_fraction)
     train_iter = BatchIterator(splits.train, seq_len=args.seq_len, batch_size=topo["local_batch"], seed=args.seed,
                                rank=topo["process"], world_size=topo["processes"], vocab_size=cfg.vocab_size)
     eval_batches(splits.val, args.seq_len, topo["local_batch"], args.eval_batches, rank=topo["process"],

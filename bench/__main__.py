@@ -242,6 +242,9 @@ def _dense_row(results, framework: str, quick: bool):
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["--what", "data"]:  # the data-preparation benchmark (CPU), with its own flags
+        from bench import data
+        return data.main(argv[2:])
     args = parse_args(argv)
     from bench.report import Results, print_table
     if args.report_only:

@@ -81,8 +81,8 @@ def main(argv=None) -> int:
     from blues.data import prepare_data
 
     ap = argparse.ArgumentParser(description="Unigram and bigram validation perplexities (baselines).")
-    ap.add_argument("data", nargs="*", help="CSV files with a Text column (default: the embedded corpus)")
-    ap.add_argument("--val-fraction", type=float, default=0.05)
+    ap.add_argument("data", nargs="*", help="data files, directories or globs (default: the embedded corpus)")
+    ap.add_argument("--val_fraction", "--val-fraction", type=float, default=0.05)
     ap.add_argument("--split-seed", type=int, default=0)
     args = ap.parse_args(argv)
     t0 = time.time()

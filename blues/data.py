@@ -1,31 +1,35 @@
 """Text -> token streams -> batches, with no deep-learning framework.
 
-CSV files with a `Text` column are read (`load_documents`), every document is encoded with
-`o200k_base` and followed by `<|endoftext|>`, and the documents are split by document into a train
-and a validation stream (`prepare_data`), cached on disk as uint32 memmaps. Each stream is cut into
-consecutive, non-overlapping windows of `seq_len + 1` tokens (inputs = w[:-1], targets = w[1:]);
+Data files of any size and format (`blues.data_sources`: CSV/TSV, JSONL, Parquet, plain text;
+gzip or zstd; files, directories, globs) are streamed in bounded batches; every document is
+encoded with `o200k_base`, followed by `<|endoftext|>`, assigned to the train or validation split
+by a hash of its text, and appended to that split's uint32 token file as it goes, by one process
+or a pool of them (`blues.data_tokenize`); `prepare_data` does this once and caches the result
+(`python -m blues.data prepare` does it ahead of training). Each stream is cut into consecutive,
+non-overlapping windows of `seq_len + 1` tokens (inputs = w[:-1], targets = w[1:]);
 `BatchIterator` serves shuffled batches of windows, sharded by data-parallel rank and resumable
 exactly; `eval_batches` serves a fixed sequence for evaluation.
 """
 from __future__ import annotations
 
 import contextlib
-import gzip
+import errno
 import hashlib
-import io
 import json
 import logging
 import numbers
 import os
 import sys
 import tempfile
-import zlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from blues.data_sources import BATCH_CHARS, Source, expand_inputs, read_documents
+from blues.data_tokenize import TOKEN_DTYPE, default_workers, encode_batches
 from blues.errors import ConfigError, DataError
 from blues.hashing import sha256_file
 
@@ -35,88 +39,39 @@ log = logging.getLogger(__name__)
 # file, so it works from the repository and from an editable install.
 DEFAULT_CORPUS = Path(__file__).resolve().parent.parent / "data" / "brown.csv.gz"
 
-TOKEN_DTYPE = np.uint32  # o200k ids reach 200018: more than uint16 holds
-CACHE_FORMAT = 1  # bump when the cache layout or the tokenization recipe changes
-TEXT_COLUMN = "Text"
+CACHE_FORMAT = 2  # bump when the cache layout or the tokenization recipe changes
+# Without an explicit worker count, inputs smaller than this are tokenized in this process:
+# starting a pool (each worker builds the tokenizer, ~1.5 s) costs more than it saves.
+SMALL_INPUT_BYTES = 16 << 20
 
 PathLike = str | os.PathLike
 
 
 # ---- reading documents ---------------------------------------------------------------------------
 
-def _as_paths(paths: PathLike | Sequence[PathLike] | None) -> list[Path]:
+def _sources(paths: PathLike | Sequence[PathLike] | None) -> list[Source]:
     if paths is None:
-        return [DEFAULT_CORPUS]
-    if isinstance(paths, (str, os.PathLike)):
-        return [Path(paths)]
-    out = [Path(p) for p in paths]
-    if not out:
-        raise DataError("no data files given")
-    return out
-
-
-def _read_bytes(path: Path) -> bytes:
-    """The file's bytes, gunzipped when it is gzip (by magic number, whatever its name)."""
-    if not path.exists():
-        if path == DEFAULT_CORPUS:
-            raise DataError(f"the embedded corpus {path} is missing; it lives in the repository's data/ "
+        if not DEFAULT_CORPUS.exists():
+            raise DataError(f"the embedded corpus {DEFAULT_CORPUS} is missing; it lives in the repository's data/ "
                             f"directory: run from a checkout or install one with pip install -e .")
-        raise DataError(f"data file {path} does not exist")
-    if path.is_dir():
-        raise DataError(f"data file {path} is a directory, not a CSV file")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"data file {path} is unreadable: {e.strerror or e}") from None
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"data file {path} is a damaged gzip file ({e})") from None
-    return raw
+        paths = [DEFAULT_CORPUS]
+    elif isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if not paths:
+        raise DataError("no data files given")
+    return expand_inputs(paths)
 
 
-def _decode_text(path: Path, raw: bytes) -> str:
-    if not raw.strip():
-        raise DataError(f"data file {path} is empty; it needs a header line with a '{TEXT_COLUMN}' column and rows")
-    if b"\x00" in raw[:1 << 20]:
-        raise DataError(f"data file {path} is a binary file, not CSV text (it contains NUL bytes)")
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(
-            f"data file {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
-            f"re-save it as UTF-8") from None
+def _describe(sources: Sequence[Source]) -> str:
+    if len(sources) <= 3:
+        return ", ".join(str(s.path) for s in sources)
+    return f"{sources[0].path} and {len(sources) - 1} more files"
 
 
-def _read_file(path: Path) -> list[str]:
-    import pandas as pd
-
-    text = _decode_text(path, _read_bytes(path))
-    try:
-        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"data file {path} is empty; it needs a header line with a '{TEXT_COLUMN}' column and rows") from None
-    except (pd.errors.ParserError, ValueError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"data file {path} is not a valid CSV file: {reason}") from None
-    if TEXT_COLUMN not in frame.columns:
-        found = ", ".join(repr(str(c)) for c in frame.columns)
-        raise DataError(f"data file {path} has no '{TEXT_COLUMN}' column (columns found: {found})")
-    if len(frame) == 0:
-        raise DataError(f"data file {path} has a header but no rows")
-    texts = [t for t in frame[TEXT_COLUMN].tolist() if t.strip()]
-    if not texts:
-        raise DataError(f"data file {path} has only blank texts in its '{TEXT_COLUMN}' column ({len(frame)} rows)")
-    return texts
-
-
-def load_documents(paths: PathLike | Sequence[PathLike] | None = None) -> list[str]:
-    """The non-blank `Text` values of the CSV files (gzip allowed), in file and row order."""
-    docs: list[str] = []
-    for path in _as_paths(paths):
-        docs.extend(_read_file(path))
-    return docs
+def load_documents(paths: PathLike | Sequence[PathLike] | None = None, *,
+                   text_column: str | None = None) -> list[str]:
+    """The non-blank documents of the data files (default: the embedded corpus), in file order."""
+    return [doc for src in _sources(paths) for docs, _ in read_documents(src, text_column) for doc in docs]
 
 
 # ---- token splits and their cache ----------------------------------------------------------------
@@ -135,6 +90,9 @@ class TokenSplits:
     seq_len: int
     cache_key: str = ""
     files: tuple[str, ...] = field(default_factory=tuple)
+    cache_dir: str = ""
+    # How the cache entry was made by this call: {"seconds", "bytes", "workers"}; empty when reused.
+    built: dict = field(default_factory=dict)
 
     def windows(self, split: str) -> int:
         """Number of windows of seq_len + 1 tokens in 'train' or 'val'."""
@@ -143,21 +101,7 @@ class TokenSplits:
 
 def default_cache_dir() -> Path:
     env = os.environ.get("BLUES_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "blues"
-
-
-def _split_documents(n_docs: int, val_fraction: float, split_seed: int, source: str) -> np.ndarray:
-    """Indices (sorted) of the validation documents: the first round(val_fraction * n_docs) of a
-    permutation seeded by split_seed, at least one, and never all of them."""
-    if val_fraction == 0:
-        return np.zeros(0, dtype=np.int64)
-    if n_docs < 2:
-        raise DataError(
-            f"{source} holds {n_docs} document; the validation split is chosen by document, so at "
-            f"least 2 are needed (add documents, or set val_fraction to 0)")
-    n_val = min(max(1, round(val_fraction * n_docs)), n_docs - 1)
-    perm = np.random.default_rng(split_seed).permutation(n_docs)
-    return np.sort(perm[:n_val])
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "blues"
 
 
 def _atomic_path(final: Path) -> Path:
@@ -167,8 +111,44 @@ def _atomic_path(final: Path) -> Path:
     return Path(tmp)
 
 
+def _write_json_atomic(path: Path, data) -> None:
+    tmp = _atomic_path(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _source_digests(sources: Sequence[Source], cache: Path) -> list[str]:
+    """sha256 of each file's bytes (as stored), remembered in `cache/sources.json` by (path, size,
+    mtime, inode): a file hashed before and not touched since is not read again."""
+    index_path = cache / "sources.json"
+    try:
+        index = json.loads(index_path.read_text())
+        assert isinstance(index, dict)
+    except (OSError, ValueError, AssertionError):
+        index = {}
+    digests, changed = [], False
+    for src in sources:
+        try:
+            st = src.path.stat()
+            name, stamp = str(src.path.resolve()), [st.st_size, st.st_mtime_ns, st.st_ino]
+            rec = index.get(name)
+            if not (isinstance(rec, dict) and rec.get("stat") == stamp):
+                rec = index[name] = {"stat": stamp, "sha256": sha256_file(src.path)}
+                changed = True
+        except OSError as e:
+            raise DataError(f"data file {src.path} is unreadable: {e.strerror or e}") from None
+        digests.append(rec["sha256"])
+    if changed:
+        _write_json_atomic(index_path, index)
+    return digests
+
+
 def _load_cached(meta_path: Path, key: str) -> dict | None:
-    """The cache record if it and its token files are intact, else None (and why, logged)."""
+    """The cache record if it and its token files are intact, else None (and why, logged). A token
+    file whose size and mtime are as recorded is trusted; any other is checked against its sha256."""
     if not meta_path.exists():
         return None
     try:
@@ -181,10 +161,10 @@ def _load_cached(meta_path: Path, key: str) -> dict | None:
             if rec["dtype"] != np.dtype(TOKEN_DTYPE).name:
                 raise ValueError(f"{path.name} has dtype {rec['dtype']}, expected {np.dtype(TOKEN_DTYPE).name}")
             want = rec["tokens"] * np.dtype(TOKEN_DTYPE).itemsize
-            size = path.stat().st_size if path.exists() else None
-            if size != want:
-                raise ValueError(f"{path.name} has {size} bytes, expected {want}")
-            if sha256_file(path) != rec["sha256"]:
+            st = path.stat() if path.exists() else None
+            if st is None or st.st_size != want:
+                raise ValueError(f"{path.name} has {st and st.st_size} bytes, expected {want}")
+            if st.st_mtime_ns != rec["mtime_ns"] and sha256_file(path) != rec["sha256"]:
                 raise ValueError(f"{path.name} does not match its recorded sha256")
         return meta
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -202,62 +182,86 @@ def _show_bar(show_progress: bool) -> bool:
     return bool(show_progress) and sys.stderr.isatty()
 
 
-def _tokenize_to_cache(docs: list[str], val_idx: np.ndarray, tokenizer, cache_dir: Path, key: str,
-                       description: str, show_progress: bool) -> dict:
-    """Encode every document (+ eot) into train/val .u32 files, written atomically, and record them."""
+def _batches(sources: Sequence[Source], text_column: str | None, bar) -> Iterator[list[str]]:
+    """The documents of every source, in order, regrouped into batches of about BATCH_CHARS
+    characters; `bar` advances by the on-disk bytes read."""
+    done, pending, chars = 0, [], 0
+    for src in sources:
+        for docs, pos in read_documents(src, text_column, hint=True):
+            pending += docs
+            chars += sum(map(len, docs))
+            if chars >= BATCH_CHARS:
+                yield pending
+                pending, chars = [], 0
+            bar.update(done + pos - bar.n)
+        done += src.size
+    if pending:
+        yield pending
+
+
+def _split_problem(names: str, n_train: int, n_val: int, val_fraction: float) -> str | None:
+    n = n_train + n_val
+    how = (f"each document goes there with probability --val_fraction {val_fraction:g}, chosen by a hash "
+           f"of its text")
+    if val_fraction > 0 and n_val == 0:
+        return (f"none of the {n} documents of {names} fell in the validation split ({how}); add documents "
+                f"or raise --val_fraction")
+    if n_train == 0:
+        return (f"all {n} documents of {names} fell in the validation split ({how}); add documents "
+                f"or lower --val_fraction")
+    return None
+
+
+def _tokenize_to_cache(sources: Sequence[Source], tokenizer, cache_dir: Path, key: str, *, names: str,
+                       text_column: str | None, workers: int, val_fraction: float, split_seed: int,
+                       show_progress: bool) -> dict:
+    """Stream every document into train/val .u32 files, written atomically, and record them."""
     from tqdm.auto import tqdm
 
-    short_name = description if len(description) <= 40 else "..." + description[-37:]
-    is_val = np.zeros(len(docs), dtype=bool)
-    is_val[val_idx] = True
+    short_name = names if len(names) <= 40 else "..." + names[-37:]
     finals = {s: cache_dir / f"{key}.{s}.u32" for s in ("train", "val")}
     tmps = {s: _atomic_path(p) for s, p in finals.items()}
     hashes = {s: hashlib.sha256() for s in finals}
-    counts = {s: 0 for s in finals}
-    eot = np.array([tokenizer.eot_id], dtype=TOKEN_DTYPE)
-    chunk = 256  # documents per encode_batch call: enough to keep the threads busy
+    tokens = {s: 0 for s in finals}
+    docs = {s: 0 for s in finals}
+    total = sum(src.size for src in sources)
     try:
         with open(tmps["train"], "wb") as f_train, open(tmps["val"], "wb") as f_val, \
-                tqdm(total=len(docs), unit="doc", desc=f"tokenizing {short_name}",
+                tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"tokenizing {short_name}",
                      disable=not _show_bar(show_progress)) as bar:
             outs = {"train": f_train, "val": f_val}
-            for start in range(0, len(docs), chunk):
-                for i, ids in enumerate(tokenizer.encode_batch(docs[start:start + chunk]), start):
-                    split = "val" if is_val[i] else "train"
-                    arr = np.concatenate([np.asarray(ids, dtype=TOKEN_DTYPE), eot])
-                    buf = arr.tobytes()
-                    outs[split].write(buf)
-                    hashes[split].update(buf)
-                    counts[split] += len(arr)
-                bar.update(min(chunk, len(docs) - start))
+            for enc in encode_batches(_batches(sources, text_column, bar), tokenizer, workers=workers,
+                                      val_fraction=val_fraction, split_seed=split_seed):
+                for s, arr, n in (("train", enc.train, enc.n_train_docs), ("val", enc.val, enc.n_val_docs)):
+                    buf = memoryview(arr).cast("B")
+                    outs[s].write(buf)
+                    hashes[s].update(buf)
+                    tokens[s] += len(arr)
+                    docs[s] += n
+        problem = _split_problem(names, docs["train"], docs["val"], val_fraction)
+        if problem:
+            raise DataError(problem)
+        for s in finals:
+            os.replace(tmps[s], finals[s])
         meta = {
             "format": CACHE_FORMAT,
             "key": key,
-            "source": description,
-            "splits": {s: {"file": finals[s].name, "tokens": counts[s], "dtype": np.dtype(TOKEN_DTYPE).name,
-                           "sha256": hashes[s].hexdigest(), "docs": int(is_val.sum() if s == "val" else (~is_val).sum())}
+            "source": names,
+            "splits": {s: {"file": finals[s].name, "tokens": tokens[s], "dtype": np.dtype(TOKEN_DTYPE).name,
+                           "sha256": hashes[s].hexdigest(), "mtime_ns": finals[s].stat().st_mtime_ns,
+                           "docs": docs[s]}
                        for s in finals},
         }
-        for s in finals:
-            os.replace(tmps[s], finals[s])
-        meta_path = cache_dir / f"{key}.json"
-        tmp_meta = _atomic_path(meta_path)
-        tmp_meta.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp_meta, meta_path)  # written last: the record commits the token files
+        _write_json_atomic(cache_dir / f"{key}.json", meta)  # written last: the record commits the token files
         return meta
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise DataError(f"no space left on device while writing the token cache in {cache_dir}; nothing "
+                            f"was kept: free space or set BLUES_CACHE to a larger disk") from None
+        raise
     finally:
         for tmp in tmps.values():
             tmp.unlink(missing_ok=True)
-
-
-def _source_sha256(path: Path) -> str:
-    """sha256 of a data file's bytes (as stored: a gzip file hashes its compressed bytes)."""
-    if not path.is_file():
-        _read_bytes(path)  # raises the 'does not exist' / 'is a directory' message
-    try:
-        return sha256_file(path)
-    except OSError as e:
-        raise DataError(f"data file {path} is unreadable: {e.strerror or e}") from None
 
 
 @contextlib.contextmanager
@@ -278,46 +282,58 @@ def _cache_lock(path: Path):
 
 def prepare_data(paths: PathLike | Sequence[PathLike] | None = None, *, seq_len: int, tokenizer=None,
                  val_fraction: float = 0.05, split_seed: int = 0, cache_dir: PathLike | None = None,
-                 show_progress: bool = True) -> TokenSplits:
-    """Tokenize the CSV files (default: the embedded corpus) into train/val streams, via the cache.
+                 show_progress: bool = True, text_column: str | None = None,
+                 workers: int | None = None) -> TokenSplits:
+    """Tokenize the data files (default: the embedded corpus) into train/val streams, via the cache.
 
-    The cache key covers the files' bytes, the tokenizer and the split parameters, so a second
-    call with the same inputs reads the memmaps without re-tokenizing. `seq_len` only sets the
-    size check: each split must hold at least one window of seq_len + 1 tokens.
+    `paths`: files, directories and globs (`blues.data_sources`). The cache key covers the files'
+    bytes and formats, the text column, the tokenizer and the split parameters, so a second call
+    with the same inputs maps the cached token files without re-tokenizing. `workers`: tokenizing
+    processes (default: the CPU count, or this process alone for inputs under 16 MiB); the output
+    does not depend on it. `seq_len` only sets the size check: each split must hold at least one
+    window of seq_len + 1 tokens.
     """
     if not (isinstance(seq_len, numbers.Integral) and seq_len > 0):
         raise ConfigError(f"seq_len must be a positive integer, got {seq_len!r}")
     seq_len = int(seq_len)
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    if workers is not None and not (isinstance(workers, numbers.Integral) and workers > 0):
+        raise ConfigError(f"workers must be a positive integer, got {workers!r}")
     if tokenizer is None:
         from blues.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer()
-    files = _as_paths(paths)
-    names = ", ".join(str(p) for p in files)
-    key_spec = {
-        "format": CACHE_FORMAT,
-        "sources": [_source_sha256(p) for p in files],
-        "tokenizer": [tokenizer.name, getattr(tokenizer, "fingerprint", ""), tokenizer.eot_id],
-        "val_fraction": float(val_fraction),
-        "split_seed": int(split_seed),
-    }
-    key = hashlib.sha256(json.dumps(key_spec, sort_keys=True).encode()).hexdigest()[:32]
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    sources = _sources(paths)
+    names = _describe(sources)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    built: dict = {}
     try:
         cache.mkdir(parents=True, exist_ok=True)
+        key_spec = {
+            "format": CACHE_FORMAT,
+            "sources": [[d, s.format] for d, s in zip(_source_digests(sources, cache), sources)],
+            "text_column": text_column,
+            "tokenizer": [tokenizer.name, getattr(tokenizer, "fingerprint", ""), tokenizer.eot_id],
+            "val_fraction": float(val_fraction),
+            "split_seed": int(split_seed),
+        }
+        key = hashlib.sha256(json.dumps(key_spec, sort_keys=True).encode()).hexdigest()[:32]
         # One process tokenizes; the others (data-parallel ranks started together) wait for it and
         # then find a valid cache.
         with _cache_lock(cache / f"{key}.lock"):
             meta = _load_cached(cache / f"{key}.json", key)
             if meta is None:
-                docs_per_file = [_read_file(p) for p in files]  # validates every file before any work
-                docs = [d for ds in docs_per_file for d in ds]
-                val_idx = _split_documents(len(docs), val_fraction, split_seed, names)
-                log.info("tokenizing %s (%d documents) into %s", names, len(docs), cache)
-                meta = _tokenize_to_cache(docs, val_idx, tokenizer, cache, key,
-                                          f"{names} ({len(docs)} documents)", show_progress)
+                for stale in cache.glob(f"{key}.*.tmp"):  # left by a builder that was killed
+                    stale.unlink(missing_ok=True)
+                total = sum(s.size for s in sources)
+                n_workers = workers or (default_workers() if total >= SMALL_INPUT_BYTES else 1)
+                log.info("tokenizing %s into %s (%d workers)", names, cache, n_workers)
+                started = time.perf_counter()
+                meta = _tokenize_to_cache(sources, tokenizer, cache, key, names=names, text_column=text_column,
+                                          workers=n_workers, val_fraction=val_fraction, split_seed=split_seed,
+                                          show_progress=show_progress)
+                built = {"seconds": time.perf_counter() - started, "bytes": total, "workers": n_workers}
             else:
                 log.info("reusing tokenized %s from %s", names, cache)
     except PermissionError as e:
@@ -327,23 +343,22 @@ def prepare_data(paths: PathLike | Sequence[PathLike] | None = None, *, seq_len:
         raise DataError(f"cannot use the data cache directory {cache} ({e.strerror or e}); "
                         f"set BLUES_CACHE to a writable directory") from None
 
-    n_docs = meta["splits"]["train"]["docs"] + meta["splits"]["val"]["docs"]
-    description = f"{names} ({n_docs} documents)"
     rec = meta["splits"]
+    n_docs = rec["train"]["docs"] + rec["val"]["docs"]
     splits = TokenSplits(
         train=_open_tokens(cache / rec["train"]["file"], rec["train"]["tokens"]),
         val=_open_tokens(cache / rec["val"]["file"], rec["val"]["tokens"]),
-        n_train_docs=rec["train"]["docs"], n_val_docs=rec["val"]["docs"], source=description,
+        n_train_docs=rec["train"]["docs"], n_val_docs=rec["val"]["docs"], source=f"{names} ({n_docs} documents)",
         n_vocab=tokenizer.n_vocab, eot_id=tokenizer.eot_id, seq_len=seq_len, cache_key=key,
-        files=tuple(str(p) for p in files))
+        files=tuple(str(s.path) for s in sources), cache_dir=str(cache), built=built)
     window = seq_len + 1
     checks = [("training", splits.train, splits.n_train_docs)]
     if val_fraction > 0:
         checks.append(("validation", splits.val, splits.n_val_docs))
-    for name, tokens, n_docs in checks:
+    for name, tokens, n in checks:
         if len(tokens) < window:
             raise DataError(
-                f"{name} split of {names} ({n_docs} documents) has {len(tokens)} tokens, fewer than "
+                f"{name} split of {names} ({n} documents) has {len(tokens)} tokens, fewer than "
                 f"one window of {window}; use a bigger file or a smaller max_position_embeddings")
     return splits
 
@@ -473,3 +488,10 @@ def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches:
                        seed=EVAL_SEED, shuffle=True, vocab_size=vocab_size, name=name)
     n = it.steps_per_epoch if max_batches is None else min(max_batches, it.steps_per_epoch)
     return (next(it) for _ in range(n))
+
+
+if __name__ == "__main__":  # python -m blues.data prepare ...
+    from blues.cli import run_main
+    from blues.data_prepare import main
+
+    raise SystemExit(run_main(main))

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from blues.config import PRESETS, BluesConfig
-from blues.errors import ConfigError, UsageError
+from blues.data_sources import expand_inputs
+from blues.errors import ConfigError, DataError, UsageError
 
 FRAMEWORKS = ("torch", "jax")
 ATTN_IMPLS = {"torch": ("auto", "reference", "sdpa", "flash_attn"),
@@ -48,6 +49,9 @@ PRECISIONS = ("fp32", "bf16")
 # training loss falls from 12.7 to ~7.5. Larger runs (GPU, bigger presets) pass their own values.
 DEFAULTS: dict[str, Any] = dict(
     data=None,  # None = the embedded corpus (blues.data.DEFAULT_CORPUS)
+    text_column=None,  # None = 'Text' (CSV, TSV, Parquet) / 'text' (JSONL)
+    workers=None,  # tokenizing processes; None = the CPU count (blues.data.prepare_data)
+    val_fraction=0.05,  # chance that a document goes to the validation split
     preset="tiny",
     config=None,
     out_dir=None,  # None = runs/<timestamp>
@@ -129,6 +133,9 @@ class TrainArgs:
     coordinator: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    text_column: str | None = None
+    workers: int | None = None
+    val_fraction: float = 0.05
     # Flags the user gave explicitly (DeepSpeed: these override ds_config.json, the rest come from it).
     explicit: frozenset[str] = field(default_factory=frozenset)
 
@@ -174,7 +181,13 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
         group.add_argument(name, help=help, **kw)
 
     group = p.add_argument_group("data and model")
-    add("--data", "CSV file(s) with a 'Text' column; default: the embedded corpus", nargs="+", metavar="CSV")
+    add("--data", "data files, directories or globs (.csv .tsv .jsonl .parquet .txt, optionally .gz/.zst); "
+        "default: the embedded corpus", nargs="+", metavar="PATH")
+    add("--text_column", "column (CSV, TSV, Parquet) or field (JSONL) holding the text (default: Text; text "
+        "for JSONL)", metavar="NAME")
+    add("--workers", "processes tokenizing the data on a first run (default: the CPU count)", type=int, metavar="N")
+    add("--val_fraction", "chance that a document goes to the validation split, chosen by a hash of its text",
+        type=float, metavar="F")
     add("--preset", f"model preset: {', '.join(PRESETS)}", metavar="NAME")
     add("--config", "JSON file (or inline JSON object) of config fields overriding the preset", metavar="JSON")
     add("--attn_impl", f"attention backend: {', '.join(ATTN_IMPLS[framework])}", metavar="IMPL")
@@ -254,9 +267,16 @@ def parse_args(argv: Sequence[str] | None, framework: str) -> TrainArgs:
     model_config = load_model_config(values["preset"], values["config"])
 
     if values["data"] is not None:
-        for path in values["data"]:
-            _check_readable_file(path, "--data")
+        try:
+            expand_inputs(values["data"])
+        except DataError as e:
+            raise UsageError(f"--data: {e}") from None
         values["data"] = tuple(values["data"])
+    if values["workers"] is not None and values["workers"] <= 0:
+        raise UsageError(f"--workers: must be a positive integer, got {values['workers']}")
+    if not 0 < values["val_fraction"] < 1:
+        raise UsageError(f"--val_fraction: must be in (0, 1) (the trainers evaluate on the validation split), "
+                         f"got {values['val_fraction']}")
     values["inject_nan"] = _parse_steps(values["inject_nan"]) if values["inject_nan"] else ()
     if values["stop_after"] is not None and values["stop_after"] <= 0:
         raise UsageError(f"--stop_after: must be a positive step number, got {values['stop_after']}")

@@ -118,7 +118,8 @@ def main(argv) -> int:
         # Data: rank 0 tokenizes into the cache first, the others then read it.
         if not dist.is_main:
             dist.barrier()
-        splits = prepare_data(args.data, seq_len=args.seq_len, tokenizer=tokenizer, show_progress=dist.is_main)
+        splits = prepare_data(args.data, seq_len=args.seq_len, tokenizer=tokenizer, show_progress=dist.is_main,
+                              text_column=args.text_column, workers=args.workers, val_fraction=args.val_fraction)
         if dist.is_main:
             dist.barrier()
         train_iter = BatchIterator(splits.train, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,

@@ -1,25 +1,40 @@
-"""blues.data: reading CSVs (every bad-input message), the document split, the token cache,
-window cutting, and the batch iterator (rank sharding, exact resumption)."""
+"""blues.data: reading every format (and every bad-input message), files/directories/globs, the
+hash split, the token cache and its faults (malformed records, disk full, kill -9), 1 vs N workers,
+`python -m blues.data prepare`, window cutting, and the batch iterator (rank sharding, exact
+resumption). All on small generated files; Parquet and zstd cases need pyarrow / zstandard
+(project dependencies) and are skipped where they are not installed."""
+import errno
 import gzip
+import io
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from blues import data as bd
+from blues import data_sources as ds
+from blues.cli import run_main
 from blues.data import (DEFAULT_CORPUS, BatchIterator, TokenSplits, check_vocab, eval_batches,
                         load_documents, num_windows, prepare_data)
-from blues.errors import DataError
+from blues.data_prepare import main as prepare_main
+from blues.data_tokenize import is_validation
+from blues.errors import DataError, UsageError
 from blues.tokenizer import load_tokenizer
 
 TOK = load_tokenizer()
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_csv(path: Path, texts, column="Text") -> Path:
+def write_csv(path: Path, texts, column="Text", sep=",") -> Path:
     import pandas as pd
 
-    pd.DataFrame({column: texts, "Other": range(len(texts))}).to_csv(path, index=False)
+    pd.DataFrame({column: texts, "Other": range(len(texts))}).to_csv(path, index=False, sep=sep)
     return path
 
 
@@ -27,6 +42,11 @@ def sentences(n_docs, words=60, seed=0):
     rng = np.random.default_rng(seed)
     vocab = "the a cat dog sat ran on under mat tree quickly slowly red blue and but".split()
     return [" ".join(rng.choice(vocab, size=words)) + f" document {i}." for i in range(n_docs)]
+
+
+def cache_files(cache: Path) -> list[str]:
+    """What a cache directory holds besides lock files and the source-hash index."""
+    return sorted(f.name for f in cache.iterdir() if not f.name.endswith(".lock") and f.name != "sources.json")
 
 
 class CountingTokenizer:
@@ -40,46 +60,112 @@ class CountingTokenizer:
         self.encoded += 1
         return TOK.encode(text)
 
-    def encode_batch(self, texts):
-        self.encoded += len(texts)
-        return TOK.encode_batch(texts)
+
+# ---- every format reads the same documents -------------------------------------------------------
+
+DOCS = ["first doc", "  ", "second, with \"quotes\"\tand a tab\nand a newline", "NA", "caf\u00e9 \u2603"]
+KEPT = [d for d in DOCS if d.strip()]
 
 
-# ---- load_documents: every bad input names the file and the problem --------------------------------
+def _compress(raw: bytes, how: str) -> bytes:
+    if how == "gz":
+        return gzip.compress(raw)
+    if how == "zst":
+        zstandard = pytest.importorskip("zstandard")
+        return zstandard.ZstdCompressor().compress(raw)
+    return raw
 
-def test_reads_text_column_csv_and_gzip(tmp_path):
-    p = write_csv(tmp_path / "a.csv", ["first doc", "  ", "second, with \"quotes\"\nand a newline", "NA"])
-    assert load_documents(p) == ["first doc", "second, with \"quotes\"\nand a newline", "NA"]
-    gz = tmp_path / "b.csv.gz"
-    gz.write_bytes(gzip.compress(p.read_bytes()))
-    assert load_documents([p, gz]) == load_documents(p) * 2
 
+def _write_format(tmp: Path, fmt: str, docs, compression: str = "") -> list[Path]:
+    """`docs` as files of one format (txt: one file per document), optionally compressed."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"Text": docs, "n": range(len(docs))})
+    if fmt == "parquet":
+        pytest.importorskip("pyarrow")
+        buf = io.BytesIO()
+        frame.to_parquet(buf, index=False)
+        raws = {"d.parquet": buf.getvalue()}
+    elif fmt == "jsonl":
+        raws = {"d.jsonl": "".join(json.dumps({"text": d, "n": i}) + "\n" for i, d in enumerate(docs)).encode()}
+    elif fmt == "txt":
+        raws = {f"doc{i:02d}.txt": d.encode() for i, d in enumerate(docs) if d.strip()}
+    else:
+        raws = {f"d.{fmt}": frame.to_csv(index=False, sep="\t" if fmt == "tsv" else ",").encode()}
+    out = []
+    for name, raw in raws.items():
+        path = tmp / (name + (f".{compression}" if compression else ""))
+        path.write_bytes(_compress(raw, compression))
+        out.append(path)
+    return out
+
+
+@pytest.mark.parametrize("compression", ["", "gz", "zst"])
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "parquet", "txt"])
+def test_every_format_reads_the_same_documents(tmp_path, fmt, compression):
+    paths = _write_format(tmp_path, fmt, DOCS, compression)
+    assert load_documents(paths) == KEPT
+    if fmt == "txt":  # a directory of text files: one document per file, in name order
+        assert load_documents(tmp_path) == KEPT
+
+
+def test_directories_and_globs(tmp_path):
+    (tmp_path / "shards" / "deep").mkdir(parents=True)
+    write_csv(tmp_path / "shards" / "b.csv", ["b"])
+    write_csv(tmp_path / "shards" / "a.csv", ["a"])
+    write_csv(tmp_path / "shards" / "deep" / "c.csv", ["c"])
+    (tmp_path / "shards" / "notes.md").write_text("not data")  # unknown suffix: skipped in a directory
+    gz = tmp_path / "shards" / "z.csv.gz"
+    gz.write_bytes(gzip.compress(b"Text\nz\n"))
+    assert load_documents(tmp_path / "shards") == ["a", "b", "c", "z"]  # recursive, sorted by path
+    assert load_documents(str(tmp_path / "shards" / "*.csv*")) == ["a", "b", "z"]
+    assert load_documents(str(tmp_path / "**" / "*.csv")) == ["a", "b", "c"]
+    # each file once, in the order given
+    assert load_documents([tmp_path / "shards" / "b.csv", str(tmp_path / "shards" / "*.csv")]) == ["b", "a"]
+    with pytest.raises(DataError, match=r"data pattern .*\*\.jsonl matches no files"):
+        load_documents(str(tmp_path / "*.jsonl"))
+    with pytest.raises(DataError, match=r"data file .*notes\.md has no known format suffix; name it \.csv"):
+        load_documents(tmp_path / "shards" / "notes.md")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(DataError, match=r"data directory .*empty_dir holds no \.csv, \.tsv, \.jsonl"):
+        load_documents(tmp_path / "empty_dir")
+
+
+def test_text_column(tmp_path, caplog):
+    p = write_csv(tmp_path / "cols.csv", ["x", "y"], column="body")
+    assert load_documents(p, text_column="body") == ["x", "y"]
+    with pytest.raises(DataError, match=r"cols\.csv has no 'Text' column \(columns found: 'body', 'Other'\)$"):
+        load_documents(p)  # generate.py --eval_file, parity.check: no --text_column to advise
+    with pytest.raises(DataError, match=r"cols\.csv has no 'Text' column \(columns found: 'body', 'Other'\); "
+                                        r"pick one with --text_column NAME$"):
+        prepare_data(p, seq_len=8, cache_dir=tmp_path / "c")
+    lower = write_csv(tmp_path / "lower.csv", ["x"], column="text")
+    with caplog.at_level("WARNING", logger="blues.data"):
+        assert load_documents(lower) == ["x"]
+    assert caplog.messages == [f"data file {lower} has no 'Text' column; using its 'text' column"]
+    j = tmp_path / "d.jsonl"
+    j.write_text('{"content": "a"}\n{"content": "b"}\n')
+    assert load_documents(j, text_column="content") == ["a", "b"]
+    with pytest.raises(DataError, match=r"d\.jsonl has no 'text' field \(fields found: 'content'\)"):
+        load_documents(j)
+
+
+# ---- bad input: one line naming the file (and the line or record) --------------------------------
 
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match=r"^data file .*nope\.csv does not exist$"):
         load_documents(tmp_path / "nope.csv")
 
 
-def test_directory(tmp_path):
-    with pytest.raises(DataError, match=r"data file .* is a directory, not a CSV file"):
-        load_documents(tmp_path)
-
-
 def test_unreadable(tmp_path, monkeypatch):
     # Root ignores file modes, so simulate the OS refusing the read.
     p = write_csv(tmp_path / "locked.csv", ["x"])
 
-    def refuse(self):
+    def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(Path, "read_bytes", refuse)
+    monkeypatch.setattr(ds, "open", refuse, raising=False)
     with pytest.raises(DataError, match=r"data file .*locked\.csv is unreadable: Permission denied"):
-        load_documents(p)
-
-
-def test_no_text_column_lists_columns(tmp_path):
-    p = write_csv(tmp_path / "cols.csv", ["x", "y"], column="text")
-    with pytest.raises(DataError, match=r"cols\.csv has no 'Text' column \(columns found: 'text', 'Other'\)"):
         load_documents(p)
 
 
@@ -107,101 +193,150 @@ def test_only_blank_texts(tmp_path):
 def test_not_utf8(tmp_path):
     p = tmp_path / "latin1.csv"
     p.write_bytes("Text\ncaf\xe9\n".encode("latin-1"))
-    with pytest.raises(DataError, match=r"latin1\.csv is not UTF-8 text \(byte 0xe9 at offset 8\)"):
+    with pytest.raises(DataError, match=r"latin1\.csv is not UTF-8 text \(byte 0xe9\); re-save it as UTF-8"):
         load_documents(p)
 
 
 def test_binary_file(tmp_path):
     p = tmp_path / "image.csv"
     p.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
-    with pytest.raises(DataError, match=r"image\.csv is a binary file, not CSV text"):
+    with pytest.raises(DataError, match=r"image\.csv is a binary file, not text"):
         load_documents(p)
 
 
-def test_damaged_gzip(tmp_path):
-    p = tmp_path / "cut.csv.gz"
-    p.write_bytes(gzip.compress(b"Text\n" + b"hello world\n" * 1000)[:40])
-    with pytest.raises(DataError, match=r"cut\.csv\.gz is a damaged gzip file"):
+@pytest.mark.parametrize("compression", ["gz", "zst"])
+def test_damaged_compressed_file(tmp_path, compression):
+    p = tmp_path / f"cut.csv.{compression}"
+    whole = _compress(("Text\n" + "\n".join(sentences(500))).encode(), compression)
+    p.write_bytes(whole[:len(whole) // 2])
+    name = {"gz": "gzip", "zst": "zstd"}[compression]
+    with pytest.raises(DataError, match=rf"cut\.csv\.{compression} is a damaged {name} file"):
         load_documents(p)
 
 
 def test_malformed_csv(tmp_path):
     p = tmp_path / "bad.csv"
     p.write_text('Text,Other\n"unterminated quote,1\n')
-    with pytest.raises(DataError, match=r"bad\.csv is not a valid CSV file: "):
+    with pytest.raises(ds.InputError, match=r"bad\.csv is not a valid CSV file: .*EOF inside string"):
         load_documents(p)
 
 
-def test_default_corpus():
-    assert DEFAULT_CORPUS.name == "brown.csv.gz" and DEFAULT_CORPUS.exists()
-    docs = load_documents()
-    assert len(docs) == 500 and all(len(d) > 5000 for d in docs)
-    assert docs[0].startswith("The Fulton County Grand Jury said Friday")
+def _assert_no_cache_entry(cache: Path) -> None:
+    assert cache_files(cache) == [], "a failed build left files behind"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_malformed_record_deep_in_a_big_file(tmp_path, fmt):
+    """One line naming the file and the line, exit status 2, no cache entry; the batches before the
+    bad record were tokenized already (the file streams), and all of that is thrown away."""
+    n, bad = 60_000, 54_321  # ~5 MB: the reader is many chunks in when it meets the bad record
+    docs = sentences(n, words=12)
+    if fmt == "csv":
+        lines = ["Text,Other"] + [f"{d},{i}" for i, d in enumerate(docs)]
+        lines[bad] = "one,two,three"
+        want = rf"data file .*big\.csv is not a valid CSV file: .*Expected 2 fields in line {bad + 1}, saw 3"
+    else:
+        lines = [json.dumps({"text": d}) for d in docs]
+        lines[bad] = '{"text": "cut'
+        want = rf"data file .*big\.jsonl line {bad + 1} is not valid JSON"
+    p = tmp_path / f"big.{fmt}"
+    p.write_text("\n".join(lines) + "\n")
+    tok = CountingTokenizer()
+    with pytest.raises(ds.InputError, match=want) as e:
+        prepare_data(p, seq_len=8, tokenizer=tok, cache_dir=tmp_path / "c")
+    assert e.value.exit_code == 2 and tok.encoded > 0
+    _assert_no_cache_entry(tmp_path / "c")
+
+
+def test_malformed_record_from_the_command_line(tmp_path):
+    p = tmp_path / "bad.tsv"
+    p.write_text("Text\tOther\nfine\t1\nnot\tfine\tat all\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), BLUES_CACHE=str(tmp_path / "c"))
+    proc = subprocess.run([sys.executable, "-m", "blues.data", "prepare", "--data", "bad.tsv"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "data.py: error: data file bad.tsv is not a valid TSV file: Error tokenizing data. C error: Expected 2 "
+        "fields in line 3, saw 3"]
+    _assert_no_cache_entry(tmp_path / "c")
 
 
 # ---- prepare_data: the streams, the split, the cache ---------------------------------------------
 
+def _stream(docs):
+    return [t for d in docs for t in TOK.encode(d) + [TOK.eot_id]]
+
+
 def test_streams_are_documents_plus_eot(tmp_path):
     docs = sentences(20) + ["a literal <|endoftext|> in text"]
     p = write_csv(tmp_path / "d.csv", docs)
-    s = prepare_data(p, seq_len=8, cache_dir=tmp_path / "cache", val_fraction=0.2, split_seed=3)
+    s = prepare_data(p, seq_len=8, cache_dir=tmp_path / "cache", val_fraction=0.3, split_seed=3)
     assert isinstance(s, TokenSplits) and s.train.dtype == np.uint32 and isinstance(s.train, np.memmap)
-    assert (s.n_train_docs, s.n_val_docs) == (17, 4)  # round(0.2 * 21) = 4
-    val_idx = set(np.random.default_rng(3).permutation(21)[:4].tolist())
-
-    def stream(indices):
-        return [t for i in indices for t in TOK.encode(docs[i]) + [TOK.eot_id]]
-
-    assert s.train.tolist() == stream([i for i in range(21) if i not in val_idx])
-    assert s.val.tolist() == stream(sorted(val_idx))
+    is_val = [is_validation(d, 0.3, 3) for d in docs]
+    assert (s.n_train_docs, s.n_val_docs) == (is_val.count(False), is_val.count(True))
+    assert 0 < s.n_val_docs < 21
+    assert s.train.tolist() == _stream([d for d, v in zip(docs, is_val) if not v])
+    assert s.val.tolist() == _stream([d for d, v in zip(docs, is_val) if v])
     # Only the document ends are eot: the literal special-token string stayed text.
     assert int((s.train == TOK.eot_id).sum()) + int((s.val == TOK.eot_id).sum()) == 21
     assert s.n_vocab == 200019 and s.eot_id == 199999 and "d.csv (21 documents)" in s.source
 
 
-def test_split_is_by_document_and_seeded(tmp_path):
-    p = write_csv(tmp_path / "d.csv", sentences(40))
-    a = prepare_data(p, seq_len=8, cache_dir=tmp_path / "c", split_seed=0)
-    b = prepare_data(p, seq_len=8, cache_dir=tmp_path / "c", split_seed=0)
-    c = prepare_data(p, seq_len=8, cache_dir=tmp_path / "c", split_seed=1)
-    assert (a.n_train_docs, a.n_val_docs) == (38, 2)
-    assert np.array_equal(a.val, b.val) and not np.array_equal(a.val, c.val)
+def test_split_is_by_document_hash_and_stable_when_files_are_added(tmp_path):
+    a = write_csv(tmp_path / "a.csv", sentences(200))
+    first = prepare_data(a, seq_len=8, cache_dir=tmp_path / "c")
+    assert 0 < first.n_val_docs < 30  # about 5% of 200
+    b = write_csv(tmp_path / "b.csv", sentences(150, seed=1))
+    both = prepare_data([b, a], seq_len=8, cache_dir=tmp_path / "c")
+    b_only = prepare_data(b, seq_len=8, cache_dir=tmp_path / "c")
+    # a's documents kept their split: the new file's documents come first, a's follow unchanged
+    assert both.val.tolist() == b_only.val.tolist() + first.val.tolist()
+    assert both.train.tolist() == b_only.train.tolist() + first.train.tolist()
+    other_seed = prepare_data(a, seq_len=8, cache_dir=tmp_path / "c", split_seed=1)
+    assert not np.array_equal(other_seed.val, first.val)
 
 
-def test_two_documents_give_one_each_and_one_is_refused(tmp_path):
-    p = write_csv(tmp_path / "two.csv", sentences(2, words=200))
-    s = prepare_data(p, seq_len=8, cache_dir=tmp_path / "c", val_fraction=0.05)
-    assert (s.n_train_docs, s.n_val_docs) == (1, 1)
-    one = write_csv(tmp_path / "one.csv", sentences(1, words=200))
-    with pytest.raises(DataError, match=r"one\.csv holds 1 document; the validation split is chosen by document"):
+def test_too_few_documents_for_the_split(tmp_path):
+    docs = sentences(40, words=200)
+    val = [d for d in docs if is_validation(d, 0.05, 0)]
+    train = [d for d in docs if not is_validation(d, 0.05, 0)]
+    one = write_csv(tmp_path / "one.csv", train[:1])
+    with pytest.raises(DataError, match=r"^none of the 1 documents of .*one\.csv fell in the validation split "
+                                        r"\(each document goes there with probability --val_fraction 0\.05, "
+                                        r"chosen by a hash of its text\); add documents or raise --val_fraction$"):
         prepare_data(one, seq_len=8, cache_dir=tmp_path / "c")
+    only_val = write_csv(tmp_path / "val.csv", val[:1])
+    with pytest.raises(DataError, match=r"^all 1 documents of .*val\.csv fell in the validation split .*"
+                                        r"lower --val_fraction$"):
+        prepare_data(only_val, seq_len=8, cache_dir=tmp_path / "c")
+    _assert_no_cache_entry(tmp_path / "c")
     s = prepare_data(one, seq_len=8, cache_dir=tmp_path / "c", val_fraction=0.0)
     assert s.n_val_docs == 0 and len(s.val) == 0
 
 
 def test_too_few_tokens_for_a_window(tmp_path):
-    docs = sentences(20, words=400)
-    docs[int(np.random.default_rng(0).permutation(20)[0])] = "tiny"  # the one validation document
+    tiny = next(f"tiny {i}" for i in range(10_000) if is_validation(f"tiny {i}", 0.05, 0))
+    docs = [d for d in sentences(40, words=400) if not is_validation(d, 0.05, 0)] + [tiny]  # the one val doc
     p = write_csv(tmp_path / "short.csv", docs)
+    s = prepare_data(p, seq_len=1, cache_dir=tmp_path / "c")
+    assert 0 < len(s.val) < 257 < len(s.train)
     with pytest.raises(DataError) as e:
-        prepare_data(p, seq_len=256, cache_dir=tmp_path / "c", val_fraction=0.05, split_seed=0)
-    n_val = len(prepare_data(p, seq_len=1, cache_dir=tmp_path / "c").val)
+        prepare_data(p, seq_len=256, cache_dir=tmp_path / "c")
     assert str(e.value) == (
-        f"validation split of {p} (1 documents) has {n_val} tokens, fewer than one window of 257; "
-        f"use a bigger file or a smaller max_position_embeddings")
+        f"validation split of {p} ({s.n_val_docs} documents) has {len(s.val)} tokens, fewer than one window "
+        f"of 257; use a bigger file or a smaller max_position_embeddings")
 
 
 def test_cache_is_reused(tmp_path, monkeypatch):
     p = write_csv(tmp_path / "d.csv", sentences(30))
     monkeypatch.setenv("BLUES_CACHE", str(tmp_path / "envcache"))
     tok = CountingTokenizer()
-    a = prepare_data(p, seq_len=8, tokenizer=tok)
-    assert tok.encoded == 30
-    b = prepare_data(p, seq_len=8, tokenizer=tok)
-    assert tok.encoded == 30  # nothing re-tokenized
+    a = prepare_data(p, seq_len=8, tokenizer=tok, val_fraction=0.2)
+    assert tok.encoded == 30 and a.built["workers"] == 1
+    b = prepare_data(p, seq_len=8, tokenizer=tok, val_fraction=0.2)
+    assert tok.encoded == 30 and b.built == {}  # nothing re-tokenized
     assert np.array_equal(a.train, b.train) and np.array_equal(a.val, b.val)
-    files = sorted(f.name for f in (tmp_path / "envcache").iterdir())
-    assert files == sorted(f"{a.cache_key}{ext}" for ext in (".json", ".lock", ".train.u32", ".val.u32"))
+    assert cache_files(tmp_path / "envcache") == sorted(f"{a.cache_key}{ext}" for ext in (".json", ".train.u32", ".val.u32"))
 
 
 def _damage_truncate(meta):
@@ -212,7 +347,7 @@ def _damage_truncate(meta):
 def _damage_flip(meta):
     f = meta.parent / f"{meta.stem}.train.u32"
     raw = bytearray(f.read_bytes())
-    raw[10] ^= 1  # same size, different content: only the recorded hash catches it
+    raw[10] ^= 1  # same size, different content (and mtime): only the recorded hash catches it
     f.write_bytes(bytes(raw))
 
 
@@ -234,24 +369,24 @@ def _damage_delete(meta):
 def test_damaged_cache_is_rebuilt(tmp_path, damage):
     p = write_csv(tmp_path / "d.csv", sentences(30))
     tok = CountingTokenizer()
-    good = prepare_data(p, seq_len=8, tokenizer=tok, cache_dir=tmp_path / "c")
-    want_train, want_val = np.array(good.train), np.array(good.val)
+    good = prepare_data(p, seq_len=8, tokenizer=tok, cache_dir=tmp_path / "c", val_fraction=0.2)
+    want_train, want_val, key = np.array(good.train), np.array(good.val), good.cache_key
     del good
-    damage(tmp_path / "c" / f"{prepare_data(p, seq_len=8, cache_dir=tmp_path / 'c').cache_key}.json")
-    again = prepare_data(p, seq_len=8, tokenizer=tok, cache_dir=tmp_path / "c")
+    damage(tmp_path / "c" / f"{key}.json")
+    again = prepare_data(p, seq_len=8, tokenizer=tok, cache_dir=tmp_path / "c", val_fraction=0.2)
     assert tok.encoded == 60  # re-tokenized once
     assert np.array_equal(again.train, want_train) and np.array_equal(again.val, want_val)
-    prepare_data(p, seq_len=8, tokenizer=tok, cache_dir=tmp_path / "c")
+    prepare_data(p, seq_len=8, tokenizer=tok, cache_dir=tmp_path / "c", val_fraction=0.2)
     assert tok.encoded == 60  # and the rebuilt cache is good
 
 
 def test_changed_source_or_split_is_a_new_key(tmp_path):
     p = write_csv(tmp_path / "d.csv", sentences(30))
     tok = CountingTokenizer()
-    a = prepare_data(p, seq_len=8, tokenizer=tok, cache_dir=tmp_path / "c")
-    b = prepare_data(p, seq_len=8, tokenizer=tok, cache_dir=tmp_path / "c", val_fraction=0.1)
-    write_csv(p, sentences(30, seed=1))
-    c = prepare_data(p, seq_len=8, tokenizer=tok, cache_dir=tmp_path / "c")
+    a = prepare_data(p, seq_len=8, tokenizer=tok, cache_dir=tmp_path / "c", val_fraction=0.2)
+    b = prepare_data(p, seq_len=8, tokenizer=tok, cache_dir=tmp_path / "c", val_fraction=0.3)
+    write_csv(p, sentences(30, seed=1))  # same size, new content
+    c = prepare_data(p, seq_len=8, tokenizer=tok, cache_dir=tmp_path / "c", val_fraction=0.2)
     assert tok.encoded == 90 and len({a.cache_key, b.cache_key, c.cache_key}) == 3
     assert not np.array_equal(a.train, c.train)
 
@@ -260,26 +395,78 @@ def test_failed_tokenization_leaves_no_files(tmp_path):
     p = write_csv(tmp_path / "d.csv", sentences(30))
 
     class Broken(CountingTokenizer):
-        def encode_batch(self, texts):
+        def encode(self, text):
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
         prepare_data(p, seq_len=8, tokenizer=Broken(), cache_dir=tmp_path / "c")
-    # temp files removed, nothing half-written (only the lock file stays)
-    assert [f.name for f in (tmp_path / "c").iterdir() if not f.name.endswith(".lock")] == []
+    _assert_no_cache_entry(tmp_path / "c")
+
+
+def test_disk_full_leaves_nothing_half_written(tmp_path, monkeypatch):
+    p = write_csv(tmp_path / "d.csv", sentences(30))
+    real_open = open
+
+    class FullDisk(io.FileIO):
+        def write(self, b):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def open_full(path, mode="r", *args, **kwargs):  # the token files' writes fail, as on a full disk
+        return FullDisk(path, "wb") if str(path).endswith(".tmp") and "w" in mode else real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(bd, "open", open_full, raising=False)
+    with pytest.raises(DataError, match=r"^no space left on device while writing the token cache in .*c; "
+                                        r"nothing was kept: free space or set BLUES_CACHE to a larger disk$"):
+        prepare_data(p, seq_len=8, cache_dir=tmp_path / "c", val_fraction=0.2)
+    _assert_no_cache_entry(tmp_path / "c")
+
+
+def test_kill_during_tokenization_leaves_no_usable_cache(tmp_path):
+    """kill -9 mid-build: no record (nothing a later run would use); the next run builds it again
+    and clears the dead builder's temporary files."""
+    p = write_csv(tmp_path / "d.csv", sentences(20_000, words=40))  # ~5 MB: about a second to tokenize
+    cache = tmp_path / "c"
+    script = f"from blues.data import prepare_data; prepare_data({str(p)!r}, seq_len=8, cache_dir={str(cache)!r}, workers=1)"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env)
+    deadline = time.time() + 60
+    while not list(cache.glob("*.train.u32.*.tmp")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.1)  # into the tokenization
+    assert proc.poll() is None, "the build finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(cache.glob("*.tmp"))  # the dead builder's partial token files
+    assert not [f for f in cache.iterdir() if f.suffix == ".json" and f.name != "sources.json"]  # no record
+    s = prepare_data(p, seq_len=8, cache_dir=cache, workers=1)
+    assert s.built and s.n_train_docs + s.n_val_docs == 20_000
+    assert not list(cache.glob("*.tmp"))
+
+
+def test_one_and_several_workers_give_identical_output(tmp_path, monkeypatch):
+    """Batches tokenized by 1 process or a pool of 2: the same ids, order and split. Small batches
+    (monkeypatched) give the pool many batches to reorder, were it to."""
+    monkeypatch.setattr(bd, "BATCH_CHARS", 5_000)
+    monkeypatch.setattr(ds, "BATCH_CHARS", 5_000)
+    paths = [write_csv(tmp_path / "a.csv", sentences(300, seed=1)),
+             *_write_format(tmp_path, "jsonl", sentences(200, seed=2), "gz")]
+    one = prepare_data(paths, seq_len=8, cache_dir=tmp_path / "c1", workers=1)
+    two = prepare_data(paths, seq_len=8, cache_dir=tmp_path / "c2", workers=2)
+    assert (one.built["workers"], two.built["workers"]) == (1, 2)
+    assert one.cache_key == two.cache_key
+    assert np.array_equal(one.train, two.train) and np.array_equal(one.val, two.val)
+    assert (one.n_train_docs, one.n_val_docs) == (two.n_train_docs, two.n_val_docs)
+    docs = load_documents(paths)
+    assert two.val.tolist() == _stream([d for d in docs if is_validation(d, 0.05, 0)])
 
 
 def test_concurrent_processes_tokenize_once(tmp_path):
     """Data-parallel ranks start together: the cache lock lets exactly one of them tokenize."""
-    import os
-    import subprocess
-    import sys
-
     p = write_csv(tmp_path / "d.csv", sentences(3000, words=80))
     script = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
               "from blues.data import prepare_data\n"
               f"prepare_data({str(p)!r}, seq_len=8, cache_dir={str(tmp_path / 'c')!r})\n")
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env) for _ in range(3)]
     outs = [proc.communicate(timeout=120) for proc in procs]
@@ -303,8 +490,53 @@ def test_missing_embedded_corpus(tmp_path, monkeypatch):
 
 def test_no_progress_bar_when_not_a_tty(tmp_path, capsys):
     p = write_csv(tmp_path / "d.csv", sentences(30))
-    prepare_data(p, seq_len=8, cache_dir=tmp_path / "c", show_progress=True)
+    prepare_data(p, seq_len=8, cache_dir=tmp_path / "c", show_progress=True, val_fraction=0.2)
     assert capsys.readouterr().err == ""
+
+
+# ---- python -m blues.data prepare, and the trainers' data flags -----------------------------------
+
+def test_prepare_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BLUES_CACHE", str(tmp_path / "c"))
+    monkeypatch.chdir(tmp_path)
+    _write_format(tmp_path, "jsonl", [d.replace("document", "page") for d in sentences(60)])
+    argv = ["prepare", "--data", "d.jsonl", "--seq_len", "16", "--workers", "1", "--val_fraction", "0.2"]
+    assert run_main(prepare_main, argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("tokenized d.jsonl (60 documents) in ") and "with 1 worker: " in out[0]
+    s = prepare_data("d.jsonl", seq_len=16, val_fraction=0.2)
+    assert out[1:3] == [f"train: {len(s.train):,} tokens, {s.n_train_docs:,} documents, {s.windows('train'):,} windows of 17",
+                        f"validation: {len(s.val):,} tokens, {s.n_val_docs:,} documents, {s.windows('val'):,} windows of 17"]
+    assert out[3] == f"cache: {tmp_path / 'c'}/{s.cache_key}.{{json,train.u32,val.u32}}"
+    assert out[4] == "train with: python train_jax.py --data d.jsonl --val_fraction 0.2"
+    assert run_main(prepare_main, argv) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "already tokenized: d.jsonl (60 documents)"
+    assert run_main(prepare_main, ["prepare", "--workers", "0"]) == 2
+    assert "--workers: must be a positive integer" in capsys.readouterr().err
+
+
+def test_trainer_data_flags(tmp_path):
+    from blues.train_args import parse_args
+
+    write_csv(tmp_path / "a.csv", ["x"])
+    args = parse_args(["--data", str(tmp_path), "--text_column", "body", "--workers", "3", "--val_fraction", "0.1",
+                       "--out_dir", str(tmp_path / "run")], "jax")
+    assert (args.data, args.text_column, args.workers, args.val_fraction) == ((str(tmp_path),), "body", 3, 0.1)
+    assert parse_args(["--out_dir", str(tmp_path / "run")], "torch").val_fraction == 0.05
+    for argv, text in [(["--val_fraction", "0"], "--val_fraction: must be in (0, 1)"),
+                       (["--workers", "0"], "--workers: must be a positive integer"),
+                       (["--data", str(tmp_path / "*.jsonl")], "--data: data pattern"),
+                       (["--data", str(tmp_path / "missing.csv")], "--data: data file")]:
+        with pytest.raises(UsageError) as e:
+            parse_args(argv + ["--out_dir", str(tmp_path / "run")], "torch")
+        assert text in str(e.value)
+
+
+def test_default_corpus():
+    assert DEFAULT_CORPUS.name == "brown.csv.gz" and DEFAULT_CORPUS.exists()
+    docs = load_documents()
+    assert len(docs) == 500 and all(len(d) > 5000 for d in docs)
+    assert docs[0].startswith("The Fulton County Grand Jury said Friday")
 
 
 # ---- windows, vocab check, batches --------------------------------------------------------------
