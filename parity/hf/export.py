@@ -95,6 +95,7 @@ def _write_common(tensors, config: BluesConfig, staging: Path) -> None:
 def hf_usage(directory: Path, *, trust_remote_code: bool) -> str:
     """A command that loads the directory in transformers, offline, and continues a prompt."""
     remote = ", trust_remote_code=True" if trust_remote_code else ""
-    code = (f"from transformers import pipeline; p = pipeline('text-generation', model={json.dumps(str(directory.resolve()))}"
+    model = json.dumps(str(directory.resolve()))
+    code = (f"from transformers import pipeline; p = pipeline('text-generation', model={model}"
             f"{remote}); print(p('The old man said', max_new_tokens=20)[0]['generated_text'])")
     return f"  try it: HF_HUB_OFFLINE=1 python -c {shlex.quote(code)}"

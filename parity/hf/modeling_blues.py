@@ -316,9 +316,9 @@ class BluesForCausalLM(BluesPreTrainedModel, GenerationMixin):
                 logits_to_keep=0, **kwargs):
         cfg = self.config
         output_router_logits = cfg.output_router_logits if output_router_logits is None else output_router_logits
-        h, cache, router_logits, aux, z, hidden = self.model(
-            input_ids, attention_mask, position_ids, cache if cache is not None else kwargs.pop("past_key_values", None),
-            inputs_embeds, use_cache, output_hidden_states)
+        cache = kwargs.pop("past_key_values", None) if cache is None else cache
+        h, cache, router_logits, aux, z, hidden = self.model(input_ids, attention_mask, position_ids, cache,
+                                                             inputs_embeds, use_cache, output_hidden_states)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h).float()  # [B, T, V]

@@ -7,8 +7,9 @@ Blues' o200k pre-tokenizer pattern. What the export adds, so that ids match Blue
 - the special tokens keep their o200k ids (`<|endoftext|>` 199999, `<|endofprompt|>` 200018) and the
   unassigned ids (199998, 200000..200017) hold reserved special tokens `<|reserved_N|>`, so the
   vocabulary is exactly the model's 200,019 rows;
-- `<|endoftext|>` is bos and eos, and the tokenizer puts it before every text, as Blues starts every
-  document and prompt with it (`add_special_tokens=False` gives Blues' `encode` ids alone);
+- `<|endoftext|>` is bos, eos and pad (padding is masked out; pad on the left for `generate`), and the
+  tokenizer puts it before every text, as Blues starts every document and prompt with it
+  (`add_special_tokens=False` gives Blues' `encode` ids alone);
 - `split_special_tokens`: a special token's text inside a string is ordinary text, as in Blues'
   `encode` (tiktoken's encode_ordinary), the way Blues tokenized its training data.
 
@@ -67,12 +68,18 @@ def tokenizer_json() -> str:
     return tok.to_str()
 
 
-def save_tokenizer(directory: Path, model_max_length: int) -> None:
-    """tokenizer.json, tokenizer_config.json (and what else transformers writes) into `directory`."""
+@lru_cache(maxsize=1)
+def _hf_tokenizer():
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    hf = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json()), bos_token=ENDOFTEXT,
-                                 eos_token=ENDOFTEXT, split_special_tokens=True, model_max_length=model_max_length,
-                                 clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json()), bos_token=ENDOFTEXT,
+                                   eos_token=ENDOFTEXT, pad_token=ENDOFTEXT, split_special_tokens=True,
+                                   clean_up_tokenization_spaces=False)
+
+
+def save_tokenizer(directory: Path, model_max_length: int) -> None:
+    """tokenizer.json and tokenizer_config.json (transformers' own save) into `directory`."""
+    hf = _hf_tokenizer()  # built once per process (~10 s), saved per export (~2 s)
+    hf.model_max_length = hf.init_kwargs["model_max_length"] = model_max_length
     hf.save_pretrained(str(directory))
