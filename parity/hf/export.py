@@ -96,6 +96,6 @@ def hf_usage(directory: Path, *, trust_remote_code: bool) -> str:
     """A command that loads the directory in transformers, offline, and continues a prompt."""
     remote = ", trust_remote_code=True" if trust_remote_code else ""
     model = json.dumps(str(directory.resolve()))
-    code = (f"from transformers import pipeline; p = pipeline('text-generation', model={model}"
-            f"{remote}); print(p('The old man said', max_new_tokens=20)[0]['generated_text'])")
+    code = (f'from transformers import pipeline; p = pipeline("text-generation", model={model}'
+            f'{remote}); print(p("The old man said", max_new_tokens=20)[0]["generated_text"])')
     return f"  try it: HF_HUB_OFFLINE=1 python -c {shlex.quote(code)}"
