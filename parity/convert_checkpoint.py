@@ -1,6 +1,6 @@
 """Convert a Blues checkpoint between PyTorch, JAX and safetensors, optimizer state included.
 
-    python -m parity.convert_checkpoint SRC DST --to torch|jax|safetensors [--dtype bfloat16]
+    python -m parity.convert_checkpoint SRC DST --to torch|jax|safetensors|hf|hf-mixtral [--dtype bfloat16]
 
 SRC is anything parity/checkpoint_read.py reads (`read_source`, re-exported here, as `Loaded`):
 - a train_torch.py checkpoint directory (`.../checkpoints/step_XXXXXXXX`): plain (model.safetensors,
@@ -11,7 +11,8 @@ SRC is anything parity/checkpoint_read.py reads (`read_source`, re-exported here
   verifies against its COMMITTED manifest; the seed's name `DIR/model_iter_N.pt` for its step N;
 - an export: a directory with `model.safetensors` + `config.json` (or the `.safetensors` file), as this
   script writes it, with `optimizer.safetensors` + `trainer_state.json` when it carries a training run;
-- a `.pt` state dict with its config (weights only).
+- a `.pt` state dict with its config (weights only);
+- a Hugging Face directory that `--to hf` wrote (model_type "blues"; parity/hf/read.py), weights only.
 
 DST is a new (or empty) directory:
 - `--to torch`: a run directory holding `checkpoints/step_XXXXXXXX/` in train_torch.py's plain format;
@@ -19,7 +20,10 @@ DST is a new (or empty) directory:
 - `--to jax`: the same for train_jax.py (Orbax, written by Orbax's CheckpointManager);
 - `--to safetensors`: an export (`model.safetensors` + `config.json`, canonical names, float32 or
   `--dtype bfloat16`), plus `optimizer.safetensors` (AdamW moments, float32) and `trainer_state.json`
-  when SRC carries a training run, so torch -> safetensors -> jax resumes too.
+  when SRC carries a training run, so torch -> safetensors -> jax resumes too;
+- `--to hf`: a Hugging Face transformers directory (model, o200k tokenizer, remote code; parity/hf/export.py)
+  that `AutoModelForCausalLM.from_pretrained(DST, trust_remote_code=True)` loads offline; `--to hf-mixtral`:
+  a plain MixtralForCausalLM directory, for the configs Mixtral computes exactly (else one line naming the field).
 
 What carries over: the weights (bit-exact in float32), the model config, the AdamW state (moments
 and step count; parity/optim_convert.py documents the exact torch <-> optax correspondence), the
@@ -57,8 +61,10 @@ from blues.layout import canonical_layout
 from parity.checkpoint_read import (ARRAYS, OPTIMIZER_FORMAT, OPTIMIZER_NAME, TRAINER, Loaded, read_source,
                                     resolve_source)
 from blues.canonical import ConversionError, check_canonical, flatten, nest, to_module_arrays
+from parity.hf.export import check_mixtral, hf_usage, write_hf, write_hf_mixtral
+from parity.hf.read import hf_model_type, read_hf
 
-TARGETS = ("torch", "jax", "safetensors")
+TARGETS = ("torch", "jax", "safetensors", "hf", "hf-mixtral")
 TORCH_ROUTER_SEED = (7919, 1)  # train_torch.py seeds its router-noise generator with seed * 7919 + 1 + rank
 
 
@@ -251,9 +257,11 @@ def convert(src_path: str | os.PathLike, dst_path: str | os.PathLike, to: str, *
         raise UsageError(f"--dtype {dtype} applies to --to safetensors only; trainer checkpoints stay float32")
     src_path, dst = resolve_source(src_path), Path(dst_path)  # (a missing SRC is reported first)
     _check_dst(dst, src_path)
-    src = read_source(src_path)
+    src = read_hf(src_path) if hf_model_type(src_path) else read_source(src_path)
     log(f"read {src.path}: {src.kind} checkpoint" + (f", step {src.step}" if src.trainer_state else ", weights only"))
     check_canonical(src.arrays, src.config)
+    if to == "hf-mixtral":
+        check_mixtral(src.config)  # refused before anything is written
     if src.optimizer is not None:
         log(f"converting {len(src.arrays)} tensors and the AdamW state (step {src.optimizer.step})")
     made = [p for p in reversed(dst.parents) if not p.exists()]
@@ -262,13 +270,17 @@ def convert(src_path: str | os.PathLike, dst_path: str | os.PathLike, to: str, *
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        log(f"writing {to} {'export' if to == 'safetensors' else 'checkpoint'} to {dst}")
+        log(f"writing {to} {'checkpoint' if to in ('torch', 'jax') else 'export'} to {dst}")
         if to == "torch":
             written = write_torch(src, staging)
         elif to == "jax":
             written = write_jax(src, staging)
-        else:
+        elif to == "safetensors":
             written = write_export(src, staging, dtype)
+        elif to == "hf":
+            written = write_hf(src.arrays, src.config, staging)
+        else:
+            written = write_hf_mixtral(src.arrays, src.config, staging)
         written = dst / written.resolve().relative_to(staging)
         if dst.exists():
             dst.rmdir()  # an empty directory the user made for us
@@ -291,10 +303,15 @@ def convert(src_path: str | os.PathLike, dst_path: str | os.PathLike, to: str, *
 def summary(src: Loaded, written: Path, to: str, dtype: str) -> str:
     n_params = sum(int(np.prod(s.shape)) for s in canonical_layout(src.config))
     kind = {"torch": "train_torch.py checkpoint", "jax": "train_jax.py checkpoint (Orbax)",
-            "safetensors": "safetensors export"}[to]
+            "safetensors": "safetensors export", "hf": "Hugging Face transformers model (model_type blues)",
+            "hf-mixtral": "Hugging Face transformers MixtralForCausalLM"}[to]
     lines = [f"wrote {written}: {kind}, step {src.step}",
              f"  weights: {len(src.arrays)} tensors, {n_params:,} parameters, "
              f"{dtype if to == 'safetensors' else 'float32'}"]
+    if to in ("hf", "hf-mixtral"):
+        lines.append("  optimizer: not exported (a transformers directory holds the model and tokenizer)")
+        lines.append(hf_usage(written, trust_remote_code=to == "hf"))
+        return "\n".join(lines)
     opt = src.optimizer if src.trainer_state is not None else None
     if opt is not None:
         lines.append(f"  optimizer: AdamW step {opt.step}, first and second moments of {opt.num_tensors} tensors "
