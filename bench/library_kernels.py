@@ -295,12 +295,24 @@ def kernel_rows(kernel: str, preset: str, *, quick: bool, steps: int, warmup: in
                         flops_per_token=lm_head_loss_flops_per_token(cfg) if kernel == "loss" else None,
                         dense_framework="torch", step_ms=times.median_s * 1e3, spread=times.spread,
                         peak_gib=None if extra is None else extra / GIB, peak_exact=True, check=check, check_ok=ok,
-                        notes=f"{device.type}; peak column = extra memory over inputs + outputs", config=config))
+                        notes=f"{device.type}; {_version(c.framework)}peak column = extra memory over inputs + outputs",
+                        config=config))
     _compare_to_blues(rows)
     del cands, reference_out
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def _version(framework: str) -> str:
+    """"liger-kernel 0.8.5; " for a library's row, "" for Blues'."""
+    if framework == "torch":
+        return ""
+    import importlib.metadata
+    try:
+        return f"{framework} {importlib.metadata.version(framework)}; "
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
 def _compare_to_blues(rows: list[Row]) -> None:
