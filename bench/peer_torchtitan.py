@@ -8,8 +8,9 @@ trained the way torchtitan's single-GPU trainer (torchtitan/train.py) does it:
 
 - built on the meta device, `to_empty` on the GPU, `init_weights()`: its initialisation;
 - `parallelize_qwen3` with a one-device ParallelDims: on one GPU that applies its per-block
-  compile (`apply_compile`: each TransformerBlock under torch.compile(fullgraph=True), the MoE's
-  experts left out as it leaves them) and nothing else (no FSDP, TP, EP or CP at world size 1);
+  compile and nothing else (no FSDP, TP, EP or CP at world size 1). `apply_compile` compiles each
+  part of an MoE block on its own (attention, norms, the router; fullgraph=True), leaves the
+  experts' module eager and compiles their grouped-GEMM function instead;
 - experts through `torch._grouped_mm` (MoEArgs.use_grouped_mm, its default) with its token
   padding to groups of 8;
 - its loss, `build_cross_entropy_loss` (sum reduction, compiled as the "loss" compile component
