@@ -8,8 +8,9 @@
 Sections (`--what`, comma-separated): dense, gemm, train, deepspeed, decode, loss, peer-train
 (Hugging Face Mixtral), titan-train (torchtitan), peer-decode (peer = the three), kernels
 (liger-kernel and cut-cross-entropy against Blues' kernels, bench/library_kernels.py), parity,
-all (= all of these but dense, which is measured anyway when the results lack it), report. `--framework` picks torch, jax or both for the sections that exist
-in both; `--preset` picks the training presets (bench: batch 8 x 2048; tiny: 64 x 256). Decoding
+all (= all of these but dense, which is measured anyway when the results lack it), report.
+`--framework` picks torch, jax or both for the sections that exist in both; `--preset` picks the
+training presets (bench: batch 8 x 2048; tiny: 64 x 256), also of the kernels section. Decoding
 runs the tiny preset, the loss and GEMM benches the bench shapes (`--decode-preset` overrides).
 
 Every section is guarded: an exception (out-of-memory included) becomes an error row and the

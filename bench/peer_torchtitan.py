@@ -51,7 +51,8 @@ import contextlib
 from blues.config import BluesConfig
 from bench.report import Row
 from bench.timing import PeakMemory, log, time_steps, torch_sync
-from bench.train_step import GRAD_CLIP, LR, Workload, _train_row, loss_check, random_batch, torch_device
+from bench.train_step import (GRAD_CLIP, LR, Workload, _train_row, fresh_torch_compile, loss_check, random_batch,
+                              torch_device)
 
 TORCHTITAN_VERSION = "0.2.2"
 VARIANT = f"torchtitan {TORCHTITAN_VERSION}"
@@ -162,7 +163,7 @@ def titan_train(wl: Workload, *, steps: int, warmup: int, compile: bool = True, 
     compile = compile and device.type == "cuda"  # on a CPU: eager (module docstring)
     variant = VARIANT + (" compile" if compile else " eager")
     torch.manual_seed(seed)
-    torch._dynamo.reset()  # as bench.train_step.fresh_torch_compile: no graphs of an earlier preset
+    fresh_torch_compile()  # no graphs of an earlier preset in this process
     mem = PeakMemory("torch", device)
     mem.reset()
     jc = job_config(wl.seq, compile, fused=device.type == "cuda")
