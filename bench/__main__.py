@@ -5,10 +5,12 @@
     python -m bench --what report --out runs/bench                                  # the table only
     python -m bench --quick                                                         # CPU smoke test
 
-Sections (`--what`, comma-separated): dense, gemm, train, deepspeed, decode, loss, peer-train,
-peer-decode (peer = both), parity, all (= all of these but dense, which is measured anyway when the
-results lack it), report. `--framework` picks torch, jax or both for the sections that exist
-in both; `--preset` picks the training presets (bench: batch 8 x 2048; tiny: 64 x 256). Decoding
+Sections (`--what`, comma-separated): dense, gemm, train, deepspeed, decode, loss, peer-train
+(Hugging Face Mixtral), titan-train (torchtitan), peer-decode (peer = the three), kernels
+(liger-kernel and cut-cross-entropy against Blues' kernels, bench/library_kernels.py), parity,
+all (= all of these but dense, which is measured anyway when the results lack it), report.
+`--framework` picks torch, jax or both for the sections that exist in both; `--preset` picks the
+training presets (bench: batch 8 x 2048; tiny: 64 x 256), also of the kernels section. Decoding
 runs the tiny preset, the loss and GEMM benches the bench shapes (`--decode-preset` overrides).
 
 Every section is guarded: an exception (out-of-memory included) becomes an error row and the
@@ -25,8 +27,9 @@ import signal
 import sys
 import traceback
 
-SECTIONS = ("dense", "gemm", "train", "deepspeed", "decode", "loss", "peer-train", "peer-decode", "parity")
-ALIASES = {"all": [s for s in SECTIONS if s != "dense"], "peer": ["peer-train", "peer-decode"]}
+SECTIONS = ("dense", "gemm", "train", "deepspeed", "decode", "loss", "peer-train", "titan-train", "peer-decode",
+            "kernels", "parity")
+ALIASES = {"all": [s for s in SECTIONS if s != "dense"], "peer": ["peer-train", "titan-train", "peer-decode"]}
 
 
 def parse_args(argv):
@@ -44,7 +47,8 @@ def parse_args(argv):
     p.add_argument("--out", default=os.environ.get("OUT") or "bench_out", help="results directory (default $OUT or bench_out)")
     p.add_argument("--quick", action="store_true", help="tiny shapes and few steps: a CPU smoke test in ~2 minutes")
     p.add_argument("--torch-compile", default="off", choices=("off", "on", "both"),
-                   help="train, deepspeed and decode: plain eager (off), torch.compile only (on), or both rows")
+                   help="train, deepspeed, decode, peer-train and titan-train: plain eager (off), "
+                        "torch.compile only (on), or both rows")
     p.add_argument("--ds-optimizer", default="auto", choices=("auto", "deepspeed", "torch"),
                    help="DeepSpeed's FusedAdam (deepspeed), its torch_adam switch (torch), or FusedAdam only if prebuilt (auto)")
     p.add_argument("--dense", default="auto", choices=("auto", "always", "never"),
@@ -199,11 +203,26 @@ def run_sections(args, results) -> Runner:
         from bench import peer, train_step
         for preset in args.presets:
             wl = train_step.train_workload(preset, q)
-            r.run("peer", wl.name, peer.peer_train, wl, steps=args.steps, warmup=args.warmup, seed=args.seed)
+            for compile in compiles:
+                r.run("peer", wl.name, peer.peer_train, wl, steps=args.steps, warmup=args.warmup, compile=compile,
+                      seed=args.seed)
+    if "titan-train" in args.sections:
+        from bench import peer_torchtitan, train_step
+        for preset in args.presets:
+            wl = train_step.train_workload(preset, q)
+            for compile in compiles:
+                r.run("peer", wl.name, peer_torchtitan.titan_train, wl, steps=args.steps, warmup=args.warmup,
+                      compile=compile, seed=args.seed)
     if "peer-decode" in args.sections:
         from bench import peer
         r.run("peer", "decode b1", peer.peer_decode, args.decode_preset, quick=q, steps=args.peer_decode_steps,
               warmup=1, seed=args.seed)
+    if "kernels" in args.sections:
+        from bench import library_kernels
+        for preset in args.presets:
+            for kernel in library_kernels.KERNELS:
+                r.run("torch vs libraries", f"kernel {kernel} {preset}", library_kernels.kernel_rows, kernel, preset,
+                      quick=q, steps=args.steps, warmup=args.warmup, seed=args.seed)
     if "parity" in args.sections:
         from bench import train_step
         r.run("torch vs jax", "parity bf16", train_step.parity_bf16, "tiny", quick=q, seed=args.seed)
@@ -221,7 +240,7 @@ def _frameworks_used(args) -> list[str]:
     framework_sections = {"dense", "gemm", "train", "decode", "loss"}
     if set(args.sections) & framework_sections:
         used |= set(args.frameworks)
-    if set(args.sections) & {"deepspeed", "peer-train", "peer-decode", "parity"}:
+    if set(args.sections) & {"deepspeed", "peer-train", "titan-train", "peer-decode", "kernels", "parity"}:
         used.add("torch")
     if "parity" in args.sections:
         used.add("jax")

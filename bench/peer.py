@@ -9,7 +9,9 @@ expert kernel (5.x: `grouped_mm` where it can). What differs from Blues by desig
 no post norms, no router z-loss and no router noise; these cost little and are noted, not
 emulated.
 
-Training: the same random batch as Blues; HF shifts `labels = input_ids` itself, so it scores
+Training, two rows: eager, and the whole model under `torch.compile(model)` (what one line buys
+a user; its first step compiles for tens of seconds at the bench size and is a warm-up step).
+The same random batch as Blues; HF shifts `labels = input_ids` itself, so it scores
 T-1 positions per row (tokens/s counts all B*T input tokens, as for Blues). Decoding: greedy
 `generate` with the default dynamic cache and with `cache_implementation="static"` (which
 transformers may compile on a GPU: the warm-up call pays for that).
@@ -29,8 +31,8 @@ from bench.decode import NEW_TOKENS, PROMPT, QUICK_NEW, QUICK_PROMPT, BATCHES, Q
 from bench.mfu import decode_flops_per_token
 from bench.report import Row
 from bench.timing import PeakMemory, log, time_steps, torch_sync
-from bench.train_step import (BETAS, EPS, GRAD_CLIP, LR, WEIGHT_DECAY, Workload, loss_check, random_batch,
-                              torch_device, _train_row)
+from bench.train_step import (BETAS, EPS, GRAD_CLIP, LR, WEIGHT_DECAY, Workload, fresh_torch_compile, loss_check,
+                              random_batch, torch_device, _train_row)
 
 # ln V within 0.5: HF's init (std 0.02) gives near-zero logits, so the loss starts at ln V plus the
 # small router aux term (coefficient 0.01 x ~k).
@@ -77,13 +79,17 @@ def _describe(model, cfg: BluesConfig) -> str:
             f"{model.config._attn_implementation}; experts {experts or 'default'}")
 
 
-def peer_train(wl: Workload, *, steps: int, warmup: int, seed: int = 0) -> Row:
+def peer_train(wl: Workload, *, steps: int, warmup: int, compile: bool = False, seed: int = 0) -> Row:
+    """compile: the whole model under `torch.compile(model)`, the one line a user would add."""
     reason = transformers_available()
+    variant = "hf mixtral compile" if compile else "hf mixtral"
     if reason is not None:
-        return Row(framework="peer", workload=wl.name, variant="hf mixtral", skipped=reason, config=wl.describe())
+        return Row(framework="peer", workload=wl.name, variant=variant, skipped=reason, config=wl.describe())
     import torch
 
     device = torch_device()
+    if compile:
+        fresh_torch_compile()
     torch.manual_seed(seed)
     mem = PeakMemory("torch", device)
     mem.reset()
@@ -96,10 +102,11 @@ def peer_train(wl: Workload, *, steps: int, warmup: int, seed: int = 0) -> Row:
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
                                   fused=device.type == "cuda")
     params = list(model.parameters())
-    losses, lm_losses = [], []
+    forward = torch.compile(model) if compile else model
+    losses = []
 
     def step():
-        out = model(input_ids=ids, labels=ids, output_router_logits=True)
+        out = forward(input_ids=ids, labels=ids, output_router_logits=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
         optimizer.step()
@@ -107,14 +114,17 @@ def peer_train(wl: Workload, *, steps: int, warmup: int, seed: int = 0) -> Row:
         losses.append(out.loss.detach())
         return None
 
-    times = time_steps(step, lambda _: torch_sync(device), warmup=warmup, steps=steps, label=f"peer {wl.name}")
+    times = time_steps(step, lambda _: torch_sync(device), warmup=warmup, steps=steps, label=f"peer {wl.name} {variant}")
     reading = mem.read()
     values = [float(x) for x in torch.stack(losses).float().cpu()]
     ln_v = math.log(wl.config.vocab_size)
     init_ok = abs(values[0] - ln_v) < INIT_LOSS_TOL
     checks = [(init_ok, f"initial loss {values[0]:.3f} vs ln V {ln_v:.3f} (within {INIT_LOSS_TOL})"), loss_check(values)]
-    del model, optimizer, losses
-    return _train_row("peer", wl, "hf mixtral", times, reading, checks, "torch", f"{device.type}; {desc}")
+    del model, optimizer, losses, forward
+    notes = f"{device.type}; {desc}"
+    if compile and times.warmup_s:
+        notes += f"; torch.compile(model), first step {times.warmup_s[0]:.1f} s"
+    return _train_row("peer", wl, variant, times, reading, checks, "torch", notes)
 
 
 def peer_decode(preset: str, *, quick: bool, steps: int, warmup: int, seed: int = 0,

@@ -20,6 +20,11 @@
 #   peer-decode  Mixtral generate, dynamic and static cache (slow: ~20 tokens/s at b1)
 #   compile      PyTorch training under torch.compile, tiny then bench preset
 #   deepspeed-compile  DeepSpeed ZeRO-2 with the engine's compile (train_torch.py --deepspeed --compile)
+#   peer-compile Hugging Face Mixtral training under torch.compile(model), tiny then bench
+#   titan-train  torchtitan's Qwen3-MoE with its per-block compile, tiny then bench (bench/peer_torchtitan.py)
+#   titan-eager  the same without compile
+#   kernels      liger-kernel and cut-cross-entropy against Blues' loss, gated GeLU and RMSNorm kernels
+#   (the last four need wheels carried to the GPU: scripts/gpu_peers.sh)
 #
 # Each section runs under `timeout` with the smaller of its own cap and what is left of
 # BENCH_BUDGET_S (default 450 s, so the whole script ends inside 8 minutes); a section that
@@ -44,7 +49,7 @@ if [ -d /tmp/site ]; then
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/site/bin:$PATH"
 fi
 
-ALL="dense torch-train jax-train peer-train deepspeed torch-misc jax-misc decode-torch decode-jax parity peer-decode compile deepspeed-compile"
+ALL="dense torch-train jax-train peer-train deepspeed torch-misc jax-misc decode-torch decode-jax parity peer-decode compile deepspeed-compile peer-compile titan-train kernels"
 SECTIONS=${*:-$ALL}
 START=$(date +%s)
 COMMON=(--out "$OUT" --steps "$STEPS" --warmup "$WARMUP" --table none)  # --dense auto: only if the results lack it
@@ -76,13 +81,14 @@ note "GPU: $(nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,te
 note "python: $($PY -c 'import sys; print(sys.version.split()[0])'); out: $OUT; sections: $SECTIONS"
 $PY - >> "$LOG" 2>&1 <<'EOF'
 import importlib.metadata as m
-for p in ("torch", "jax", "jaxlib", "flax", "optax", "transformers", "deepspeed", "flash-attn", "numpy"):
+for p in ("torch", "jax", "jaxlib", "flax", "optax", "transformers", "deepspeed", "flash-attn", "numpy",
+          "torchtitan", "liger-kernel", "cut-cross-entropy", "datasets", "pyarrow"):
     try:
         print(f"{p} {m.version(p)}")
     except m.PackageNotFoundError:
         print(f"{p} not installed")
 EOF
-grep -E '^(torch|jax|flax|optax|transformers|deepspeed|flash-attn) ' "$LOG" | tr '\n' ';' | sed 's/;/; /g'; echo
+grep -E '^(torch|jax|flax|optax|transformers|deepspeed|flash-attn|torchtitan|liger-kernel|cut-cross-entropy) ' "$LOG" | tr '\n' ';' | sed 's/;/; /g'; echo
 
 for s in $SECTIONS; do
   case $s in
@@ -99,6 +105,10 @@ for s in $SECTIONS; do
     peer-decode)  run peer-decode  150 --what peer-decode "${COMMON[@]}" ;;
     compile)      run compile      240 --what train --framework torch --preset both --torch-compile on "${COMMON[@]}" ;;
     deepspeed-compile) run deepspeed-compile 240 --what deepspeed --framework torch --preset both --torch-compile on "${COMMON[@]}" ;;
+    peer-compile) run peer-compile 200 --what peer-train --preset both --torch-compile on "${COMMON[@]}" ;;
+    titan-train)  run titan-train  200 --what titan-train --preset both --torch-compile on "${COMMON[@]}" ;;
+    titan-eager)  run titan-eager  120 --what titan-train --preset both "${COMMON[@]}" ;;
+    kernels)      run kernels      150 --what kernels --preset both "${COMMON[@]}" ;;
     *) note "unknown section '$s'; known: $ALL" ;;
   esac
 done
