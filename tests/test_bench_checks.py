@@ -144,18 +144,18 @@ def test_torch_compiled_check_passes_and_catches_a_lost_path(torch_inputs):
 def jax_probes():
     """The check's models and its reference and float32 runs, once: each test runs the fast path."""
     import jax.numpy as jnp
-    bf16, f32 = checks.jax_check_models(CONFIG, IDS, loss_chunk_size=CHUNK)
+    model = checks.jax_check_model(CONFIG, IDS, loss_chunk_size=CHUNK)
     ids, tgt = jnp.asarray(IDS), jnp.asarray(TGT)
-    return (bf16, ids, tgt, checks.jax_probe(bf16, ids, tgt, "reference"),
-            checks.jax_probe(f32, ids, tgt, "float32"))
+    return (model, ids, tgt, checks.jax_probe(model, ids, tgt, "reference"),
+            checks.jax_probe(model, ids, tgt, "float32"))
 
 
 @pytest.mark.slow
 def test_jax_model_check_passes_and_catches_each_bug(jax_probes):
     import blues_jax.model as jm
     model, ids, tgt, reference, exact = jax_probes
-    ok, text = checks.compare(checks.jax_probe(model, ids, tgt, "fast"), reference, exact, checks._jax_rel)
+    ok, text = checks.compare(checks.jax_probe(model, ids, tgt, "fast"), reference, exact)
     assert ok, text
     for bug in BUGS:
         fast = checks.jax_probe(model, ids, tgt, "fast", fast_paths=planted(jm, bug))
-        assert_fails_on(*checks.compare(fast, reference, exact, checks._jax_rel), bug)
+        assert_fails_on(*checks.compare(fast, reference, exact), bug)
