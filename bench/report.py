@@ -6,8 +6,9 @@ processes run one after another (scripts/gpu_bench.sh) merge into the same file,
 an earlier one with the same (framework, workload, variant). `python -m bench --what report --out
 DIR` prints the table of whatever is there.
 
-The table: one row per (framework, workload[, variant]); columns tokens/s, MFU (bench/mfu.py's
-formula over the dense bf16 rate measured by the same framework in the same run), peak GiB,
+The table: one row per (framework, workload[, variant]); columns tokens/s, MFU twice (bench/mfu.py's
+formula over the GPU's datasheet dense bf16 rate, "MFU spec", and over the dense bf16 rate measured
+by the same framework in the same run, "MFU measured"), peak GiB,
 "vs peer" (tokens/s and peak memory over the Hugging Face peer's on the same workload), and the
 result of the correctness check that ran before the timing.
 """
@@ -24,7 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.mfu import mfu
+from bench.mfu import mfu, spec_tflops
 
 SCHEMA = 1
 RESULTS_FILE = "bench_results.json"
@@ -143,8 +144,13 @@ class Results:
         os.replace(tmp, self.path)
 
     # ---- the table -------------------------------------------------------------------------------
-    def mfu_of(self, row: Row) -> float | None:
-        dense = self.dense(row.dense_framework)
+    def spec(self) -> float | None:
+        """The GPU's datasheet dense bf16 TFLOP/s (bench/mfu.py), None for a CPU or an unknown GPU."""
+        return spec_tflops(self.data.get("meta", {}).get("gpu"))
+
+    def mfu_of(self, row: Row, spec: bool = False) -> float | None:
+        """MFU over the measured dense rate of the row's framework, or (`spec`) the datasheet's."""
+        dense = (self.spec() if row.dense_framework else None) if spec else self.dense(row.dense_framework)
         if row.tflops is not None and dense:
             return row.tflops / dense
         return mfu(row.tokens_per_s, row.flops_per_token, dense)
@@ -185,15 +191,20 @@ class Results:
         """The markdown table; `compact` drops the notes and shortens the check to pass/FAIL."""
         meta = self.data.get("meta", {})
         dense = ", ".join(f"{k} {_sig(v)} TFLOP/s" for k, v in self.data["dense_tflops"].items()) or "not measured"
-        head = [f"Blues bench — {meta.get('date', '?')} — {meta.get('gpu', '?')} — dense bf16 {dense}",
-                "versions: " + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()), "",
-                "| framework | workload | variant | tokens/s | MFU | peak GiB | vs peer | check |" + ("" if compact else " notes |"),
-                "|---|---|---|---:|---:|---:|---|---|" + ("" if compact else "---|")]
+        spec = self.spec()
+        head = [f"Blues bench — {meta.get('date', '?')} — {meta.get('gpu', '?')} — dense bf16 measured {dense}; "
+                f"datasheet {f'{spec:.0f} TFLOP/s' if spec else 'unknown'}",
+                "versions: " + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
+                "MFU spec = model TFLOP/s over the datasheet's dense bf16 rate; MFU measured = over the dense "
+                "bf16 rate the same framework measured in this run (bench/mfu.py)", "",
+                "| framework | workload | variant | tokens/s | MFU spec | MFU measured | peak GiB | vs peer | check |"
+                + ("" if compact else " notes |"),
+                "|---|---|---|---:|---:|---:|---:|---|---|" + ("" if compact else "---|")]
         lines = []
         for row in sorted(self.rows, key=_order):
             cells = self._cells(row)
             if compact:
-                cells = cells[:7] + [_compact_check(row)]
+                cells = cells[:8] + [_compact_check(row)]
             lines.append("| " + " | ".join(cells) + " |")
         present = {(r.framework, r.workload) for r in self.rows}
         missing = [f"{f} / {w}" for f, w in EXPECTED if (f, w) not in present]
@@ -276,11 +287,11 @@ class Results:
     def _cells(self, row: Row) -> list[str]:
         name = [row.framework, row.workload, row.variant or ""]
         if row.skipped:
-            return name + ["skipped", "", "", "", "", _md(row.skipped)]
+            return name + ["skipped", "", "", "", "", "", _md(row.skipped)]
         if row.error:
-            return name + ["ERROR", "", "", "", _check_cell(row), _md(row.error)]
+            return name + ["ERROR", "", "", "", "", _check_cell(row), _md(row.error)]
         tok = _si(row.tokens_per_s) if row.tokens_per_s else (f"{_sig(row.tflops)} TFLOP/s" if row.tflops else "")
-        m = self.mfu_of(row)
+        m, m_spec = self.mfu_of(row), self.mfu_of(row, spec=True)
         peak = _gib(row)
         vs = ""
         peer = self.peer_of(row)
@@ -295,7 +306,8 @@ class Results:
         if row.step_ms is not None:
             notes = f"{row.step_ms:.1f} ms/step" + (f" ±{row.spread:.0%}" if row.spread is not None else "") \
                 + (f"; {notes}" if notes else "")
-        return name + [tok, "" if m is None else f"{m:.1%}", peak, vs, _check_cell(row), _md(notes)]
+        pct = lambda x: "" if x is None else f"{x:.1%}"  # noqa: E731
+        return name + [tok, pct(m_spec), pct(m), peak, vs, _check_cell(row), _md(notes)]
 
 
 def _check_cell(row: Row) -> str:

@@ -9,15 +9,13 @@ split) with the whole state donated, float32 parameters, bf16 compute (`dtype=bf
 
 Both train on one fixed batch of uniformly random token ids (the same for the peer), so no data
 loading is timed; the loss on a repeated batch must fall, which is one of the checks. Before the
-timing, the fast paths are checked against the reference ones on the same shapes: the attention
-backend the model picked against the reference attention (both frameworks) and, in PyTorch, the
-whole model's loss with fast attention and grouped GEMMs against reference attention and the
-per-expert loop.
+timing, the fast paths are checked against the reference ones on the same shapes (bench/checks.py):
+the attention backend against the reference attention, and the whole model's layers, routing,
+loss and gradients with the fast paths (compiled, in PyTorch's compile row) against the reference
+paths.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -28,26 +26,11 @@ from blues.config import BluesConfig
 from bench.mfu import train_flops_per_token
 from bench.report import Row
 from bench.timing import PeakMemory, log, time_steps, torch_sync, jax_sync, xla_memory_bytes
+from bench.checks import (check_jax_attention, check_jax_model_paths, check_torch_attention,  # noqa: F401
+                          check_torch_compiled_gradients, check_torch_model_paths, compiled_gradient_errors,
+                          loss_check, rel as _rel, torch_reference_paths)
 
 LR, BETAS, EPS, WEIGHT_DECAY, GRAD_CLIP = 1e-3, (0.9, 0.95), 1e-8, 0.1, 1.0
-
-# Tolerances of the checks (relative error ||fast - ref|| / ||ref||):
-# attention in bf16: the output is rounded to bf16 (2^-9 ~ 2e-3 relative) and flash/cuDNN kernels
-# also round the probabilities to bf16 before P @ V; METHOD.md puts bf16-operand results between
-# 1e-3 and 1e-2. 2e-2 leaves headroom; a wrong mask, scale or head grouping is O(1).
-ATTN_TOL = 2e-2
-# Whole-model bf16 loss, fast vs reference path: the loss is a mean over all tokens, so per-token
-# rounding differences average out (~1e-4 expected); 1e-2 also absorbs the odd token whose top-k
-# routing flips between two bf16 paths. A broken fast path moves the loss by O(1).
-MODEL_LOSS_TOL = 1e-2
-# The compiled step's gradients against eager's, both bf16 and measured against eager float32: the
-# worst parameter's excess error (compiled's relative error minus eager bf16's own). bf16 rounding
-# alone cannot be told apart by comparing the two bf16 steps: at the bench size a router's gradient
-# (a small sum of cancelling terms, whose top-k choices flip on near ties) differed by 39% between
-# them (H200, round 9). Against float32 the two are equally far from it; a gradient path the
-# compiled graph loses is 1.0 from it while eager is not (torch 2.11 lost every layer's:
-# docs/performance.md round 8).
-COMPILED_GRAD_TOL = 0.2
 
 
 @dataclass(frozen=True)
@@ -98,18 +81,6 @@ def random_batch(config: BluesConfig, batch: int, seq: int, seed: int = 0) -> tu
     return window[:, :-1].astype(np.int32), window[:, 1:].astype(np.int32)
 
 
-def loss_check(losses: list[float]) -> tuple[bool, str]:
-    """Every loss finite and the last below the first (the same batch, repeated, must be learnt)."""
-    finite = all(math.isfinite(x) for x in losses)
-    ok = finite and losses[-1] < losses[0]
-    return ok, f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps" + ("" if finite else " (non-finite)")
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
 # ==== PyTorch =========================================================================================
 
 def torch_device():
@@ -130,116 +101,6 @@ def torch_param_groups(model, weight_decay: float) -> list[dict]:
     """train_torch.py's groups: decay on matrices (ndim >= 2) only."""
     return [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": weight_decay},
             {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
-
-
-def check_torch_attention(config: BluesConfig, batch: int, seq: int, device, attn_impl: str = "auto") -> tuple[bool, str]:
-    """The backend attn_impl resolves to, vs reference_attention, on random bf16 q/k/v of this shape."""
-    import torch
-    from blues_torch.attention import attention, reference_attention, resolve_attn_impl
-    g = torch.Generator(device=device).manual_seed(1)
-    b = min(batch, 2)  # the reference materialises [B, K, G, T, T] float32 scores
-    shape_q = (b, seq, config.num_attention_heads, config.head_dim)
-    shape_kv = (b, seq, config.num_key_value_heads, config.head_dim)
-    q, k, v = (torch.randn(s, generator=g, device=device, dtype=torch.bfloat16) for s in (shape_q, shape_kv, shape_kv))
-    backend = resolve_attn_impl(attn_impl, device, torch.bfloat16, config.attn_logit_softcap)
-    with torch.no_grad():
-        fast = attention(q, k, v, softcap=config.attn_logit_softcap, impl=attn_impl).float()
-        ref = reference_attention(q.float(), k.float(), v.float(), softcap=config.attn_logit_softcap)
-    err = _rel(fast.cpu(), ref.cpu())
-    ok = math.isfinite(err) and err < ATTN_TOL
-    return ok, f"attn {backend} vs reference rel {err:.1e} (< {ATTN_TOL:.0e})"
-
-
-@contextlib.contextmanager
-def torch_reference_paths(model):
-    """Switch a blues_torch model to its reference paths: reference attention in every layer and
-    the per-expert loop instead of torch._grouped_mm (experts._grouped_mm_ok is consulted on every
-    call, so replacing it for the duration of the block is enough)."""
-    import blues_torch.experts as experts
-    saved_impl = [layer.attn.attn_impl for layer in model.layers]
-    saved_ok = getattr(experts, "_grouped_mm_ok", None)
-    for layer in model.layers:
-        layer.attn.attn_impl = "reference"
-    if saved_ok is not None:
-        experts._grouped_mm_ok = lambda *a, **k: False
-    try:
-        yield
-    finally:
-        for layer, impl in zip(model.layers, saved_impl):
-            layer.attn.attn_impl = impl
-        if saved_ok is not None:
-            experts._grouped_mm_ok = saved_ok
-
-
-def check_torch_model_paths(model, ids, tgt, device) -> tuple[bool, str]:
-    """Whole-model bf16 loss (eval mode: no router noise) with the fast paths vs the reference paths."""
-    import torch
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
-            fast = model(ids, tgt).loss.float().item()
-            with torch_reference_paths(model):
-                ref = model(ids, tgt).loss.float().item()
-    finally:
-        model.train(was_training)
-    err = abs(fast - ref) / abs(ref)
-    ok = math.isfinite(err) and err < MODEL_LOSS_TOL
-    return ok, f"model loss fast {fast:.4f} vs reference {ref:.4f} (rel {err:.1e} < {MODEL_LOSS_TOL:.0e})"
-
-
-def compiled_gradient_errors(model, ids, tgt, compile_fn=None, autocast: bool = True) -> dict[str, tuple[float, float]]:
-    """One training forward and backward, compiled (`compile_fn`, torch.compile by default) and
-    eager, both in bf16, and the eager float32 reference, router noise off so that all take the same
-    routes as far as rounding lets them: each parameter's (compiled's, eager bf16's) relative gradient
-    error against the reference (compiled's 1.0 where it gave none). autocast: bf16 autocast over the
-    model's float32 weights (the reference: autocast off); else the model is bf16 (DeepSpeed's mode)
-    and the reference a float32 copy of it."""
-    import copy
-
-    import torch
-    quiet = dataclasses.replace(model.config, router_noise_std=0.0)
-    owners = [model, *(layer.moe for layer in model.layers)]  # the modules that read the noise setting
-    saved = [m.config for m in owners]
-    for m in owners:
-        m.config = quiet
-
-    def gradients(run, module, bf16_autocast):
-        module.zero_grad(set_to_none=True)
-        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
-            run(ids, tgt).loss.backward()
-        grads = {name: p.grad.float().clone() for name, p in module.named_parameters() if p.grad is not None}
-        module.zero_grad(set_to_none=True)
-        return grads
-
-    try:
-        reference_model = model if autocast else copy.deepcopy(model).float()
-        reference = gradients(reference_model, reference_model, False)
-        del reference_model
-        eager = gradients(model, model, autocast)
-        compiled = gradients((compile_fn or torch.compile)(model), model, autocast)
-    finally:
-        for m, cfg in zip(owners, saved):
-            m.config = cfg
-
-    def rel(name, grads):
-        g = reference[name]
-        return float((grads[name] - g).norm() / g.norm().clamp(min=1e-30)) if name in grads else 1.0
-
-    return {name: (rel(name, compiled), rel(name, eager)) for name in reference}
-
-
-def check_torch_compiled_gradients(model, ids, tgt, compile_fn=None) -> tuple[bool, str]:
-    """The compiled bf16-autocast training step's gradients no further from float32's than eager
-    bf16's are, within COMPILED_GRAD_TOL (compiled_gradient_errors)."""
-    errors = compiled_gradient_errors(model, ids, tgt, compile_fn)
-    excess = {name: c - e for name, (c, e) in errors.items()}
-    worst = max(excess, key=excess.get)
-    finite = all(math.isfinite(c) and math.isfinite(e) for c, e in errors.values())
-    ok = finite and excess[worst] < COMPILED_GRAD_TOL
-    c, e = errors[worst]
-    return ok, (f"compiled grads vs float32 worst rel {c:.1e} against eager bf16's {e:.1e} ({worst}; "
-                f"excess < {COMPILED_GRAD_TOL})")
 
 
 def torch_train(wl: Workload, *, steps: int, warmup: int, compile: bool = False, attn_impl: str = "auto",
@@ -327,25 +188,6 @@ def _train_row(framework, wl, variant, times, reading, checks, dense_framework, 
 
 # ==== JAX =============================================================================================
 
-def check_jax_attention(config: BluesConfig, batch: int, seq: int, attn_impl: str = "auto") -> tuple[bool, str]:
-    import jax
-    import jax.numpy as jnp
-    from blues_jax.attention import attention, reference_attention, resolve_attn_impl
-    b = min(batch, 2)
-    kq, kk, kv = jax.random.split(jax.random.key(1), 3)
-    q = jax.random.normal(kq, (b, seq, config.num_attention_heads, config.head_dim), jnp.bfloat16)
-    k = jax.random.normal(kk, (b, seq, config.num_key_value_heads, config.head_dim), jnp.bfloat16)
-    v = jax.random.normal(kv, (b, seq, config.num_key_value_heads, config.head_dim), jnp.bfloat16)
-    softcap = config.attn_logit_softcap
-    backend = resolve_attn_impl(attn_impl, jax.default_backend(), jnp.bfloat16, softcap, config.head_dim)
-    fast = jax.jit(lambda q, k, v: attention(q, k, v, softcap=softcap, impl=attn_impl))(q, k, v)
-    ref = jax.jit(lambda q, k, v: reference_attention(q, k, v, softcap=softcap))(
-        q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
-    err = _rel(np.asarray(fast, np.float32), np.asarray(ref, np.float32))
-    ok = math.isfinite(err) and err < ATTN_TOL
-    return ok, f"attn {backend} vs reference rel {err:.1e} (< {ATTN_TOL:.0e})"
-
-
 def jax_optimizer():
     import jax
     import optax
@@ -387,9 +229,11 @@ def jax_train(wl: Workload, *, steps: int, warmup: int, attn_impl: str = "auto",
 
     mem = PeakMemory("jax")
     mem.reset()
-    checks = [check_jax_attention(wl.config, wl.batch, wl.seq, attn_impl)] if check else []
+    checks = [check_jax_attention(wl.config, wl.batch, wl.seq, attn_impl),
+              check_jax_model_paths(wl.config, *random_batch(wl.config, 1, wl.seq, seed), attn_impl, seed=seed)
+              ] if check else []
     if checks:
-        log(f"  checks: {checks[0][1]}")
+        log(f"  checks: {'; '.join(c[1] for c in checks)}")
     model = BluesModel(wl.config, rngs=nnx.Rngs(seed), attn_impl=attn_impl, remat=remat, dtype=jnp.bfloat16)
     model.train()
     ids_np, tgt_np = random_batch(wl.config, wl.batch, wl.seq, seed)

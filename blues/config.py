@@ -58,7 +58,7 @@ class BluesConfig:
         (chunk x d >= 1024 x 1024). A narrow model's chunk otherwise costs less GPU time than its
         dispatch: compiled PyTorch at `tiny` (d 192) ran 621k tokens/s with 1024-token chunks, 728k
         with 4096 and 712k-850k with 8192 (two runs), at 2.4, 4.5 and 7.7 GiB (H200,
-        docs/performance.md round 9). Memory grows with it: a chunk holds [chunk, Vp] logits."""
+        scripts/loss_kernel_probe.py). Memory grows with it: a chunk holds [chunk, Vp] logits."""
         rows = 2 ** 20 / self.hidden_size
         return max(1024, 2 ** math.ceil(math.log2(rows)))
 

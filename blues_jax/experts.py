@@ -144,8 +144,8 @@ def _sorted_compute(x, indices, weights, keep, w_in, w_out, gmm: str):
 
     What the backward keeps, per layer at the bench size: the projection's input `hidden`
     [N*k, 2F] bf16 (512 MiB), the tokens x, the bf16 expert outputs and the bf16 weight copies
-    (192 MiB; cast once a step, as autocast's are in blues_torch: the backward's recasts were
-    1.75 ms of kernels a step, docs/performance.md round 6); the sorted rows, the activation and
+    (192 MiB; cast once a step, as autocast's are in blues_torch: recasting them in the backward
+    costs 1.75 ms of kernels a step on an H200); the sorted rows, the activation and
     the float32 expert outputs are recomputed (a gather, an elementwise pass) rather than held
     (see _fresh for what that measured).
     """

@@ -8,11 +8,11 @@ the softmax). All math is float32; logits come as the LM head's GEMM writes them
 
 The reference (`fused=False`) is XLA's: at the bench size on an H200 it makes three passes over each
 chunk's [1024, 200064] logits (the max, the sum of exponentials, the gradient: 9.2 ms of a 142 ms step,
-2.4-3.6 TB/s; docs/performance.md round 6). The Pallas (Triton) kernels make two. The first splits
+2.4-3.6 TB/s). The Pallas (Triton) kernels make two. The first splits
 each row among programs; each keeps a running max and a rescaled running sum (the online softmax)
 and picks out the target's logit, in one read; XLA combines the splits' few numbers into the row's
-log-partition; the second writes the gradient. Bytes moved: 3 x R x Vp x 2 instead of 4 x. Measured
-(round 7): 0.55 -> 0.38 ms a chunk, the bench step 142 -> 136 ms.
+log-partition; the second writes the gradient. Bytes moved: 3 x R x Vp x 2 instead of 4 x. On an
+H200: 0.38 ms a chunk against XLA's 0.55, the bench step 136 ms against 142.
 """
 from __future__ import annotations
 
@@ -25,10 +25,9 @@ import jax.numpy as jnp
 from blues.xent_launch import Launch, geometry
 
 
-# Picked on an H200 at the bench chunk, [1024, 200064] bf16 (scripts/loss_kernel_probe.py;
-# docs/performance.md round 7): one program per 4096 logits, 49 a row (0.384 ms; 7 programs a row
-# walking 7 pieces each, 0.407 ms; one program a row walking all 49 pieces, 0.446: too few loads
-# in flight; XLA's fusions 0.546).
+# Picked on an H200 at the bench chunk, [1024, 200064] bf16 (scripts/loss_kernel_probe.py): one
+# program per 4096 logits, 49 a row (0.384 ms; 7 programs a row walking 7 pieces each, 0.407 ms;
+# one program a row walking all 49 pieces, 0.446: too few loads in flight; XLA's fusions 0.546).
 LAUNCH = Launch(4096, 49, 4)
 
 

@@ -79,8 +79,8 @@ if triton is not None:
         tl.store(out_ptr + pair + f, (grad * value * (cdf + gate * pdf)).to(out), mask=mask)  # d gate
 
     # An opaque custom op: torch.compile keeps it in the graph and calls it as an extern kernel.
-    # As a triton_op (inductor schedules the kernel itself) the compiled bench step ran at the same
-    # speed but peaked at 27.3 GiB instead of 23.2 (H200, docs/performance.md round 5).
+    # As a triton_op (inductor schedules the kernel itself) the compiled bench step runs at the same
+    # speed but peaks at 27.3 GiB instead of 23.2 (H200).
     @torch.library.custom_op("blues::gated_gelu_backward", mutates_args=())
     def _fused_backward(hidden: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         hidden, grad = hidden.contiguous(), grad.contiguous()

@@ -13,9 +13,9 @@ whole row: the fastest launch on an H200); each keeps a running max and a rescal
 online softmax) and picks out the target's logit, in one read; a few torch ops combine the splits'
 numbers into the row's log-partition; the second rewrites the logits as the gradient. Bytes moved:
 3 x R x Vp x 2 (two reads, one write), and no second [R, Vp] buffer: the gradient takes the logits'
-place. The compiled aten form it replaces (`loss._nll_and_grad_logits_eager`
-under torch.compile) took 8.0 ms of a 26.7 ms tiny step on an H200 (inductor splits the reduction over
-a row, and its split reduction has no online softmax: docs/performance.md round 8).
+place. The compiled aten form (`loss._nll_and_grad_logits_eager` under torch.compile) takes 8.0 ms
+of a 26.7 ms tiny step on an H200: inductor splits the reduction over a row, and its split reduction
+has no online softmax.
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ except ImportError:  # CPU-only installs: loss.py's aten form
     triton = None
 
 
-# One program a row, walking its 49 pieces of 4096 (H200, scripts/loss_kernel_probe.py --framework torch,
-# round 9): 0.411-0.416 ms at 1024 rows and 1.410 at 4096, against 0.416-0.461 and 1.550-1.557 for JAX's
+# One program a row, walking its 49 pieces of 4096 (H200, scripts/loss_kernel_probe.py --framework torch):
+# 0.411-0.416 ms at 1024 rows and 1.410 at 4096, against 0.416-0.461 and 1.550-1.557 for JAX's
 # launch of 49 programs a row, 0.57 and 2.1 for 7 a row; torch.compile's fusion: 0.519 and 2.002.
 LAUNCH = Launch(4096, 1, 4)
 
