@@ -165,8 +165,11 @@ def gated_gelu_candidates(shape: dict, device, seed: int):
         from liger_kernel.transformers.functional import liger_geglu
 
         def liger():
-            out = liger_geglu(gate_c, value_c)  # gelu_tanh(gate) * value
-            d_gate, d_value = torch.autograd.grad(out, [gate_c, value_c], grad_out)
+            # liger's backward writes the gradients over its saved inputs: fresh copies each call
+            # (their copy, 2 x [M, F] bf16, is inside the timed region).
+            gate, value = (t.detach().clone().requires_grad_() for t in (gate_c, value_c))
+            out = liger_geglu(gate, value)  # gelu_tanh(gate) * value
+            d_gate, d_value = torch.autograd.grad(out, [gate, value], grad_out)
             return out.detach(), torch.cat([d_value, d_gate], dim=-1)  # Blues' [value | gate] layout
 
         for ref in ("exact", "tanh"):
@@ -262,11 +265,10 @@ def kernel_rows(kernel: str, preset: str, *, quick: bool, steps: int, warmup: in
         tokens = shape["n"]
     workload = f"kernel {kernel} {preset}"
     config = {"preset": preset, "kernel": kernel, "quick": quick, **shape}
-    reference_out = {}
+    # Every reference runs before any candidate, from inputs no library kernel has touched yet.
+    reference_out = {name: tuple(t.detach().clone() for t in fn()) for name, fn in refs.items()}
 
     def reference(name):
-        if name not in reference_out:
-            reference_out[name] = tuple(t.detach() for t in refs[name]())
         return reference_out[name]
 
     rows, timed = [], {}
