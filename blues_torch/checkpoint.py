@@ -162,6 +162,11 @@ class Checkpointer:
             self.dist.barrier()
             self.engine.save_checkpoint(str(tmp), tag="ds", client_state={"step": step}, save_latest=False)
             torch.save(rng_state(self.gen), tmp / f"rng_rank{self.dist.rank:05d}.pt")
+            if self.layout.expert_group is not None:  # DeepSpeed's module file holds rank 0's experts only
+                weights = full_state_dict(self.model, self.layout)
+                if self.dist.is_main:
+                    save_file({k: v.to("cpu").contiguous() for k, v in weights.items()},
+                              str(tmp / "model.safetensors"), metadata={"format": "pt"})
             self.dist.barrier()
             path = None
             if self.dist.is_main:
@@ -220,6 +225,11 @@ class Checkpointer:
             raise CheckpointError(f"{path}: DeepSpeed found no checkpoint under tag 'ds'")
         if client.get("step") != state["step"]:
             raise CheckpointError(f"{path}: DeepSpeed's step {client.get('step')} != trainer state's {state['step']}")
+        if self.layout.expert_group is not None:
+            # This rank's experts from the gathered weights; ZeRO's fp32 master copy follows them.
+            weights = load_file(str(path / "model.safetensors"), device=str(self.dist.device))
+            self.model.load_state_dict(slice_experts(weights, self.layout), strict=True)
+            self.engine.optimizer._restore_from_bit16_weights()
         self._load_rng(path / f"rng_rank{self.dist.rank:05d}.pt", path, int(state.get("world_size", 1)))
 
 
@@ -242,6 +252,11 @@ def check_resumable(path: Path, args: TrainArgs, dist: Dist) -> dict:
         kind = "a DeepSpeed" if state.get("deepspeed") else "a plain (non-DeepSpeed)"
         raise CheckpointError(f"{path} is {kind} checkpoint; resume it the same way it was trained "
                               f"({'with' if state.get('deepspeed') else 'without'} --deepspeed)")
+    if state.get("deepspeed") and (int(state["world_size"]), int(state["train_args"].get("expert_parallel", 1))) != (
+            dist.world_size, args.expert_parallel):
+        raise CheckpointError(f"{path} is a DeepSpeed checkpoint of {state['world_size']} ranks with --expert_parallel "
+                              f"{state['train_args'].get('expert_parallel', 1)}; resume it with the same ranks and "
+                              f"--expert_parallel")
     if int(state["step"]) >= args.max_steps:
         raise UsageError(f"--max_steps {args.max_steps}: the checkpoint {path} is already at step "
                          f"{state['step']}; pass a larger --max_steps to train further")
