@@ -252,7 +252,8 @@ def check_resumable(path: Path, args: TrainArgs, dist: Dist) -> dict:
         kind = "a DeepSpeed" if state.get("deepspeed") else "a plain (non-DeepSpeed)"
         raise CheckpointError(f"{path} is {kind} checkpoint; resume it the same way it was trained "
                               f"({'with' if state.get('deepspeed') else 'without'} --deepspeed)")
-    if state.get("deepspeed") and (int(state["world_size"]), int(state["train_args"].get("expert_parallel", 1))) != (
+    saved_p = int(state["train_args"].get("expert_parallel", 1))
+    if state.get("deepspeed") and max(saved_p, args.expert_parallel) > 1 and (int(state["world_size"]), saved_p) != (
             dist.world_size, args.expert_parallel):
         raise CheckpointError(f"{path} is a DeepSpeed checkpoint of {state['world_size']} ranks with --expert_parallel "
                               f"{state['train_args'].get('expert_parallel', 1)}; resume it with the same ranks and "
