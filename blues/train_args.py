@@ -82,6 +82,7 @@ DEFAULTS: dict[str, Any] = dict(
     deepspeed=None,
     local_rank=-1,
     compile=False,  # torch.compile the training forward
+    expert_parallel=1,  # P: ranks sharing out each layer's experts
     # jax only
     mesh=None,
     coordinator=None,  # multi-process: HOST:PORT of process 0 (jax.distributed.initialize)
@@ -89,7 +90,7 @@ DEFAULTS: dict[str, Any] = dict(
     process_id=None,
 )
 _PATH_FLAGS = ("out_dir", "resume", "init_from", "deepspeed", "config")  # plus --data's list
-_FRAMEWORK_ONLY = {"deepspeed": "torch", "local_rank": "torch", "compile": "torch", "mesh": "jax",
+_FRAMEWORK_ONLY = {"deepspeed": "torch", "local_rank": "torch", "compile": "torch", "expert_parallel": "torch", "mesh": "jax",
                    "coordinator": "jax", "num_processes": "jax", "process_id": "jax"}
 
 
@@ -128,6 +129,7 @@ class TrainArgs:
     deepspeed: str | None = None
     local_rank: int = -1
     compile: bool = False
+    expert_parallel: int = 1
     mesh: dict[str, int] | None = None
     init_from: str | None = None
     coordinator: str | None = None
@@ -224,6 +226,9 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
         add("--compile", "run the training forward and backward under torch.compile (GPU: ~1.5x the "
             "tokens/s of eager at the bench size, docs/performance.md; the first step compiles)",
             action="store_true")
+        add("--expert_parallel", "P: split every layer's experts over groups of P ranks (tokens move by "
+            "all-to-all; P divides the rank count and tot_num_experts; under torchrun or deepspeed)",
+            type=int, metavar="P")
         group = p.add_argument_group("DeepSpeed (launch with: deepspeed --num_gpus=N train_torch.py --deepspeed ds_config.json)")
         add("--deepspeed", "DeepSpeed JSON config; enables DeepSpeed (ZeRO, bf16, its checkpoints)", metavar="CONFIG")
         add("--local_rank", "set by the deepspeed launcher", type=int)

@@ -1,12 +1,18 @@
 """train_torch.py's checkpoints in blues.checkpointing's atomic step directories.
 
 Plain: DIR/checkpoints/step_XXXXXXXX/ holds model.safetensors (the module's state dict: canonical
-names, embedding with its zero padding rows), optimizer.pt and rng.pt (tensors and primitives only:
+names, embedding with its zero padding rows), optimizer.pt and rng.pt (rng_rank<R>.pt for the other
+ranks of a torchrun; tensors and primitives only:
 loaded with torch.load(weights_only=True), so loading never runs code), trainer_state.json (step,
 config, flags, data position, bad-step counter, python/numpy RNG) and the COMMITTED manifest.
 DeepSpeed: the engine's own `save_checkpoint` shards (every rank writes its own) in `ds/` of the same
 directory, plus each rank's RNG. Resuming restores all of it, so a resumed run repeats an
 uninterrupted one bit for bit on CPU in float32.
+
+Plain checkpoints are layout-free: under expert parallelism each rank's expert slices (weights and
+AdamW moments) are gathered into the canonical full [E, ...] tensors before rank 0 writes, and each
+rank cuts its own slice out on load (blues_torch/expert_parallel.py), so a run saved by one process
+resumes under torchrun with any --expert_parallel, and back.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from blues.errors import CheckpointError, UsageError
 from blues.train_args import TrainArgs
 from blues.train_loop import BadStepGuard, log
 from blues_torch.distributed import Dist
+from blues_torch.expert_parallel import ParallelLayout, gather_experts, slice_experts
 from parity.optim_convert import deepspeed_safe_globals
 
 
@@ -52,6 +59,11 @@ def _safe_load(path: Path, device):
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise CheckpointError(f"{path} cannot be loaded safely (refused, nothing executed): {first}") from None
+
+
+def rng_file(rank: int) -> str:
+    """A plain checkpoint's RNG file of `rank` (rank 0's keeps the one-process name)."""
+    return "rng.pt" if rank == 0 else f"rng_rank{rank:05d}.pt"
 
 
 def rng_state(gen) -> dict:
@@ -83,12 +95,35 @@ def set_host_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
+def optimizer_param_names(model, optimizer) -> list[str]:
+    """The layout path of each parameter index in `optimizer.state_dict()` (its groups' order)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def map_moments(opt_state: dict, names: list[str], fn) -> dict:
+    """`opt_state` (torch.optim state_dict) with each moment tensor dict {path: tensor} passed through
+    `fn` (gather_experts / slice_experts): the moments in canonical or in this rank's layout."""
+    state = {i: dict(s) for i, s in opt_state["state"].items()}
+    for key in ("exp_avg", "exp_avg_sq"):
+        moments = fn({names[i]: s[key] for i, s in state.items() if key in s})
+        for i, s in state.items():
+            if key in s:
+                s[key] = moments[names[i]]
+    return {**opt_state, "state": state}
+
+
+def full_state_dict(model, layout: ParallelLayout) -> dict[str, torch.Tensor]:
+    """The model's state dict with every expert tensor gathered to its canonical [E, ...] (collective)."""
+    return gather_experts({k: v.detach() for k, v in model.state_dict().items()}, layout)
+
+
 class Checkpointer:
     """Saves/loads plain or DeepSpeed checkpoints in blues.checkpointing's atomic directories."""
 
-    def __init__(self, args: TrainArgs, dist: Dist, model, optimizer, engine, gen):
-        self.args, self.dist, self.model, self.optimizer, self.engine, self.gen = (
-            args, dist, model, optimizer, engine, gen)
+    def __init__(self, args: TrainArgs, dist: Dist, model, optimizer, engine, gen, layout: ParallelLayout):
+        self.args, self.dist, self.model, self.optimizer, self.engine, self.gen, self.layout = (
+            args, dist, model, optimizer, engine, gen, layout)
         self.root = Path(args.out_dir) / "checkpoints"
         self.last: Path | None = None
 
@@ -101,14 +136,24 @@ class Checkpointer:
     def save(self, step: int, data_state: dict, guard: BadStepGuard) -> Path:
         state = self.trainer_state(step, data_state, guard)
         if self.engine is None:
+            # Collective under torchrun: every rank's experts and RNG go to rank 0, which writes.
+            weights = full_state_dict(self.model, self.layout)
+            names = optimizer_param_names(self.model, self.optimizer)
+            opt_state = map_moments(self.optimizer.state_dict(), names, lambda t: gather_experts(t, self.layout))
+            rngs = self.dist.gather(rng_state(self.gen))
+
             def write(tmp: Path) -> None:
-                weights = {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
-                save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-                torch.save(rng_state(self.gen), tmp / "rng.pt")
+                save_file({k: v.to("cpu").contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"),
+                          metadata={"format": "pt"})
+                torch.save(opt_state, tmp / "optimizer.pt")
+                for rank, rng in enumerate(rngs):
+                    torch.save(rng, tmp / rng_file(rank))
                 ckpt.write_json(tmp / ckpt.TRAINER_STATE, state)
 
-            path = ckpt.save(self.root, step, write, framework="torch")
+            if self.dist.is_main:
+                ckpt.save(self.root, step, write, framework="torch")
+            self.dist.barrier()
+            path = self.root / ckpt.step_dirname(step)
         else:
             # Collective: every rank writes its ZeRO shards and its RNG; rank 0 commits.
             tmp = self.root / f".tmp-{ckpt.step_dirname(step)}-ds"
@@ -117,6 +162,11 @@ class Checkpointer:
             self.dist.barrier()
             self.engine.save_checkpoint(str(tmp), tag="ds", client_state={"step": step}, save_latest=False)
             torch.save(rng_state(self.gen), tmp / f"rng_rank{self.dist.rank:05d}.pt")
+            if self.layout.expert_group is not None:  # DeepSpeed's module file holds rank 0's experts only
+                weights = full_state_dict(self.model, self.layout)
+                if self.dist.is_main:
+                    save_file({k: v.to("cpu").contiguous() for k, v in weights.items()},
+                              str(tmp / "model.safetensors"), metadata={"format": "pt"})
             self.dist.barrier()
             path = None
             if self.dist.is_main:
@@ -132,26 +182,35 @@ class Checkpointer:
     def load(self, path: Path, state: dict) -> None:
         """Restore weights, optimizer and RNG from `path` (verified; `state` checked by check_resume)."""
         if self.engine is None:
-            self._load_plain(path)
+            self._load_plain(path, state)
         else:
             self._load_deepspeed(path, state)
         set_host_rng_state(state["host_rng"])
 
-    def _load_plain(self, path: Path) -> None:
+    def _load_plain(self, path: Path, state: dict) -> None:
         try:
             weights = load_file(str(path / "model.safetensors"), device=str(self.dist.device))
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path / 'model.safetensors'} is not a readable safetensors file ({e})") from None
         try:
-            self.model.load_state_dict(weights, strict=True)
-            self.optimizer.load_state_dict(_safe_load(path / "optimizer.pt", self.dist.device))
-        except (RuntimeError, ValueError, KeyError) as e:
+            self.model.load_state_dict(slice_experts(weights, self.layout), strict=True)
+            names = optimizer_param_names(self.model, self.optimizer)
+            opt_state = _safe_load(path / "optimizer.pt", self.dist.device)
+            self.optimizer.load_state_dict(map_moments(opt_state, names, lambda t: slice_experts(t, self.layout)))
+        except (RuntimeError, ValueError, KeyError, IndexError) as e:
             first = str(e).strip().splitlines()[0]
             raise CheckpointError(f"{path} does not fit this model/optimizer: {first}") from None
-        set_rng_state(_safe_load(path / "rng.pt", "cpu"), self.gen)
+        self._load_rng(path / rng_file(self.dist.rank), path, int(state.get("world_size", 1)))
+
+    def _load_rng(self, rng_path: Path, path: Path, saved_world_size: int) -> None:
+        """This rank's RNG if the checkpoint has it (a run saved with fewer ranks has not)."""
+        if rng_path.exists():
+            set_rng_state(_safe_load(rng_path, "cpu"), self.gen)
+        if self.dist.is_main and self.dist.world_size > saved_world_size:
+            log(f"note: {path} was saved by fewer ranks; the new ranks' router noise and dropout start "
+                f"from the seed")
 
     def _load_deepspeed(self, path: Path, state: dict) -> None:
-        rng_file = path / f"rng_rank{self.dist.rank:05d}.pt"
         with _weights_only_loads(deepspeed_safe_globals()):
             try:
                 load_path, client = self.engine.load_checkpoint(str(path), tag="ds", load_module_strict=True,
@@ -166,11 +225,12 @@ class Checkpointer:
             raise CheckpointError(f"{path}: DeepSpeed found no checkpoint under tag 'ds'")
         if client.get("step") != state["step"]:
             raise CheckpointError(f"{path}: DeepSpeed's step {client.get('step')} != trainer state's {state['step']}")
-        if rng_file.exists():
-            set_rng_state(_safe_load(rng_file, "cpu"), self.gen)
-        elif self.dist.is_main:
-            log(f"note: {path} has no RNG state for rank {self.dist.rank} (different world size); "
-                f"router noise restarts from the seed")
+        if self.layout.expert_group is not None:
+            # This rank's experts from the gathered weights; ZeRO's fp32 master copy follows them.
+            weights = load_file(str(path / "model.safetensors"), device=str(self.dist.device))
+            self.model.load_state_dict(slice_experts(weights, self.layout), strict=True)
+            self.engine.optimizer._restore_from_bit16_weights()
+        self._load_rng(path / f"rng_rank{self.dist.rank:05d}.pt", path, int(state.get("world_size", 1)))
 
 
 def write_param_hash(model, out_dir, rank: int, tag: str) -> None:
@@ -192,6 +252,12 @@ def check_resumable(path: Path, args: TrainArgs, dist: Dist) -> dict:
         kind = "a DeepSpeed" if state.get("deepspeed") else "a plain (non-DeepSpeed)"
         raise CheckpointError(f"{path} is {kind} checkpoint; resume it the same way it was trained "
                               f"({'with' if state.get('deepspeed') else 'without'} --deepspeed)")
+    saved_p = int(state["train_args"].get("expert_parallel", 1))
+    if state.get("deepspeed") and max(saved_p, args.expert_parallel) > 1 and (int(state["world_size"]), saved_p) != (
+            dist.world_size, args.expert_parallel):
+        raise CheckpointError(f"{path} is a DeepSpeed checkpoint of {state['world_size']} ranks with --expert_parallel "
+                              f"{state['train_args'].get('expert_parallel', 1)}; resume it with the same ranks and "
+                              f"--expert_parallel")
     if int(state["step"]) >= args.max_steps:
         raise UsageError(f"--max_steps {args.max_steps}: the checkpoint {path} is already at step "
                          f"{state['step']}; pass a larger --max_steps to train further")

@@ -1,4 +1,5 @@
-"""The PyTorch trainer's parallel context: rank, world size and device, plain or under DeepSpeed.
+"""The PyTorch trainer's parallel context: rank, world size and device: one process, torchrun
+(plain torch.distributed: NCCL on GPUs, gloo on CPU) or DeepSpeed.
 
 DeepSpeed is imported only when a run uses it (an optional dependency).
 """
@@ -13,7 +14,8 @@ from blues_torch.deepspeed_shm import release_shm_segment
 
 
 class Dist:
-    """Rank/world/device; DeepSpeed initialises torch.distributed, plain runs are rank 0 of 1."""
+    """Rank/world/device. DeepSpeed initialises torch.distributed itself; under torchrun (WORLD_SIZE > 1
+    in the environment) a plain run joins the process group with NCCL on GPUs, gloo on CPU."""
 
     def __init__(self, deepspeed_enabled: bool):
         self.deepspeed = deepspeed_enabled
@@ -31,6 +33,15 @@ class Dist:
                 self.device = torch.device("cuda", self.local_rank)
             else:
                 self.device = torch.device(acc.device_name())
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            if torch.cuda.is_available():
+                torch.cuda.set_device(self.local_rank)
+                self.device = torch.device("cuda", self.local_rank)
+            else:
+                self.device = torch.device("cpu")
+            tdist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self.rank, self.world_size = tdist.get_rank(), tdist.get_world_size()
         else:
             self.rank, self.world_size, self.local_rank = 0, 1, 0
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -47,6 +58,14 @@ class Dist:
         box = [obj]
         tdist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on rank 0 (an empty list elsewhere)."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        tdist.gather_object(obj, out, dst=0)
+        return out or []
 
     def mean(self, values):
         """Mean over ranks of a float32 tensor."""

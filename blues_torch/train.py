@@ -2,6 +2,7 @@
 
     python train_torch.py                                   # tiny preset, embedded corpus
     python train_torch.py --preset small --precision bf16 --max_steps 2000
+    torchrun --nproc_per_node 4 train_torch.py --expert_parallel 2   # 4 ranks, experts split 2 ways
     deepspeed --num_gpus=8 train_torch.py --deepspeed ds_config.json --preset small
     DS_ACCELERATOR=cpu deepspeed --num_accelerators 2 train_torch.py --deepspeed ds_config.json --precision fp32
     deepspeed --hostfile hosts train_torch.py --deepspeed ds_config.json ...   # multi-node (DeepSpeed's launcher)
@@ -18,6 +19,8 @@ at the end (DIR/param_sha256_rank<R>_<loaded|final>.txt; the DeepSpeed test comp
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import sys
@@ -31,6 +34,7 @@ from blues import checkpointing as ckpt
 from blues import loop
 from blues.cli import run_main
 from blues.data import BatchIterator, prepare_data
+from blues.canonical import read_model
 from blues.loop import StepResult
 from blues.metrics import MetricsLogger
 from blues.plots import plot_experts, plot_losses
@@ -40,10 +44,11 @@ from blues.train_args import parse_args
 from blues.train_loop import (BadStepGuard, BestExport, GracefulStop, RunDir, TimeBudget, log, log_samples,
                               reuse_freed_host_memory, settings_lines)
 from blues_torch import BluesModel
-from blues_torch.checkpoint import Checkpointer, check_resumable, write_param_hash
+from blues_torch.checkpoint import Checkpointer, check_resumable, full_state_dict, write_param_hash
 from blues_torch.deepspeed_config import resolve_deepspeed_config
 from blues_torch.distributed import Dist
-from blues_torch.state_dict_adapter import load_canonical, to_canonical
+from blues_torch.expert_parallel import build_layout, check_layout, parallelize
+from blues_torch.state_dict_adapter import load_canonical
 from blues_torch.training import (TrainStep, autocast_for, compiled_graphs, evaluate, make_engine, make_next_logits,
                                   make_optimizer, to_device)
 
@@ -55,9 +60,9 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated"
 class TorchTrainer:
     """blues.loop's Trainer: the step, evaluation and checkpoints of one PyTorch run."""
 
-    def __init__(self, args, dist, model, step_fn: TrainStep, train_iter, splits, tokenizer, checkpointer, guard,
-                 metrics, stop, budget, best):
-        self.args, self.dist, self.model, self.step_fn = args, dist, model, step_fn
+    def __init__(self, args, dist, layout, model, step_fn: TrainStep, train_iter, splits, tokenizer, checkpointer,
+                 guard, metrics, stop, budget, best):
+        self.args, self.dist, self.layout, self.model, self.step_fn = args, dist, layout, model, step_fn
         self.train_iter, self.splits, self.tokenizer = train_iter, splits, tokenizer
         self.checkpointer, self.guard, self.metrics, self.stop, self.budget, self.best = (
             checkpointer, guard, metrics, stop, budget, best)
@@ -73,17 +78,26 @@ class TorchTrainer:
         return StepResult(values[:4], values[6], applied, stop_elsewhere=values[4] > 0, out_of_time=values[5] > 0)
 
     def evaluate(self, step: int) -> float:
-        """Validation loss and expert utilization (logged), then the sample continuations (rank 0)."""
+        """Validation loss and expert utilization (logged), then the sample continuations. Every rank
+        runs the same forwards (MoE layers exchange tokens between ranks); rank 0 prints."""
         acc = evaluate(self.model, self.splits.val, self.args, self.dist, self.autocast)
-        # every rank holds the whole model (not a collective): only the rank that writes copies it out
-        self.best.update(step, acc.loss, lambda: to_canonical(self.model) if self.dist.is_main else {})
+        self.best.update(step, acc.loss, self.canonical_weights)  # collective: experts gathered
         if self.dist.is_main:
             self.metrics.log_eval(step=step, val_loss=acc.loss, experts=acc.experts.summary())
             log(f"step {step}: val loss {acc.loss:.4f} (perplexity {math.exp(min(acc.loss, 700)):.1f})")
-            log_samples(self.tokenizer, make_next_logits(self.model, self.dist.device, self.autocast), step=step,
-                        context=self.args.seq_len, seed=self.args.seed, metrics=self.metrics)
+        quiet = contextlib.nullcontext() if self.dist.is_main else contextlib.redirect_stderr(io.StringIO())
+        with quiet:
+            log_samples(self.tokenizer, make_next_logits(self.model, self.dist, self.autocast), step=step,
+                        context=self.args.seq_len, seed=self.args.seed,
+                        metrics=self.metrics if self.dist.is_main else None)
+        if self.dist.is_main:
             self.metrics.flush()
         return acc.loss
+
+    def canonical_weights(self) -> dict:
+        """The canonical tensors of the whole model (every rank calls it; the experts are gathered)."""
+        full = full_state_dict(self.model, self.layout)
+        return read_model(self.args.model_config, lambda spec: full[spec.path].float().cpu().numpy())
 
     def save(self, step: int) -> None:
         self.checkpointer.save(step, self.train_iter.state_dict(), self.guard)
@@ -103,6 +117,7 @@ def main(argv) -> int:
     if args.deepspeed is not None:
         ds_config, args, file_sources = resolve_deepspeed_config(args, dist.world_size)
     cfg = args.model_config
+    check_layout(dist.world_size, args.expert_parallel, cfg.tot_num_experts)
     tokenizer = load_tokenizer()
     cfg.check_tokenizer(tokenizer.n_vocab)
 
@@ -125,10 +140,12 @@ def main(argv) -> int:
         train_iter = BatchIterator(splits.train, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
                                    rank=dist.rank, world_size=dist.world_size, vocab_size=cfg.vocab_size)
 
+        layout = build_layout(args.expert_parallel, cfg.tot_num_experts, deepspeed=ds_config is not None)
         torch.manual_seed(args.seed)  # identical initial weights on every rank
         model = BluesModel(cfg, attn_impl=args.attn_impl).to(dist.device)
         if init_arrays is not None:  # --init_from: canonical weights instead of the random init
             load_canonical(model, init_arrays)
+        parallelize(model, layout)  # keep this rank's experts only (P > 1)
         # Router noise: its own generator per rank (ranks see different tokens), saved in checkpoints.
         gen = torch.Generator(device=dist.device)
         gen.manual_seed(args.seed * 7919 + 1 + dist.rank)
@@ -136,11 +153,11 @@ def main(argv) -> int:
         if ds_config is None:
             optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay, device=dist.device)
         else:
-            engine, optimizer = make_engine(model, ds_config, args.weight_decay)
+            engine, optimizer = make_engine(model, ds_config, args.weight_decay, layout)
         step_fn = TrainStep(model, optimizer, dist=dist, grad_clip=args.grad_clip, precision=args.precision, gen=gen,
-                            engine=engine, compile=args.compile)
+                            engine=engine, compile=args.compile, layout=layout)
 
-        checkpointer = Checkpointer(args, dist, model, optimizer, engine, gen)
+        checkpointer = Checkpointer(args, dist, model, optimizer, engine, gen, layout)
         guard = BadStepGuard(args.max_bad_steps)
         step = 0
         if resume_path is not None:
@@ -161,12 +178,13 @@ def main(argv) -> int:
                 f"preset {args.preset}, {cfg.num_parameters() / 1e6:.1f}M parameters, data {splits.source} "
                 f"({len(splits.train):,} train / {len(splits.val):,} val tokens), device {dist.device}"
                 f"{' x' + str(dist.world_size) if dist.world_size > 1 else ''}"
-                f"{', DeepSpeed ZeRO-' + str(ds_config['zero_optimization']['stage']) if ds_config else ''}; "
+                f"{', DeepSpeed ZeRO-' + str(ds_config['zero_optimization']['stage']) if ds_config else ''}"
+                f"{', experts split ' + str(layout.expert_parallel) + ' ways' if layout.expert_parallel > 1 else ''}; "
                 f"writing to {args.out_dir}\n" + settings_lines(args, ranks=dist.world_size, file_sources=file_sources))
 
         best = BestExport(args.out_dir, cfg, enabled=args.save_best, is_main=dist.is_main,
                           resuming=resume_path is not None)
-        trainer = TorchTrainer(args, dist, model, step_fn, train_iter, splits, tokenizer, checkpointer, guard,
+        trainer = TorchTrainer(args, dist, layout, model, step_fn, train_iter, splits, tokenizer, checkpointer, guard,
                                metrics, stop, budget, best)
         first_step = step
         model.train()

@@ -21,6 +21,7 @@ from blues.data import eval_batches
 from blues.train_args import TrainArgs
 from blues.train_loop import EvalAccumulator
 from blues_torch.distributed import Dist
+from blues_torch.expert_parallel import ParallelLayout, clip_grad_norm_, optimizer_param_groups, reduce_gradients
 
 # Evaluation materialises [rows, T, V] float32 logits; rows are chosen so one forward holds at
 # most this many tokens (~0.8 GB of logits at V = 200k) whatever the batch size.
@@ -39,15 +40,21 @@ def make_optimizer(model, *, lr: float, weight_decay: float, device) -> torch.op
                              fused=torch.device(device).type in ("cuda", "cpu"))
 
 
-def make_engine(model, ds_config: dict, weight_decay: float):
-    """The DeepSpeed engine (and its optimizer) over train_torch.py's param groups."""
+def make_engine(model, ds_config: dict, weight_decay: float, layout: ParallelLayout | None = None):
+    """The DeepSpeed engine (and its optimizer) over train_torch.py's param groups; under expert
+    parallelism the expert parameters get DeepSpeed's MoE groups (blues_torch/deepspeed_moe.py)."""
     import deepspeed
 
-    from blues_torch import deepspeed_norms
+    from blues_torch import deepspeed_moe, deepspeed_norms
 
     deepspeed_norms.install()  # ZeRO's per-gradient norm/overflow loops cost ~60 ms of host time a step
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, config=ds_config,
-                                                   model_parameters=param_groups(model, weight_decay))
+    groups = param_groups(model, weight_decay)
+    if layout is None or layout.expert_group is None:
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, config=ds_config, model_parameters=groups)
+    else:
+        with deepspeed_moe.engine_sees_experts(model.config):
+            engine, optimizer, _, _ = deepspeed.initialize(model=model, config=ds_config,
+                                                           model_parameters=optimizer_param_groups(groups, layout))
     return engine, optimizer
 
 
@@ -93,8 +100,9 @@ class TrainStep:
     all-reduce, e.g. stop signals); applied: whether the update happened."""
 
     def __init__(self, model, optimizer, *, dist: Dist, grad_clip: float, precision: str, gen,
-                 engine=None, compile: bool = False):
+                 engine=None, compile: bool = False, layout: ParallelLayout | None = None):
         self.model, self.optimizer, self.engine, self.dist, self.gen = model, optimizer, engine, dist, gen
+        self.layout = layout  # several plain ranks (torchrun): gradients reduced by expert_parallel's rules
         self.forward = engine if engine is not None else model
         if compile:
             self.forward = compile_for_training(self.forward, engine)
@@ -124,7 +132,11 @@ class TrainStep:
             norm = self.engine.get_global_grad_norm()
             values = reduced.tolist() + [float("nan") if norm is None else float(norm)]
             return values, self.engine.was_step_applied()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)  # norm before clipping
+        if self.layout is not None and self.layout.world_size > 1:
+            reduce_gradients(self.model, self.layout)
+            grad_norm = clip_grad_norm_(self.model, self.layout, self.max_norm)  # norm before clipping
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
         values = torch.cat([reduced, grad_norm.float().reshape(1)]).tolist()
         applied = math.isfinite(values[0]) and math.isfinite(values[-1])
         if applied:
@@ -163,13 +175,18 @@ def evaluate(model, val_tokens, args: TrainArgs, dist: Dist, autocast) -> EvalAc
     return acc
 
 
-def make_next_logits(model, device, autocast):
+def make_next_logits(model, dist: Dist, autocast):
+    """Next-token logits for the samples. Every rank runs the forward (its MoE layers exchange tokens)
+    and takes rank 0's logits, so every rank samples the same tokens and stops at the same length."""
     def next_logits(ids: np.ndarray) -> np.ndarray:
         was_training = model.training
         model.eval()
         with torch.no_grad(), autocast():
-            out = model(torch.from_numpy(ids).to(device).long())  # logits [1, t, V]
+            out = model(torch.from_numpy(ids).to(dist.device).long())  # logits [1, t, V]
         model.train(was_training)
-        return out.logits[0, -1].float().cpu().numpy()  # [V]
+        logits = out.logits[0, -1].float().contiguous()  # [V]
+        if dist.world_size > 1:
+            torch.distributed.broadcast(logits, src=0)
+        return logits.cpu().numpy()
 
     return next_logits

@@ -1,5 +1,5 @@
-"""What the expert-parallel code path costs with one rank: the bench training step (bf16 autocast,
-eager, AdamW) as one process runs it, against the same step with every MoE layer sent through the
+"""What the expert-parallel code path costs with one rank: the trainer's TrainStep (bf16 autocast,
+eager, AdamW; blues_torch/training.py) on the bench workload as one process runs it, against the same step with every MoE layer sent through the
 expert-parallel path on a process group of one (the [k, E] counts all-gather, the counts
 all-to-all and its host sync, the rows' all-to-all both ways in both passes, the regrouping).
 
@@ -27,7 +27,9 @@ from bench.timing import time_steps, torch_sync  # noqa: E402
 from bench.train_step import (BETAS, EPS, GRAD_CLIP, LR, WEIGHT_DECAY, random_batch, torch_device,  # noqa: E402
                               torch_param_groups, train_workload)
 from blues_torch import BluesModel  # noqa: E402
+from blues_torch.distributed import Dist  # noqa: E402
 from blues_torch.expert_parallel import ParallelLayout  # noqa: E402
+from blues_torch.training import TrainStep  # noqa: E402
 
 
 ROUNDS = 2
@@ -49,19 +51,18 @@ def measure(wl, device, layout, steps: int, warmup: int):
     model.train()
     ids, tgt = (torch.from_numpy(a).long().to(device) for a in random_batch(wl.config, wl.batch, wl.seq))
     optimizer = torch.optim.AdamW(torch_param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, eps=EPS)
-    params, losses = list(model.parameters()), []
+    gen = torch.Generator(device=device)
+    # the trainer's own step (blues_torch/training.py), as train_torch.py and the bench run it
+    train_step = TrainStep(model, optimizer, dist=Dist(False), grad_clip=GRAD_CLIP, precision="bf16", gen=gen,
+                           layout=layout)
+    losses = []
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            out = model(ids, tgt)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(out.loss.detach())
+        values, _ = train_step([(ids, tgt)], LR)
+        losses.append(values[0])
 
     times = time_steps(step, lambda _: torch_sync(device), warmup=warmup, steps=steps)
-    return times.median_s, [float(x) for x in torch.stack(losses).float().cpu()]
+    return times.median_s, losses
 
 
 def main() -> None:
