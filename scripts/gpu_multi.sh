@@ -16,6 +16,7 @@
 #   jax-2d       train_jax.py --mesh data=2,expert=N/2 (N >= 4)
 #   resume       a mid-run checkpoint of N devices resumes on 1 and one of 1 resumes on N, both frameworks
 #   report       the table (scripts/multi_gpu_report.py)
+#   clean        delete the runs' checkpoints (the metrics are the record)
 #
 # Weak scaling: every N-device run has BATCH sequences (of the preset's length) per device. Each
 # part's 1-device baseline trains on the same global batch in one micro-batch (--batch_size N x
@@ -60,7 +61,7 @@ fi
 [ "$N" -ge 2 ] || { echo "error: gpu_multi.sh needs 2 or more devices, found $N"; exit 2; }
 COMMON=(--preset "$PRESET" --precision "$PREC" --batch_size "$BATCH" --max_steps "$STEPS" --eval_every 100000
         --save_every "$((STEPS / 2))" --keep_checkpoints 3 --config "$CONFIG")
-ALL="ds-dp ds-ep torchrun-ep jax-data jax-expert jax-2d resume report"
+ALL="ds-dp ds-ep torchrun-ep jax-data jax-expert jax-2d resume report clean"
 PARTS=${*:-$ALL}
 START=$(date +%s)
 port=29700
@@ -133,7 +134,7 @@ for part in $PARTS; do
     report)
       skip=5; [ "$DRY" = 1 ] && skip=1
       $PY scripts/multi_gpu_report.py "$OUT" --json "$OUT/multi_gpu.json" --skip "$skip" | tee "$OUT/multi_gpu_table.md" ;;
+    clean) rm -rf "$OUT"/*/checkpoints ;;
     *) echo "error: unknown part '$part' (parts: $ALL)"; exit 2 ;;
   esac
 done
-rm -rf "$OUT"/*/checkpoints  # the metrics are the record
