@@ -5,9 +5,10 @@
     python -m bench --what report --out runs/bench                                  # the table only
     python -m bench --quick                                                         # CPU smoke test
 
-Sections (`--what`, comma-separated): dense, gemm, train, deepspeed, decode, loss, peer-train,
-peer-decode (peer = both), parity, all (= all of these but dense, which is measured anyway when the
-results lack it), report. `--framework` picks torch, jax or both for the sections that exist
+Sections (`--what`, comma-separated): dense, gemm, train, trainer (a short train_torch.py /
+train_jax.py run: the trainer's own tokens/s beside the train rows), deepspeed, decode, loss,
+peer-train, peer-decode (peer = both), parity, all (= all of these but dense, which is measured anyway
+when the results lack it), report. `--framework` picks torch, jax or both for the sections that exist
 in both; `--preset` picks the training presets (bench: batch 8 x 2048; tiny: 64 x 256). Decoding
 runs the tiny preset, the loss and GEMM benches the bench shapes (`--decode-preset` overrides).
 
@@ -25,7 +26,7 @@ import signal
 import sys
 import traceback
 
-SECTIONS = ("dense", "gemm", "train", "deepspeed", "decode", "loss", "peer-train", "peer-decode", "parity")
+SECTIONS = ("dense", "gemm", "train", "trainer", "deepspeed", "decode", "loss", "peer-train", "peer-decode", "parity")
 ALIASES = {"all": [s for s in SECTIONS if s != "dense"], "peer": ["peer-train", "peer-decode"]}
 
 
@@ -171,6 +172,14 @@ def run_sections(args, results) -> Runner:
             if "jax" in fws:
                 r.run("jax", wl.name, train_step.jax_train, wl, steps=args.steps, warmup=args.warmup,
                       remat=args.jax_remat, seed=args.seed)
+    if "trainer" in args.sections:
+        from bench import trainer, train_step
+        for preset in args.presets:
+            wl = train_step.train_workload(preset, q)
+            for fw in fws:
+                for compile in (compiles if fw == "torch" else (False,)):
+                    r.run(fw, wl.name, trainer.trainer_train, fw, wl, steps=args.steps, warmup=args.warmup,
+                          out=args.out, compile=compile)
     if "deepspeed" in args.sections and "torch" in fws:
         from bench import deepspeed_step, train_step
         for preset in args.presets:
@@ -218,7 +227,7 @@ def run_sections(args, results) -> Runner:
 
 def _frameworks_used(args) -> list[str]:
     used = set()
-    framework_sections = {"dense", "gemm", "train", "decode", "loss"}
+    framework_sections = {"dense", "gemm", "train", "trainer", "decode", "loss"}
     if set(args.sections) & framework_sections:
         used |= set(args.frameworks)
     if set(args.sections) & {"deepspeed", "peer-train", "peer-decode", "parity"}:
