@@ -5,7 +5,8 @@ set in the environment before `deepspeed.init_distributed`), so no launcher, ssh
 needed. The config is the project's `ds_config.json` (when present; else the same settings
 written here) with the bench's batch size, ZeRO stage 2 and bf16 forced, exactly as train_torch.py
 merges its flags into it; the optimizer is the config's AdamW built by DeepSpeed from the
-param groups of train_torch.py (decay on matrices only).
+param groups of train_torch.py (decay on matrices only), and each timed step is
+blues_torch/training.py's `TrainStep` over that engine, the step train_torch.py runs.
 
 The project's ds_config.json selects `optimizer.params.torch_adam` (DeepSpeed's own switch to
 `torch.optim.AdamW`, here with `fused: true`): DeepSpeed's FusedAdam is a CUDA extension built at
@@ -15,6 +16,9 @@ says which optimizer ran in the row; `--ds-optimizer deepspeed` forces FusedAdam
 
 DeepSpeed's bf16 mode casts the module to bf16 and keeps fp32 master weights and optimizer state
 in the ZeRO optimizer; gradients are clipped by global norm inside `engine.step()`.
+
+DeepSpeed and torch are imported inside the functions: `python -m bench` loads this module for any
+section, and DeepSpeed is optional (a missing or broken install becomes a skipped row).
 """
 from __future__ import annotations
 

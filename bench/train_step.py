@@ -13,10 +13,14 @@ timing, the fast paths are checked against the reference ones on the same shapes
 backend the model picked against the reference attention (both frameworks) and, in PyTorch, the
 whole model's loss with fast attention and grouped GEMMs against reference attention and the
 per-expert loop.
+
+Each framework (torch, JAX, and their packages) is imported inside the functions that use it: a
+bench run picks its frameworks (--framework), and JAX must not reserve GPU memory in a torch-only run.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import time
@@ -188,8 +192,6 @@ def compiled_gradient_errors(model, ids, tgt, compile_fn=None, autocast: bool = 
     error against the reference (compiled's 1.0 where it gave none). autocast: bf16 autocast over the
     model's float32 weights (the reference: autocast off); else the model is bf16 (DeepSpeed's mode)
     and the reference a float32 copy of it."""
-    import copy
-
     import torch
     quiet = dataclasses.replace(model.config, router_noise_std=0.0)
     owners = [model, *(layer.moe for layer in model.layers)]  # the modules that read the noise setting

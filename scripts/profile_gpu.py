@@ -25,19 +25,38 @@ per-gradient norm loops, then blues_torch/deepspeed_norms.py's) and through `eng
 each timed by phase (forward, backward, optimizer step; synchronised between phases, medians) and
 whole (unsynchronised); then the compiled engine's GPU kernels and, by Python's profiler, the host
 time of its backward and step by DeepSpeed function: where the engine's own cost goes.
+
+JAX is imported by the JAX sections only: a PyTorch profile neither needs it nor lets it reserve GPU memory.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
 import collections
+import gc
+import glob
+import io
+import pstats
+import re
+import statistics
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from bench import deepspeed_step  # noqa: E402
+from bench.decode import _greedy, decode_config, random_prompts  # noqa: E402
+from bench.train_step import (GRAD_CLIP, LR, WEIGHT_DECAY, fresh_torch_compile, jax_step_inputs,  # noqa: E402
+                              make_jax_train_step, random_batch, train_workload)
+from blues.config import BluesConfig  # noqa: E402
+from blues_torch import BluesModel  # noqa: E402
 from blues_torch.distributed import Dist  # noqa: E402
+from blues_torch.generation import _decoder, generate  # noqa: E402
 from blues_torch.training import TrainStep, make_optimizer  # noqa: E402
 
 GIB, MIB = 2 ** 30, 2 ** 20
@@ -77,9 +96,6 @@ def saved_tensor_breakdown(model, step_forward) -> tuple[dict[str, int], object]
 
 
 def memory(args) -> None:
-    from blues.config import BluesConfig
-    from blues_torch import BluesModel
-    from bench.train_step import LR, WEIGHT_DECAY, random_batch
 
     cfg = BluesConfig.preset("bench")
     device = torch.device("cuda")
@@ -127,10 +143,6 @@ def memory(args) -> None:
 
 
 def decode(args) -> None:
-    from torch.profiler import ProfilerActivity, profile
-    from blues_torch import BluesModel
-    from blues_torch.generation import _decoder, generate
-    from bench.decode import _greedy, decode_config, random_prompts
 
     cfg = decode_config("tiny", False, 32, 256)
     device = torch.device("cuda")
@@ -187,11 +199,7 @@ def _kernel_kind(name: str) -> str:
 
 def jax_train(args) -> None:
     """Trace --steps JAX training steps (blues_jax/training.py's, as the bench runs it) and sum GPU kernel time."""
-    import glob
-    import tempfile
-    import time
     import jax
-    from bench.train_step import jax_step_inputs, make_jax_train_step, train_workload
 
     wl = train_workload(args.preset, quick=False)
     state, jitted, sharding = make_jax_train_step(wl.config)  # the trainer's step (blues_jax/training.py)
@@ -232,10 +240,7 @@ def jax_dispatch(args) -> None:
     """Host time of the JAX training step (blues_jax/training.py's): how long the call takes to return
     (argument handling and launch, while a synchronised step leaves the GPU idle), the step
     synchronised after each call (as the bench times it), and steps queued back to back."""
-    import statistics
-    import time
     import jax
-    from bench.train_step import jax_step_inputs, make_jax_train_step, train_workload
 
     wl = train_workload(args.preset, quick=False)
     print(f"\n== JAX training step, {args.preset} (batch {wl.batch} x {wl.seq}), host side, ms (medians of {args.steps})")
@@ -265,7 +270,6 @@ def jax_dispatch(args) -> None:
 def _hlo_sources(hlo: str) -> dict[int, str]:
     """Stack frame id -> its innermost frames in this repository ("file:line function", outermost last),
     from the FileNames / FunctionNames / FileLocations / StackFrames tables of an HLO module's text."""
-    import re
     tables: dict[str, dict[int, str]] = {}
     section = None
     for line in hlo.splitlines():
@@ -300,7 +304,6 @@ def _hlo_sources(hlo: str) -> dict[int, str]:
 def _print_fusions(hlo: str, kernel_names: list[str], kernels, steps: int) -> None:
     """For each kernel that is an XLA fusion, its instruction in the optimized HLO: the result shape, its
     operands, the code that made it, and the ops of its fused computation by count."""
-    import re
     sources = _hlo_sources(hlo)
     instr = {}  # HLO name -> (result shape, operands, called computation, op_name, source)
     for line in hlo.splitlines():
@@ -360,9 +363,6 @@ def _torch_kernels(prof) -> tuple[collections.Counter, collections.Counter]:
 def torch_train(args) -> None:
     """Profile --steps compiled PyTorch training steps (blues_torch/training.py's TrainStep, as the bench
     runs it: bf16 autocast, float32 weights, fused AdamW) and sum GPU kernel time."""
-    import time
-    from blues_torch import BluesModel
-    from bench.train_step import GRAD_CLIP, LR, WEIGHT_DECAY, fresh_torch_compile, random_batch, train_workload
 
     wl = train_workload(args.preset, quick=False)
     device = torch.device("cuda")
@@ -399,8 +399,6 @@ def torch_train(args) -> None:
 
 def _phases(forward, backward, update, steps: int, warmup: int = 3) -> dict[str, float]:
     """Median ms of each phase (synchronised around it) and of the whole step run without syncs."""
-    import statistics
-    import time
     phases: dict[str, list[float]] = {"forward": [], "backward": [], "step": [], "whole": []}
     for i in range(warmup + steps):
         torch.cuda.synchronize()
@@ -431,8 +429,6 @@ def _plain_step(wl, ids, tgt, compile: bool, loss_chunk_size: int | None = None)
     """The PyTorch training step's phases (float32 weights, bf16 autocast, clipping, the trainer's
     optimizer from blues_torch/training.py) as (forward, backward, update) callables, to time each;
     the loss chunk the model's default unless given."""
-    from blues_torch import BluesModel
-    from bench.train_step import GRAD_CLIP, LR, WEIGHT_DECAY, fresh_torch_compile
 
     torch.manual_seed(0)
     with torch.device(ids.device):
@@ -472,12 +468,6 @@ def _profile_steps(step, steps: int):
 def deepspeed_train(args) -> None:
     """Plain PyTorch (compiled, eager), then the DeepSpeed engine (eager, compiled): phases; the GPU
     kernels of both compiled steps; DeepSpeed's host time by function."""
-    import cProfile
-    import gc
-    import io
-    import pstats
-    from bench import deepspeed_step
-    from bench.train_step import random_batch, train_workload
 
     wl = train_workload(args.preset, quick=False)
     device = torch.device("cuda")
