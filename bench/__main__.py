@@ -5,7 +5,8 @@
     python -m bench --what report --out runs/bench                                  # the table only
     python -m bench --quick                                                         # CPU smoke test
 
-Sections (`--what`, comma-separated): dense, gemm, train, deepspeed, decode, loss, peer-train
+Sections (`--what`, comma-separated): dense, gemm, train, trainer (a short train_torch.py /
+train_jax.py run: the trainer's own tokens/s beside the train rows), deepspeed, decode, loss, peer-train
 (Hugging Face Mixtral), titan-train (torchtitan), peer-decode (peer = the three), kernels
 (liger-kernel and cut-cross-entropy against Blues' kernels, bench/library_kernels.py), parity,
 all (= all of these but dense, which is measured anyway when the results lack it), report.
@@ -27,8 +28,8 @@ import signal
 import sys
 import traceback
 
-SECTIONS = ("dense", "gemm", "train", "deepspeed", "decode", "loss", "peer-train", "titan-train", "peer-decode",
-            "kernels", "parity")
+SECTIONS = ("dense", "gemm", "train", "trainer", "deepspeed", "decode", "loss", "peer-train", "titan-train",
+            "peer-decode", "kernels", "parity")
 ALIASES = {"all": [s for s in SECTIONS if s != "dense"], "peer": ["peer-train", "titan-train", "peer-decode"]}
 
 
@@ -175,6 +176,14 @@ def run_sections(args, results) -> Runner:
             if "jax" in fws:
                 r.run("jax", wl.name, train_step.jax_train, wl, steps=args.steps, warmup=args.warmup,
                       remat=args.jax_remat, seed=args.seed)
+    if "trainer" in args.sections:
+        from bench import trainer, train_step
+        for preset in args.presets:
+            wl = train_step.train_workload(preset, q)
+            for fw in fws:
+                for compile in (compiles if fw == "torch" else (False,)):
+                    r.run(fw, wl.name, trainer.trainer_train, fw, wl, steps=args.steps, warmup=args.warmup,
+                          out=args.out, compile=compile)
     if "deepspeed" in args.sections and "torch" in fws:
         from bench import deepspeed_step, train_step
         for preset in args.presets:
@@ -237,7 +246,7 @@ def run_sections(args, results) -> Runner:
 
 def _frameworks_used(args) -> list[str]:
     used = set()
-    framework_sections = {"dense", "gemm", "train", "decode", "loss"}
+    framework_sections = {"dense", "gemm", "train", "trainer", "decode", "loss"}
     if set(args.sections) & framework_sections:
         used |= set(args.frameworks)
     if set(args.sections) & {"deepspeed", "peer-train", "titan-train", "peer-decode", "kernels", "parity"}:

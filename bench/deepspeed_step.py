@@ -5,7 +5,8 @@ set in the environment before `deepspeed.init_distributed`), so no launcher, ssh
 needed. The config is the project's `ds_config.json` (when present; else the same settings
 written here) with the bench's batch size, ZeRO stage 2 and bf16 forced, exactly as train_torch.py
 merges its flags into it; the optimizer is the config's AdamW built by DeepSpeed from the
-param groups of train_torch.py (decay on matrices only).
+param groups of train_torch.py (decay on matrices only), and each timed step is
+blues_torch/training.py's `TrainStep` over that engine, the step train_torch.py runs.
 
 The project's ds_config.json selects `optimizer.params.torch_adam` (DeepSpeed's own switch to
 `torch.optim.AdamW`, here with `fused: true`): DeepSpeed's FusedAdam is a CUDA extension built at
@@ -15,6 +16,9 @@ says which optimizer ran in the row; `--ds-optimizer deepspeed` forces FusedAdam
 
 DeepSpeed's bf16 mode casts the module to bf16 and keeps fp32 master weights and optimizer state
 in the ZeRO optimizer; gradients are clipped by global norm inside `engine.step()`.
+
+DeepSpeed and torch are imported inside the functions: `python -m bench` loads this module for any
+section, and DeepSpeed is optional (a missing or broken install becomes a skipped row).
 """
 from __future__ import annotations
 
@@ -26,8 +30,9 @@ from pathlib import Path
 
 from bench.report import Row
 from bench.timing import PeakMemory, log, time_steps, torch_sync
-from bench.train_step import (BETAS, EPS, GRAD_CLIP, LR, WEIGHT_DECAY, Workload, check_torch_attention,
-                              fresh_torch_compile, loss_check, random_batch, torch_device, torch_param_groups, _train_row)
+from bench.train_step import (GRAD_CLIP, LR, WEIGHT_DECAY, Workload, check_torch_attention, fresh_torch_compile,
+                              loss_check, random_batch, torch_device, _train_row)
+from blues.adamw import BETAS, EPS
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DS_CONFIG = {
@@ -146,6 +151,7 @@ def build_engine(wl: Workload, *, optimizer: str = "auto", compile: bool = False
     import deepspeed
     import torch
     from blues_torch import BluesModel, deepspeed_norms
+    from blues_torch.training import param_groups
 
     init_single_rank()
     device = torch_device()
@@ -167,7 +173,7 @@ def build_engine(wl: Workload, *, optimizer: str = "auto", compile: bool = False
     else:
         deepspeed_norms.uninstall()
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_cfg,
-                                           model_parameters=torch_param_groups(model, ds_cfg["optimizer"]["params"]["weight_decay"]))
+                                           model_parameters=param_groups(model, ds_cfg["optimizer"]["params"]["weight_decay"]))
     if compile:
         fresh_torch_compile()
         engine.compile()
@@ -182,30 +188,34 @@ def deepspeed_train(wl: Workload, *, steps: int, warmup: int, optimizer: str = "
     if reason is not None:
         return Row(framework="torch+deepspeed", workload=wl.name, variant=variant, skipped=reason, config=wl.describe())
     import torch
+    from blues_torch.distributed import Dist
+    from blues_torch.training import TrainStep
 
     mem = PeakMemory("torch", torch_device())
     mem.reset()
-    engine, device, note, checks = build_engine(wl, optimizer=optimizer, compile=compile, overrides=overrides,
-                                                seed=seed, check=check)
+    engine, device, note, checks = build_engine(wl, optimizer=optimizer, overrides=overrides, seed=seed, check=check)
     mem.reset()  # the model and engine stay; the check's buffers are not the training step's
     ids_np, tgt_np = random_batch(wl.config, wl.batch, wl.seq, seed)
     ids = torch.from_numpy(ids_np).long().to(device)  # [B, T]
     tgt = torch.from_numpy(tgt_np).long().to(device)  # [B, T]
     gen = torch.Generator(device=device).manual_seed(seed + 1)
+    if compile:
+        fresh_torch_compile()
+    # the trainer's step over the engine (bf16 module: no autocast; --compile: the engine's own compile)
+    train_step = TrainStep(engine.module, engine.optimizer, dist=Dist(False), grad_clip=GRAD_CLIP, precision="bf16",
+                           gen=gen, engine=engine, compile=compile)
     losses = []
 
     def step():
-        out = engine(ids, tgt, generator=gen)  # bf16 module: no autocast (DeepSpeed casts the weights)
-        engine.backward(out.loss)
-        engine.step()
-        losses.append(out.loss.detach())
+        values, _ = train_step([(ids, tgt)], LR)
+        losses.append(values[0])
         return None
 
     times = time_steps(step, lambda _: torch_sync(device), warmup=warmup, steps=steps,
                        label=f"deepspeed {wl.name} {variant}")
     reading = mem.read()
-    checks.append(loss_check([float(x) for x in torch.stack(losses).float().cpu()]))
+    checks.append(loss_check(losses))
     param_dtype = next(engine.module.parameters()).dtype
-    del engine, losses
+    del engine, train_step, losses
     return _train_row("torch+deepspeed", wl, variant, times, reading, checks, "torch",
                       f"{device.type}; module {str(param_dtype).replace('torch.', '')}; {note}")

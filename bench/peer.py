@@ -31,8 +31,9 @@ from bench.decode import NEW_TOKENS, PROMPT, QUICK_NEW, QUICK_PROMPT, BATCHES, Q
 from bench.mfu import decode_flops_per_token
 from bench.report import Row
 from bench.timing import PeakMemory, log, time_steps, torch_sync
-from bench.train_step import (BETAS, EPS, GRAD_CLIP, LR, WEIGHT_DECAY, Workload, fresh_torch_compile, loss_check,
+from bench.train_step import (GRAD_CLIP, LR, WEIGHT_DECAY, Workload, fresh_torch_compile, loss_check,
                               random_batch, torch_device, _train_row)
+from blues.adamw import BETAS, EPS
 
 # ln V within 0.5: HF's init (std 0.02) gives near-zero logits, so the loss starts at ln V plus the
 # small router aux term (coefficient 0.01 x ~k).

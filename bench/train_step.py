@@ -1,11 +1,11 @@
-"""Training throughput: one full optimizer step (forward, backward, clip, AdamW), both frameworks.
+"""Training throughput: one full optimizer step (forward, backward, clip, AdamW), both frameworks,
+timed through the trainers' own step objects, so a benchmark figure is what training runs.
 
-PyTorch: float32 parameters (the master weights), bf16 autocast for the matmuls, gradient clipping
-by global norm and `torch.optim.AdamW(fused=True)` (train_torch.py's optimizer: betas (0.9, 0.95),
-decay on matrices only); optionally the model under `torch.compile`.
-JAX: one `jax.jit` step (the NNX functional pattern: merge, `nnx.value_and_grad`, optimizer update,
-split) with the whole state donated, float32 parameters, bf16 compute (`dtype=bfloat16`), optax
-`clip_by_global_norm` + `adamw`.
+PyTorch: blues_torch/training.py's `TrainStep` over its `make_optimizer` (AdamW with blues/adamw.py's
+constants, decay on matrices only, fused), float32 parameters (the master weights), bf16 autocast,
+clipping by global norm, the non-finite guard; optionally the model under `torch.compile` (the
+trainer's --compile). JAX: blues_jax/training.py's jitted step (optax AdamW, clipping, the non-finite
+guard, donated state) on a one-device mesh, float32 parameters, bf16 compute, one micro-batch.
 
 Both train on one fixed batch of uniformly random token ids (the same for the peer), so no data
 loading is timed; the loss on a repeated batch must fall, which is one of the checks. Before the
@@ -13,6 +13,9 @@ timing, the fast paths are checked against the reference ones on the same shapes
 the attention backend against the reference attention, and the whole model's layers, routing,
 loss and gradients with the fast paths (compiled, in PyTorch's compile row) against the reference
 paths.
+
+Each framework (torch, JAX, and their packages) is imported inside the functions that use it: a
+bench run picks its frameworks (--framework), and JAX must not reserve GPU memory in a torch-only run.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from bench.checks import (check_jax_attention, check_jax_model_paths, check_torc
                           check_torch_compiled_gradients, check_torch_model_paths, compiled_gradient_errors,
                           loss_check, rel as _rel, torch_reference_paths)
 
-LR, BETAS, EPS, WEIGHT_DECAY, GRAD_CLIP = 1e-3, (0.9, 0.95), 1e-8, 0.1, 1.0
+LR, WEIGHT_DECAY, GRAD_CLIP = 1e-3, 0.1, 1.0  # the bench's optimizer settings (betas, eps: blues/adamw.py)
 
 
 @dataclass(frozen=True)
@@ -92,21 +95,19 @@ def fresh_torch_compile() -> None:
     """Forget every graph compiled earlier in this process. A section that runs a second preset
     in one process would otherwise recompile the model with dynamic shapes (dynamo's automatic
     dynamic: the second set of shapes marks them dynamic), which is not the static-shape graph a
-    training run compiles, and measures differently (docs/performance.md, round 5)."""
+    training run compiles, and measures differently."""
     import torch
     torch._dynamo.reset()
 
 
-def torch_param_groups(model, weight_decay: float) -> list[dict]:
-    """train_torch.py's groups: decay on matrices (ndim >= 2) only."""
-    return [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
 
 
 def torch_train(wl: Workload, *, steps: int, warmup: int, compile: bool = False, attn_impl: str = "auto",
                 check: bool = True, seed: int = 0) -> Row:
     import torch
     from blues_torch import BluesModel
+    from blues_torch.distributed import Dist
+    from blues_torch.training import TrainStep, compiled_graphs, make_optimizer
 
     device = torch_device()
     variant = "compile" if compile else "eager"
@@ -129,40 +130,32 @@ def torch_train(wl: Workload, *, steps: int, warmup: int, compile: bool = False,
         log(f"  checks: {'; '.join(c[1] for c in checks)}")
         mem.reset()  # the checks' transient buffers (materialised logits) are not the training step's
 
-    optimizer = torch.optim.AdamW(torch_param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, eps=EPS,
-                                  fused=device.type == "cuda")
+    optimizer = make_optimizer(model, lr=LR, weight_decay=WEIGHT_DECAY, device=device)
     if compile:
         fresh_torch_compile()
-    forward = torch.compile(model) if compile else model
     gen = torch.Generator(device=device).manual_seed(seed + 1)
-    params = list(model.parameters())
+    train_step = TrainStep(model, optimizer, dist=Dist(False), grad_clip=GRAD_CLIP, precision="bf16", gen=gen,
+                           compile=compile)
     losses = []
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            out = forward(ids, tgt, generator=gen)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)  # no host sync: the norm stays on the device
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(out.loss.detach())
+        values, _ = train_step([(ids, tgt)], LR)  # the trainer's step: one micro-batch, its host sync included
+        losses.append(values[0])
         return None
 
     graphs = {}
 
     def count_graphs(key):
         if compile:
-            from torch._dynamo.utils import counters
-            graphs[key] = counters["stats"]["unique_graphs"]
+            graphs[key] = compiled_graphs()
 
     count_graphs("start")
     times = time_steps(step, lambda _: torch_sync(device), warmup=warmup, steps=steps,
                        label=f"torch {wl.name} {variant}", after_warmup=lambda: count_graphs("warm"))
     count_graphs("end")
     reading = mem.read()
-    loss_values = [float(x) for x in torch.stack(losses).float().cpu()]
-    checks.append(loss_check(loss_values))
-    del model, optimizer, forward, losses
+    checks.append(loss_check(losses))
+    del model, optimizer, train_step, losses
     notes = f"{device.type}; attn {_torch_backend(wl.config, device, attn_impl)}"
     if compile:
         # a graph compiled during the timed steps means recompilation is in the numbers
@@ -188,44 +181,36 @@ def _train_row(framework, wl, variant, times, reading, checks, dense_framework, 
 
 # ==== JAX =============================================================================================
 
-def jax_optimizer():
+def make_jax_train_step(config: BluesConfig, *, seed: int = 0, attn_impl: str = "auto", remat: bool = False):
+    """blues_jax/training.py's step and state on a one-device mesh, bf16 compute, the bench's optimizer
+    settings: (state, step, batch sharding); `step(*state, inputs [1, B, T], targets [1, B, T], lr,
+    inject_nan)` -> (*state, metrics), the state (params, opt_state, rng) donated."""
     import jax
-    import optax
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731 matrices only
-    return optax.chain(optax.clip_by_global_norm(GRAD_CLIP),
-                       optax.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WEIGHT_DECAY, mask=decay_mask))
+    import jax.numpy as jnp
+    from blues_jax import training
+    from blues_jax.sharding import make_mesh
+
+    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+    graphs, tx, shardings, params, opt_state, rng = training.build_train_state(
+        config, mesh, seed=seed, dtype=jnp.bfloat16, lr=LR, weight_decay=WEIGHT_DECAY, attn_impl=attn_impl,
+        remat=remat)
+    step = training.make_train_step(graphs[0], tx, shardings, grad_accum=1, grad_clip=GRAD_CLIP,
+                                    weight_decay=WEIGHT_DECAY)
+    return (params, opt_state, rng), step, shardings["micro_batches"]
 
 
-def make_jax_train_step(model, tx, pure_state: bool = False):
-    """(state, jitted step): step(state, ids, tgt) -> (state, loss), the state donated.
-
-    pure_state: the state crosses the jit boundary as nested dicts of arrays rather than nnx.State
-    (whose Variables are flattened and rebuilt in Python on every call)."""
+def jax_step_inputs(config: BluesConfig, batch: int, seq: int, sharding, seed: int = 0):
+    """The bench's fixed batch as the step's arguments after the state: (inputs, targets, lr, inject_nan)."""
     import jax
-    from flax import nnx
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    graphdef, state = nnx.split((model, optimizer))
-    template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)  # no arrays held
 
-    def step(state, ids, tgt):
-        if pure_state:
-            pure, state = state, jax.tree.map(lambda a: a, template)
-            nnx.replace_by_pure_dict(state, pure)
-        model, optimizer = nnx.merge(graphdef, state)
-        loss, grads = nnx.value_and_grad(lambda m: m(ids, tgt).loss)(model)
-        optimizer.update(model, grads)
-        out = nnx.state((model, optimizer))
-        return (nnx.to_pure_dict(out) if pure_state else out), loss
-
-    return (nnx.to_pure_dict(state) if pure_state else state), jax.jit(step, donate_argnums=0)
+    ids, tgt = random_batch(config, batch, seq, seed)
+    return (jax.device_put(ids[None], sharding), jax.device_put(tgt[None], sharding), np.float32(LR),
+            np.bool_(False))
 
 
 def jax_train(wl: Workload, *, steps: int, warmup: int, attn_impl: str = "auto", remat: bool = False,
               check: bool = True, seed: int = 0) -> Row:
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    from blues_jax import BluesModel
 
     mem = PeakMemory("jax")
     mem.reset()
@@ -234,28 +219,25 @@ def jax_train(wl: Workload, *, steps: int, warmup: int, attn_impl: str = "auto",
               ] if check else []
     if checks:
         log(f"  checks: {'; '.join(c[1] for c in checks)}")
-    model = BluesModel(wl.config, rngs=nnx.Rngs(seed), attn_impl=attn_impl, remat=remat, dtype=jnp.bfloat16)
-    model.train()
-    ids_np, tgt_np = random_batch(wl.config, wl.batch, wl.seq, seed)
-    ids, tgt = jnp.asarray(ids_np), jnp.asarray(tgt_np)
-    state, step_fn = make_jax_train_step(model, jax_optimizer())
-    del model  # the state holds the parameters; the donated buffers must have no other owner
+    state, step_fn, sharding = make_jax_train_step(wl.config, seed=seed, attn_impl=attn_impl, remat=remat)
+    inputs = jax_step_inputs(wl.config, wl.batch, wl.seq, sharding, seed)
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, ids, tgt).compile()
+    compiled = step_fn.lower(*state, *inputs).compile()
     compile_s = time.perf_counter() - t0
     planned = xla_memory_bytes(compiled)
     box = {"state": state}
+    del state  # donated to the first step: the box holds the only references
     losses = []
 
     def step():
-        box["state"], loss = compiled(box["state"], ids, tgt)
-        losses.append(loss)
-        return loss
+        *box["state"], out = compiled(*box["state"], *inputs)
+        losses.append(out["losses"][0])
+        return out["losses"][0]
 
     times = time_steps(step, jax_sync, warmup=warmup, steps=steps, label=f"jax {wl.name}")
     reading = mem.read()
     checks.append(loss_check([float(x) for x in jax.device_get(losses)]))
-    del box, state
+    del box
     notes = f"{jax.default_backend()}; attn {_jax_backend(wl.config, attn_impl)}; compile {compile_s:.0f} s"
     if planned is not None:
         notes += f"; XLA plan {planned / 1024 ** 3:.2f} GiB"

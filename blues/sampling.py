@@ -21,6 +21,7 @@ compiled decode loop needs no RNG state, and CUDA graphs can replay a step witho
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,3 +145,16 @@ def kept_mask(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     else:
         mask[candidates(logits, params)[0]] = True
     return mask
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, width: int | None = None,
+             dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of prompts for the decoders: (ids [B, P] right-aligned, start [B] = padding slots per
+    row); P = `width` or the longest prompt, whichever is larger."""
+    width = max(max(len(p) for p in prompts), width or 0)
+    ids = np.full((len(prompts), width), pad_id, dtype=dtype)
+    start = np.zeros(len(prompts), dtype=dtype)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):] = p
+        start[b] = width - len(p)
+    return ids, start

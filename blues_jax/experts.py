@@ -28,9 +28,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 from blues.errors import BluesError
 from blues_jax import gated_gelu
 from blues_jax.grouped_matmul import mosaic_applies, product, weight_grad
-from blues_jax.sharding import mesh_is_trivial
+from blues_jax.sharding import BATCH_AXES, mesh_is_trivial
 
-BATCH_AXES = ("data", "expert")  # mesh axes the token axis is split over (data-major order)
 EXPERT_AXIS = "expert"
 
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from blues.sampling import FMIX_C1, FMIX_C2, MASK32, ROW_MUL, STEP_MUL, TOKEN_MUL, SamplingParams
+from blues.sampling import FMIX_C1, FMIX_C2, MASK32, ROW_MUL, STEP_MUL, TOKEN_MUL, SamplingParams, left_pad
 
 PREFILL_BUCKET = 32  # prompts are left-padded to a multiple of this (when it fits): fewer recompiles
 
@@ -148,18 +148,6 @@ def sample(logits: jax.Array, params: SamplingParams, step: jax.Array, rows: jax
 
 # ---- generation ----------------------------------------------------------------------------------
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(ids [B, P] right-aligned, start [B] = padding slots per row); P = `width` or the longest."""
-    longest = max(len(p) for p in prompts)
-    width = max(longest, width or 0)
-    ids = np.full((len(prompts), width), pad_id, dtype=np.int32)
-    start = np.zeros(len(prompts), dtype=np.int32)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p):] = p
-        start[b] = width - len(p)
-    return ids, start
-
-
 def _emit(logits, step, finished, out_ids, rows, seed, params, eot_id, stop_at_eot):
     """Sample from logits [B, V] into column `step` of out_ids; -> (token [B], finished, out_ids).
     `eot_id` and `stop_at_eot` are traced values: one compiled function serves every setting."""
@@ -231,7 +219,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, param
         graphdef, state = nnx.split(model)
         longest = max(len(p) for p in prompts)
         bucket = -(-longest // PREFILL_BUCKET) * PREFILL_BUCKET
-        ids, start = left_pad(prompts, eot_id, bucket if bucket + max_new_tokens <= context else longest)
+        ids, start = left_pad(prompts, eot_id, bucket if bucket + max_new_tokens <= context else longest,
+                              dtype=np.int32)
         batch = ids.shape[0]
         generate_all, prefill, step = _compiled(graphdef, dataclasses.replace(params, seed=0))
         # Reuse the last call's buffers when the batch size matches (they are donated and returned).

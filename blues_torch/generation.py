@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from blues.sampling import (FMIX_C1, FMIX_C2, MASK32, ROW_MUL, STEP_MUL, TOKEN_MUL, SamplingParams)
+from blues.sampling import FMIX_C1, FMIX_C2, MASK32, ROW_MUL, STEP_MUL, TOKEN_MUL, SamplingParams, left_pad
 
 logger = logging.getLogger("blues")
 
@@ -247,17 +247,6 @@ def _decoder(model, batch: int, max_new: int, params: SamplingParams, eot_id: in
         _DECODERS.clear()  # one live decoder at a time: each holds a full-context cache
         _DECODERS[key] = dec
     return dec
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids [B, P] right-aligned, start [B] = number of padding slots in each row)."""
-    longest = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), longest), pad_id, dtype=np.int64)
-    start = np.zeros(len(prompts), dtype=np.int64)
-    for b, p in enumerate(prompts):
-        ids[b, longest - len(p):] = p
-        start[b] = longest - len(p)
-    return ids, start
 
 
 @torch.no_grad()

@@ -58,8 +58,8 @@ from blues.cli import run_main
 from blues.config import BluesConfig
 from blues.errors import BluesError, CheckpointError, UsageError
 from blues.layout import canonical_layout
-from parity.checkpoint_read import (ARRAYS, OPTIMIZER_FORMAT, OPTIMIZER_NAME, TRAINER, Loaded, read_source,
-                                    resolve_source)
+from blues.checkpoint_source import OPTIMIZER_FORMAT, OPTIMIZER_NAME, Loaded, resolve_source
+from parity.checkpoint_read import ARRAYS, TRAINER, read_source
 from blues.canonical import ConversionError, check_canonical, flatten, nest, to_module_arrays
 from parity.hf.export import check_mixtral, hf_usage, write_hf, write_hf_mixtral
 from parity.hf.read import hf_model_type, read_hf

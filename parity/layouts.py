@@ -27,13 +27,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from blues.adamw import BETAS, EPS
 from blues.config import BluesConfig
 from blues.layout import canonical_layout
 from blues_torch.expert_parallel import (ParallelLayout, build_layout, clip_grad_norm_, gather_experts, parallelize,
                                          reduce_gradients, slice_experts)
 from parity.convert import from_canonical
 
-BETAS, EPS, GRAD_CLIP = (0.9, 0.95), 1e-8, 1.0
+GRAD_CLIP = 1.0
 
 
 def run(cfg: BluesConfig, arrays: dict[str, np.ndarray], ids: np.ndarray, targets: np.ndarray, layout: ParallelLayout,

@@ -51,70 +51,24 @@ train_torch.py checkpoint. ZeRO-3, DeepSpeed's non-AdamW optimizers and `adam_w_
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from blues.adamw import AdamWState, decays
 from blues.config import BluesConfig
 from blues.errors import CheckpointError
 from blues.layout import TensorSpec, canonical_layout
-from blues.canonical import ConversionError, check_canonical, flatten, from_module_arrays, nest, to_module_arrays
-
-
-@dataclass
-class AdamWState:
-    """AdamW moments by canonical tensor name (float32, canonical shapes) and its hyperparameters."""
-
-    step: int  # updates applied so far (torch `step`, optax `count`)
-    exp_avg: dict[str, np.ndarray]  # first moment m
-    exp_avg_sq: dict[str, np.ndarray]  # second moment v
-    lr: float  # learning rate of the last update (informational: the trainers' schedule sets it)
-    betas: tuple[float, float]
-    eps: float
-    weight_decay: float  # on the matrices (ndim >= 2); the norm scales are not decayed
-
-    def check(self, config: BluesConfig) -> None:
-        """ConversionError unless the moments fit `config` (names, shapes, finite, v >= 0) and the
-        hyperparameters are AdamW's."""
-        for what, arrays in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
-            try:
-                check_canonical(arrays, config)
-            except ConversionError as e:
-                raise ConversionError(f"optimizer {what}: {e}") from None
-        negative = [n for n, a in self.exp_avg_sq.items() if np.any(a < 0)]
-        if negative:
-            raise ConversionError(f"optimizer exp_avg_sq of '{negative[0]}' has negative values")
-        if not (isinstance(self.step, int) and self.step >= 0):
-            raise ConversionError(f"optimizer step must be an integer >= 0, got {self.step!r}")
-        b1, b2 = self.betas
-        if not (0 <= b1 < 1 and 0 <= b2 < 1):
-            raise ConversionError(f"optimizer betas must lie in [0, 1), got {self.betas}")
-        if not (self.eps > 0 and math.isfinite(self.eps)):
-            raise ConversionError(f"optimizer eps must be positive, got {self.eps}")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise ConversionError(f"optimizer weight_decay must be >= 0, got {self.weight_decay}")
-        if not (self.lr >= 0 and math.isfinite(self.lr)):
-            raise ConversionError(f"optimizer learning rate must be >= 0, got {self.lr}")
-
-    @property
-    def num_tensors(self) -> int:
-        return len(self.exp_avg)
-
-
-def decays(spec: TensorSpec) -> bool:
-    """The trainers' weight-decay rule: matrices decay, RMSNorm scales (ndim 1) do not."""
-    return len(spec.shape) >= 2
+from blues.canonical import ConversionError, flatten, from_module_arrays, nest, to_module_arrays
 
 
 def torch_param_order(config: BluesConfig) -> list[TensorSpec]:
     """train_torch.py's optimizer indices: its param_groups are [matrices, norm scales], each in
     `model.parameters()` order, which is the layout order (docs/architecture.md)."""
     specs = canonical_layout(config)
-    return [s for s in specs if decays(s)] + [s for s in specs if not decays(s)]
+    return [s for s in specs if decays(len(s.shape))] + [s for s in specs if not decays(len(s.shape))]
 
 
 def zeros_like_params(config: BluesConfig) -> dict[str, np.ndarray]:
@@ -134,7 +88,7 @@ def from_torch(state_dict: Mapping, config: BluesConfig) -> AdamWState:
     except (KeyError, TypeError):
         raise ConversionError("optimizer state has no 'param_groups'/'state': not a torch optimizer state dict") from None
     order = torch_param_order(config)
-    n_decay = sum(decays(s) for s in order)
+    n_decay = sum(decays(len(s.shape)) for s in order)
     if len(groups) != 2 or [len(g["params"]) for g in groups] != [n_decay, len(order) - n_decay]:
         raise ConversionError(
             f"optimizer has groups of {[len(g.get('params', ())) for g in groups]} parameters; train_torch.py's "
@@ -194,7 +148,7 @@ def to_torch(state: AdamWState, config: BluesConfig, *, flags: Mapping | None = 
 
     state.check(config)
     order = torch_param_order(config)
-    n_decay = sum(decays(s) for s in order)
+    n_decay = sum(decays(len(s.shape)) for s in order)
     # An optimizer over empty placeholders gives this torch version's exact group entries.
     dummies = [torch.nn.Parameter(torch.empty(0)) for _ in order]
     template = torch.optim.AdamW([{"params": dummies[:n_decay], "weight_decay": state.weight_decay},
@@ -381,7 +335,7 @@ def from_deepspeed(ds_dir: str | os.PathLike, config: BluesConfig) -> tuple[dict
 
     try:
         wd = _decay_of(groups)
-        decayed = {s.path for s in canonical_layout(config) if decays(s)}
+        decayed = {s.path for s in canonical_layout(config) if decays(len(s.shape))}
         for shapes, group in zip(zero_model_states[0].param_shapes, groups):
             wrong = [n for n in shapes if wd > 0 and (_scalar(group["weight_decay"]) > 0) != (n in decayed)]
             if wrong:

@@ -24,8 +24,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from bench.timing import time_steps, torch_sync  # noqa: E402
-from bench.train_step import (BETAS, EPS, GRAD_CLIP, LR, WEIGHT_DECAY, random_batch, torch_device,  # noqa: E402
-                              torch_param_groups, train_workload)
+from bench.train_step import GRAD_CLIP, LR, WEIGHT_DECAY, random_batch, torch_device, train_workload  # noqa: E402
+from blues.adamw import BETAS, EPS  # noqa: E402
+from blues_torch.training import param_groups as torch_param_groups  # noqa: E402
 from blues_torch import BluesModel  # noqa: E402
 from blues_torch.distributed import Dist  # noqa: E402
 from blues_torch.expert_parallel import ParallelLayout  # noqa: E402

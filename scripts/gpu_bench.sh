@@ -19,6 +19,7 @@
 #   parity       torch vs JAX on converted weights, bf16
 #   peer-decode  Mixtral generate, dynamic and static cache (slow: ~20 tokens/s at b1)
 #   compile      PyTorch training under torch.compile, tiny then bench preset
+#   trainer      train_torch.py (eager, compiled) and train_jax.py runs at the bench preset: their own tokens/s
 #   deepspeed-compile  DeepSpeed ZeRO-2 with the engine's compile (train_torch.py --deepspeed --compile)
 #   peer-compile Hugging Face Mixtral training under torch.compile(model), tiny then bench
 #   titan-train  torchtitan's Qwen3-MoE with its per-block compile, tiny then bench (bench/peer_torchtitan.py)
@@ -49,7 +50,7 @@ if [ -d /tmp/site ]; then
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/site/bin:$PATH"
 fi
 
-ALL="dense torch-train jax-train peer-train deepspeed torch-misc jax-misc decode-torch decode-jax parity peer-decode compile deepspeed-compile peer-compile titan-train kernels"
+ALL="dense torch-train jax-train peer-train deepspeed torch-misc jax-misc decode-torch decode-jax parity peer-decode compile trainer deepspeed-compile peer-compile titan-train kernels"
 SECTIONS=${*:-$ALL}
 START=$(date +%s)
 COMMON=(--out "$OUT" --steps "$STEPS" --warmup "$WARMUP" --table none)  # --dense auto: only if the results lack it
@@ -104,6 +105,7 @@ for s in $SECTIONS; do
     parity)       run parity       90  --what parity "${COMMON[@]}" ;;
     peer-decode)  run peer-decode  150 --what peer-decode "${COMMON[@]}" ;;
     compile)      run compile      240 --what train --framework torch --preset both --torch-compile on "${COMMON[@]}" ;;
+    trainer)      run trainer      300 --what trainer --framework both --preset bench --torch-compile both "${COMMON[@]}" ;;
     deepspeed-compile) run deepspeed-compile 240 --what deepspeed --framework torch --preset both --torch-compile on "${COMMON[@]}" ;;
     peer-compile) run peer-compile 200 --what peer-train --preset both --torch-compile on "${COMMON[@]}" ;;
     titan-train)  run titan-train  200 --what titan-train --preset both --torch-compile on "${COMMON[@]}" ;;

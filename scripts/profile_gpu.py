@@ -25,17 +25,39 @@ per-gradient norm loops, then blues_torch/deepspeed_norms.py's) and through `eng
 each timed by phase (forward, backward, optimizer step; synchronised between phases, medians) and
 whole (unsynchronised); then the compiled engine's GPU kernels and, by Python's profiler, the host
 time of its backward and step by DeepSpeed function: where the engine's own cost goes.
+
+JAX is imported by the JAX sections only: a PyTorch profile neither needs it nor lets it reserve GPU memory.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
 import collections
+import gc
+import glob
+import io
+import pstats
+import re
+import statistics
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from bench import deepspeed_step  # noqa: E402
+from bench.decode import _greedy, decode_config, random_prompts  # noqa: E402
+from bench.train_step import (GRAD_CLIP, LR, WEIGHT_DECAY, fresh_torch_compile, jax_step_inputs,  # noqa: E402
+                              make_jax_train_step, random_batch, train_workload)
+from blues.config import BluesConfig  # noqa: E402
+from blues_torch import BluesModel  # noqa: E402
+from blues_torch.distributed import Dist  # noqa: E402
+from blues_torch.generation import _decoder, generate  # noqa: E402
+from blues_torch.training import TrainStep, make_optimizer  # noqa: E402
 
 GIB, MIB = 2 ** 30, 2 ** 20
 
@@ -74,9 +96,6 @@ def saved_tensor_breakdown(model, step_forward) -> tuple[dict[str, int], object]
 
 
 def memory(args) -> None:
-    from blues.config import BluesConfig
-    from blues_torch import BluesModel
-    from bench.train_step import BETAS, LR, WEIGHT_DECAY, random_batch, torch_param_groups
 
     cfg = BluesConfig.preset("bench")
     device = torch.device("cuda")
@@ -89,7 +108,7 @@ def memory(args) -> None:
             with torch.device(device):
                 model = BluesModel(cfg, loss_chunk_size=chunk, gradient_checkpointing=ckpt)
             model.train()
-            opt = torch.optim.AdamW(torch_param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, fused=True)
+            opt = make_optimizer(model, lr=LR, weight_decay=WEIGHT_DECAY, device=device)
 
             def forward():
                 with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -124,10 +143,6 @@ def memory(args) -> None:
 
 
 def decode(args) -> None:
-    from torch.profiler import ProfilerActivity, profile
-    from blues_torch import BluesModel
-    from blues_torch.generation import _decoder, generate
-    from bench.decode import _greedy, decode_config, random_prompts
 
     cfg = decode_config("tiny", False, 32, 256)
     device = torch.device("cuda")
@@ -183,33 +198,22 @@ def _kernel_kind(name: str) -> str:
 
 
 def jax_train(args) -> None:
-    """Trace --steps JAX training steps (bench/train_step.py's step) and sum GPU kernel time."""
-    import glob
-    import tempfile
-    import time
+    """Trace --steps JAX training steps (blues_jax/training.py's, as the bench runs it) and sum GPU kernel time."""
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    from blues_jax import BluesModel
-    from bench.train_step import jax_optimizer, make_jax_train_step, random_batch, train_workload
 
     wl = train_workload(args.preset, quick=False)
-    model = BluesModel(wl.config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
-    model.train()
-    ids_np, tgt_np = random_batch(wl.config, wl.batch, wl.seq, 0)
-    ids, tgt = jnp.asarray(ids_np), jnp.asarray(tgt_np)
-    state, jitted = make_jax_train_step(model, jax_optimizer())
-    del model
-    step = jitted.lower(state, ids, tgt).compile()  # compiled here so that its HLO can be read below
+    state, jitted, sharding = make_jax_train_step(wl.config)  # the trainer's step (blues_jax/training.py)
+    inputs = jax_step_inputs(wl.config, wl.batch, wl.seq, sharding)
+    step = jitted.lower(*state, *inputs).compile()  # compiled here so that its HLO can be read below
     for _ in range(3):  # warm up
-        state, loss = step(state, ids, tgt)
-    jax.block_until_ready(loss)
+        *state, out = step(*state, *inputs)
+    jax.block_until_ready(out)
     trace_dir = tempfile.mkdtemp()
     t0 = time.perf_counter()
     with jax.profiler.trace(trace_dir):
         for _ in range(args.steps):
-            state, loss = step(state, ids, tgt)
-        jax.block_until_ready(loss)
+            *state, out = step(*state, *inputs)
+        jax.block_until_ready(out)
     wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
     data = jax.profiler.ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0])
     kernels: collections.Counter = collections.Counter()
@@ -233,53 +237,39 @@ def jax_train(args) -> None:
 
 
 def jax_dispatch(args) -> None:
-    """Host time of a JAX training step: how long the call takes to return (argument handling and
-    launch, while a synchronised step leaves the GPU idle), the step synchronised after each call
-    (as the bench times it), and steps queued back to back; the state as nnx.State and as pure dicts."""
-    import statistics
-    import time
+    """Host time of the JAX training step (blues_jax/training.py's): how long the call takes to return
+    (argument handling and launch, while a synchronised step leaves the GPU idle), the step
+    synchronised after each call (as the bench times it), and steps queued back to back."""
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    from blues_jax import BluesModel
-    from bench.train_step import jax_optimizer, make_jax_train_step, random_batch, train_workload
 
     wl = train_workload(args.preset, quick=False)
-    ids_np, tgt_np = random_batch(wl.config, wl.batch, wl.seq, 0)
-    ids, tgt = jnp.asarray(ids_np), jnp.asarray(tgt_np)
     print(f"\n== JAX training step, {args.preset} (batch {wl.batch} x {wl.seq}), host side, ms (medians of {args.steps})")
-    for pure in (False, True):
-        model = BluesModel(wl.config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
-        model.train()
-        state, step = make_jax_train_step(model, jax_optimizer(), pure_state=pure)
-        del model
-        for _ in range(3):
-            state, loss = step(state, ids, tgt)
-        jax.block_until_ready(loss)
-        call, synced = [], []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            state, loss = step(state, ids, tgt)
-            t1 = time.perf_counter()
-            jax.block_until_ready(loss)
-            call.append((t1 - t0) * 1e3)
-            synced.append((time.perf_counter() - t0) * 1e3)
+    state, step, sharding = make_jax_train_step(wl.config)
+    inputs = jax_step_inputs(wl.config, wl.batch, wl.seq, sharding)
+    for _ in range(3):
+        *state, out = step(*state, *inputs)
+    jax.block_until_ready(out)
+    call, synced = [], []
+    for _ in range(args.steps):
         t0 = time.perf_counter()
-        for _ in range(args.steps):
-            state, loss = step(state, ids, tgt)
-        jax.block_until_ready(loss)
-        queued = (time.perf_counter() - t0) * 1e3 / args.steps
-        print(f"   state as {'pure dicts' if pure else 'nnx.State '}: {len(jax.tree.leaves(state))} arrays, call returns "
-              f"{statistics.median(call):6.2f}, synchronised step {statistics.median(synced):7.2f}, "
-              f"queued step {queued:7.2f} ({wl.tokens / statistics.median(synced) * 1e3:,.0f} / "
-              f"{wl.tokens / queued * 1e3:,.0f} tokens/s)", flush=True)
-        del state, step
+        *state, out = step(*state, *inputs)
+        t1 = time.perf_counter()
+        jax.block_until_ready(out)
+        call.append((t1 - t0) * 1e3)
+        synced.append((time.perf_counter() - t0) * 1e3)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        *state, out = step(*state, *inputs)
+    jax.block_until_ready(out)
+    queued = (time.perf_counter() - t0) * 1e3 / args.steps
+    print(f"   {len(jax.tree.leaves(state))} state arrays, call returns {statistics.median(call):6.2f}, synchronised "
+          f"step {statistics.median(synced):7.2f}, queued step {queued:7.2f} "
+          f"({wl.tokens / statistics.median(synced) * 1e3:,.0f} / {wl.tokens / queued * 1e3:,.0f} tokens/s)", flush=True)
 
 
 def _hlo_sources(hlo: str) -> dict[int, str]:
     """Stack frame id -> its innermost frames in this repository ("file:line function", outermost last),
     from the FileNames / FunctionNames / FileLocations / StackFrames tables of an HLO module's text."""
-    import re
     tables: dict[str, dict[int, str]] = {}
     section = None
     for line in hlo.splitlines():
@@ -314,7 +304,6 @@ def _hlo_sources(hlo: str) -> dict[int, str]:
 def _print_fusions(hlo: str, kernel_names: list[str], kernels, steps: int) -> None:
     """For each kernel that is an XLA fusion, its instruction in the optimized HLO: the result shape, its
     operands, the code that made it, and the ops of its fused computation by count."""
-    import re
     sources = _hlo_sources(hlo)
     instr = {}  # HLO name -> (result shape, operands, called computation, op_name, source)
     for line in hlo.splitlines():
@@ -372,30 +361,37 @@ def _torch_kernels(prof) -> tuple[collections.Counter, collections.Counter]:
 
 
 def torch_train(args) -> None:
-    """Profile --steps compiled PyTorch training steps (bench/train_step.py's step: bf16 autocast,
-    float32 weights, fused AdamW) and sum GPU kernel time."""
-    import time
-    from bench.train_step import random_batch, train_workload
+    """Profile --steps compiled PyTorch training steps (blues_torch/training.py's TrainStep, as the bench
+    runs it: bf16 autocast, float32 weights, fused AdamW) and sum GPU kernel time."""
 
     wl = train_workload(args.preset, quick=False)
     device = torch.device("cuda")
     ids_np, tgt_np = random_batch(wl.config, wl.batch, wl.seq, 0)
     ids = torch.from_numpy(ids_np).long().to(device)  # [B, T]
     tgt = torch.from_numpy(tgt_np).long().to(device)  # [B, T]
-    forward, backward, update = _plain_step(wl, ids, tgt, compile=True)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = BluesModel(wl.config)
+    model.train()
+    fresh_torch_compile()
+    optimizer = make_optimizer(model, lr=LR, weight_decay=WEIGHT_DECAY, device=device)
+    train_step = TrainStep(model, optimizer, dist=Dist(False), grad_clip=GRAD_CLIP, precision="bf16",
+                           gen=torch.Generator(device=device).manual_seed(1), compile=True)  # the trainer's step
+
+    def step():
+        train_step([(ids, tgt)], LR)
+
     for _ in range(3):  # compile and warm up
-        backward(forward())
-        update()
+        step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        backward(forward())
-        update()
+        step()
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
     peak = torch.cuda.max_memory_allocated() / GIB
-    kernels, counts = _profile_steps(forward, backward, update, args.steps)
+    kernels, counts = _profile_steps(step, args.steps)
     _print_kernels(f"\n== torch.compile training step, {args.preset} (batch {wl.batch} x {wl.seq}): {wall_ms:.1f} ms "
                    f"wall per step ({wl.tokens / wall_ms * 1e3:,.0f} tokens/s untraced), peak {peak:.2f} GiB",
                    kernels, counts, {}, args.steps, args.top)
@@ -403,8 +399,6 @@ def torch_train(args) -> None:
 
 def _phases(forward, backward, update, steps: int, warmup: int = 3) -> dict[str, float]:
     """Median ms of each phase (synchronised around it) and of the whole step run without syncs."""
-    import statistics
-    import time
     phases: dict[str, list[float]] = {"forward": [], "backward": [], "step": [], "whole": []}
     for i in range(warmup + steps):
         torch.cuda.synchronize()
@@ -432,16 +426,15 @@ def _phases(forward, backward, update, steps: int, warmup: int = 3) -> dict[str,
 
 
 def _plain_step(wl, ids, tgt, compile: bool, loss_chunk_size: int | None = None):
-    """bench/train_step.py's PyTorch step (float32 weights, bf16 autocast, clipping, fused AdamW) as
-    (forward, backward, update) callables; the loss chunk the model's default unless given."""
-    from blues_torch import BluesModel
-    from bench.train_step import BETAS, GRAD_CLIP, LR, WEIGHT_DECAY, fresh_torch_compile, torch_param_groups
+    """The PyTorch training step's phases (float32 weights, bf16 autocast, clipping, the trainer's
+    optimizer from blues_torch/training.py) as (forward, backward, update) callables, to time each;
+    the loss chunk the model's default unless given."""
 
     torch.manual_seed(0)
     with torch.device(ids.device):
         model = BluesModel(wl.config, loss_chunk_size=loss_chunk_size)
     model.train()
-    opt = torch.optim.AdamW(torch_param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, fused=True)
+    opt = make_optimizer(model, lr=LR, weight_decay=WEIGHT_DECAY, device=ids.device)
     if compile:
         fresh_torch_compile()
     run = torch.compile(model) if compile else model
@@ -459,11 +452,15 @@ def _plain_step(wl, ids, tgt, compile: bool, loss_chunk_size: int | None = None)
     return forward, lambda loss: loss.backward(), update
 
 
-def _profile_steps(forward, backward, update, steps: int):
+def _whole(forward, backward, update):
+    """One step of (forward, backward, update) phases, as one callable."""
+    return lambda: (backward(forward()), update())
+
+
+def _profile_steps(step, steps: int):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            backward(forward())
-            update()
+            step()
         torch.cuda.synchronize()
     return _torch_kernels(prof)
 
@@ -471,12 +468,6 @@ def _profile_steps(forward, backward, update, steps: int):
 def deepspeed_train(args) -> None:
     """Plain PyTorch (compiled, eager), then the DeepSpeed engine (eager, compiled): phases; the GPU
     kernels of both compiled steps; DeepSpeed's host time by function."""
-    import cProfile
-    import gc
-    import io
-    import pstats
-    from bench import deepspeed_step
-    from bench.train_step import random_batch, train_workload
 
     wl = train_workload(args.preset, quick=False)
     device = torch.device("cuda")
@@ -497,7 +488,7 @@ def deepspeed_train(args) -> None:
         step = _plain_step(wl, ids, tgt, compile)
         report(f"PyTorch, {'torch.compile' if compile else 'eager'}", _phases(*step, args.steps))
         if compile:
-            tables.append(("PyTorch, torch.compile", _profile_steps(*step, args.steps)))
+            tables.append(("PyTorch, torch.compile", _profile_steps(_whole(*step), args.steps)))
         del step
         gc.collect()
         torch.cuda.empty_cache()
@@ -509,7 +500,7 @@ def deepspeed_train(args) -> None:
         norms = "" if fast_norms else ", own norms"
         report(f"DeepSpeed ZeRO-2, {'engine.compile()' if compile else 'eager'}{norms}", _phases(*step, args.steps))
         if compile:
-            tables.append(("DeepSpeed ZeRO-2, engine.compile()", _profile_steps(*step, args.steps)))
+            tables.append(("DeepSpeed ZeRO-2, engine.compile()", _profile_steps(_whole(*step), args.steps)))
         else:
             del engine, step
             gc.collect()

@@ -127,9 +127,15 @@ def test_quick_torch_train_loss_gemm(tmp_path):
 
 @pytest.mark.slow
 def test_quick_jax_train_loss_gemm(tmp_path):
-    proc, rows = run_bench(tmp_path, "--what", "train,loss,gemm", "--framework", "jax")
+    proc, rows = run_bench(tmp_path, "--what", "train,trainer,loss,gemm", "--framework", "jax")
     assert_rows_ok(proc, rows, {("jax", "train tiny"), ("jax", "loss chunked"), ("jax", "loss plain"),
                                 ("jax", "grouped gemm")})
+    # the bench's step and the trainer's own run, side by side; the trainer's figure is its metrics' median
+    variants = {r["variant"] for r in rows if r["workload"] == "train tiny"}
+    assert {"jit", "trainer jit"} <= variants, variants
+    trainer = next(r for r in rows if r["variant"] == "trainer jit")
+    assert "train_jax.py" in trainer["notes"]
+    assert (tmp_path / "bench" / "trainer" / "jax-tiny-jit-quick" / "metrics.jsonl").is_file()
     loss = [r for r in rows if r["workload"] == "loss chunked"]
     assert all(r["peak_gib"] is not None for r in loss)  # XLA's plan is available on a CPU too
     train = next(r for r in rows if r["workload"] == "train tiny")

@@ -36,7 +36,8 @@ from oracle import random_canonical
 from parity import suite
 from parity.convert import (ConversionError, check_canonical, from_canonical, jax_to_torch, to_canonical,
                             torch_to_jax)
-from parity.optim_convert import AdamWState, from_optax, from_torch, optax_adamw, to_optax, to_torch
+from blues.adamw import AdamWState
+from parity.optim_convert import from_optax, from_torch, optax_adamw, to_optax, to_torch
 
 jax.config.update("jax_default_matmul_precision", "highest")
 torch.set_num_threads(1)  # two shared cores; these shapes gain nothing from more

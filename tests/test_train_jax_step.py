@@ -1,4 +1,4 @@
-"""train_jax.py's update rule against PyTorch's, piece by piece, in this process (fast, one device).
+"""The JAX training step's update rule (blues_jax/training.py) against PyTorch's, piece by piece, in this process (fast, one device).
 
 - clip_by_global_norm is torch.nn.utils.clip_grad_norm_ (same norm, same 1e-6, same clamp);
 - make_optimizer's optax AdamW is torch.optim.AdamW with the same param groups (decay on
@@ -11,26 +11,15 @@ different order (torch computes lr/bias_correction in float64 on the host), so a
 few ulps: 1e-6 relative on the parameters after 6 steps.
 """
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from blues.adamw import BETAS, EPS
 from blues.train_args import parse_args
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _train_jax():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_jax", REPO / "train_jax.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from blues_jax import training
 
 
-TJ = _train_jax()
 
 
 def test_clip_matches_torch_clip_grad_norm():
@@ -40,7 +29,7 @@ def test_clip_matches_torch_clip_grad_norm():
     rng = np.random.default_rng(0)
     grads = {"a": rng.normal(size=(7, 5)).astype(np.float32), "b": rng.normal(size=(3,)).astype(np.float32)}
     for max_norm in (0.5, 100.0, 0.0):
-        got, norm = TJ.clip_by_global_norm({k: jnp.asarray(v) for k, v in grads.items()}, max_norm)
+        got, norm = training.clip_by_global_norm({k: jnp.asarray(v) for k, v in grads.items()}, max_norm)
         tensors = [torch.nn.Parameter(torch.zeros(v.shape)) for v in grads.values()]
         for t, v in zip(tensors, grads.values()):
             t.grad = torch.from_numpy(v.copy())
@@ -64,12 +53,12 @@ def test_optax_adamw_matches_torch_adamw():
     rng = np.random.default_rng(1)
     init = {"w": rng.normal(size=(6, 4)).astype(np.float32), "scale": rng.normal(size=(4,)).astype(np.float32)}
     params = {k: jnp.asarray(v) for k, v in init.items()}
-    tx = TJ.make_optimizer(args, params)
+    tx = training.make_optimizer(params, lr=args.lr, weight_decay=args.weight_decay)
     state = tx.init(params)
 
     w, scale = (torch.nn.Parameter(torch.from_numpy(init[k].copy())) for k in ("w", "scale"))
     opt = torch.optim.AdamW([{"params": [w], "weight_decay": 0.1}, {"params": [scale], "weight_decay": 0.0}],
-                            lr=args.lr, betas=TJ.BETAS, eps=TJ.EPS)
+                            lr=args.lr, betas=BETAS, eps=EPS)
 
     @jax.jit
     def update(params, state, grads, lr):
@@ -106,10 +95,13 @@ def test_gradient_accumulation_equals_one_big_batch():
     results = {}
     for g in (1, 2):
         args = parse_args(["--config", json.dumps(fields), "--grad_accum", str(g), "--batch_size", str(4 // g)], "jax")
-        graphs, tx, shardings, params, opt_state, rng_state = TJ.build_train_state(args, mesh, None)
-        step = TJ.make_train_step(graphs[0], tx, args, shardings)
-        xs = TJ.put_batch(x.reshape(g, 4 // g, 8), shardings["micro_batches"], (g, 4 // g, 8))
-        ys = TJ.put_batch(y.reshape(g, 4 // g, 8), shardings["micro_batches"], (g, 4 // g, 8))
+        graphs, tx, shardings, params, opt_state, rng_state = training.build_train_state(
+            args.model_config, mesh, seed=args.seed, dtype=training.run_dtype(args.precision), lr=args.lr,
+            weight_decay=args.weight_decay)
+        step = training.make_train_step(graphs[0], tx, shardings, grad_accum=args.grad_accum, grad_clip=args.grad_clip,
+                                        weight_decay=args.weight_decay)
+        xs = training.put_batch(x.reshape(g, 4 // g, 8), shardings["micro_batches"], (g, 4 // g, 8))
+        ys = training.put_batch(y.reshape(g, 4 // g, 8), shardings["micro_batches"], (g, 4 // g, 8))
         params, opt_state, rng_state, out = step(params, opt_state, rng_state, xs, ys, np.float32(1e-2),
                                                  np.bool_(False))
         results[g] = (np.asarray(out["losses"]), float(out["grad_norm"]),

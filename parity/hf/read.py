@@ -12,7 +12,7 @@ from pathlib import Path
 
 from blues.config import BluesConfig
 from blues.errors import BluesError, CheckpointError, UsageError
-from parity.checkpoint_read import Loaded, _check_no_links
+from blues.checkpoint_source import Loaded, check_no_links
 from blues.canonical import ConversionError
 from parity.hf.weights import from_hf
 from blues.safetensors_io import read_safetensors
@@ -35,7 +35,7 @@ def read_hf(path: Path) -> Loaded:
     if kind != "blues":
         raise UsageError(f"{path} is a Hugging Face '{kind}' model, not a Blues one (model_type 'blues', as "
                          "--to hf writes it); only those convert back")
-    _check_no_links(path, [CONFIG, WEIGHTS, INDEX])
+    check_no_links(path, [CONFIG, WEIGHTS, INDEX])
     data = json.loads((path / CONFIG).read_text(encoding="utf-8"))
     fields = {f.name for f in dataclasses.fields(BluesConfig)}
     missing = sorted(fields - set(data))
@@ -65,5 +65,5 @@ def _weight_files(path: Path) -> list[Path]:
         raise CheckpointError(f"{path / INDEX} is not a safetensors index (no 'weight_map')") from None
     if any(Path(n).name != n for n in names):
         raise CheckpointError(f"{path / INDEX} names a file outside {path}")
-    _check_no_links(path, names)
+    check_no_links(path, names)
     return [path / n for n in names]

@@ -1,0 +1,268 @@
+"""The JAX training step: the optimizer, the compiled step, evaluation and the train state.
+train_jax.py's loop (blues/loop.py) and the benchmark (bench/train_step.py) run this same step, so a
+benchmark figure is what training runs.
+
+Optimizer: optax AdamW with blues/adamw.py's betas, eps and decay rule (decoupled weight decay on
+matrices only): torch.optim.AdamW's update (tests/test_train_jax_step.py). The learning rate of each
+step comes from blues/schedule.py on the host (step-indexed like train_torch.py, so a skipped step does
+not shift the schedule, while Adam's bias correction counts applied updates, like torch). Gradients are
+clipped by global norm as torch's clip_grad_norm_ does (coef = max_norm / (norm + 1e-6), at most 1);
+`grad_norm` is the norm before clipping. Gradient accumulation averages the micro-batch losses (a
+lax.scan inside the step). `--precision bf16`: bf16 matmuls, float32 parameters, gradients and
+optimizer state. A non-finite loss or gradient norm leaves the parameters and optimizer state as they
+were, inside the compiled step.
+
+Parallelism: one `jax.jit` step with explicit input/output shardings (parameters by
+blues_jax/sharding.py's logical-axis rules, the batch over every device of the mesh, optimizer moments
+like their parameters) and donated state buffers.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from blues.adamw import BETAS, EPS, decays
+from blues.canonical import flatten, from_module_arrays
+from blues.config import BluesConfig
+from blues.data import eval_batches
+from blues.train_args import TrainArgs
+from blues.train_loop import EvalAccumulator
+from blues_jax import BluesModel
+from blues_jax.checkpoint import data_to_keys, keys_to_data, restore_arrays
+from blues_jax.distributed import gather_to_host
+from blues_jax.sharding import BATCH_AXES, param_shardings, shard_model
+from blues_jax.state_dict_adapter import load_canonical
+
+# Evaluation materialises [rows, T, V] float32 logits; rows are chosen so one forward holds at
+# most this many tokens per device (~0.8 GB of logits at V = 200k), as train_torch.py does.
+EVAL_TOKENS_PER_FORWARD = 1024
+
+
+# ---- the optimizer and the step ---------------------------------------------------------------------
+
+def make_optimizer(params, *, lr: float, weight_decay: float):
+    """optax AdamW whose learning rate (and weight decay) each step sets from the host.
+
+    inject_hyperparams keeps them in the optimizer state, so the compiled step takes this step's lr
+    from blues.schedule as an argument: the same float train_torch.py puts in its param groups.
+    """
+    decay_mask = jax.tree.map(lambda p: decays(p.ndim), params)
+    return optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+        learning_rate=lr, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=weight_decay, mask=decay_mask)
+
+
+def clip_by_global_norm(grads, max_norm: float):
+    """torch.nn.utils.clip_grad_norm_: the norm of the per-tensor norms; scale by
+    min(1, max_norm / (norm + 1e-6)); max_norm 0 = no clipping. Returns (grads, norm before clipping)."""
+    norm = jnp.linalg.norm(jnp.stack([jnp.linalg.norm(g.ravel()) for g in jax.tree.leaves(grads)]))
+    if max_norm > 0:
+        coef = jnp.minimum(max_norm / (norm + 1e-6), 1.0)
+        grads = jax.tree.map(lambda g: g * coef, grads)
+    return grads, norm
+
+
+def make_train_step(graph, tx, shardings: dict, *, grad_accum: int, grad_clip: float, weight_decay: float):
+    """The compiled optimizer step: (params, opt_state, rng, inputs [G, B, T], targets [G, B, T], lr,
+    inject_nan) -> (params, opt_state, rng, {"losses": [4], "grad_norm"}). State buffers are donated; a
+    non-finite loss or gradient norm leaves params and optimizer state as they were (the RNG streams
+    still advance). G = grad_accum micro-batches."""
+
+    def micro_loss(params, rng, x, y, inject):
+        model = nnx.merge(graph, params, rng)
+        out = model(x, y)  # x, y [B, T]
+        rng = nnx.to_pure_dict(nnx.state(model, nnx.RngState))  # the streams advanced by this call
+        # --inject_nan: a NaN factor before the backward (not jnp.where(inject, loss * nan, loss), whose
+        # gradient is NaN either way: the unselected branch's cotangent 0 times d(loss * nan) = nan)
+        loss = out.loss * jnp.where(inject, jnp.nan, 1.0)
+        losses = jnp.stack([loss, out.lm_loss, out.aux_loss, out.z_loss])  # [4], as logged
+        return loss / grad_accum, (rng, losses)
+
+    grad_fn = jax.grad(micro_loss, has_aux=True)
+
+    def step(params, opt_state, rng, inputs, targets, lr, inject):
+        def micro(carry, batch):  # one micro-batch: gradients summed, like repeated torch backward()
+            grads, rng = carry
+            g, (rng, losses) = grad_fn(params, rng, batch[0], batch[1], inject)
+            return (jax.tree.map(jnp.add, grads, g), rng), losses
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, rng), losses = jax.lax.scan(micro, (zeros, rng), (inputs, targets))  # losses [G, 4]
+        losses = jnp.mean(losses, axis=0)  # [4]: loss, lm_loss, aux_loss, z_loss
+        grads, grad_norm = clip_by_global_norm(grads, grad_clip)
+        hyper = dict(opt_state.hyperparams, learning_rate=lr, weight_decay=jnp.float32(weight_decay))
+        opt_state = opt_state._replace(hyperparams=hyper)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        ok = jnp.isfinite(losses[0]) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        return (keep(new_params, params), keep(new_opt_state, opt_state), rng,
+                {"losses": losses, "grad_norm": grad_norm})
+
+    s = shardings
+    return jax.jit(step, donate_argnums=(0, 1, 2),
+                   in_shardings=(s["params"], s["opt_state"], s["rng"], s["micro_batches"], s["micro_batches"],
+                                 s["replicated"], s["replicated"]),
+                   out_shardings=(s["params"], s["opt_state"], s["rng"], s["replicated"]))
+
+
+# ---- the model and its state ------------------------------------------------------------------------
+
+def create_model(config: BluesConfig, mesh, *, seed: int, dtype, attn_impl: str = "auto", remat: bool = False,
+                 init_arrays: dict | None = None):
+    """The model, initialised by one compiled program straight into its shardings (not op by op on
+    one device), then placed on the mesh by blues_jax.sharding; `init_arrays` (canonical weights,
+    --init_from) replace the random ones. The seed fixes the weights and the router-noise and dropout
+    streams, whatever the mesh (threefry keys are sharding-invariant)."""
+
+    def make():
+        key = jax.random.key(seed)
+        rngs = nnx.Rngs(params=jax.random.fold_in(key, 0), noise=jax.random.fold_in(key, 1),
+                        dropout=jax.random.fold_in(key, 2))
+        return BluesModel(config, rngs=rngs, attn_impl=attn_impl, remat=remat, dtype=dtype)
+
+    graph, abstract = nnx.split(nnx.eval_shape(make))
+    state = jax.jit(lambda: nnx.state(make()), out_shardings=param_shardings(abstract, mesh))()
+    model = nnx.merge(graph, state)
+    if init_arrays is not None:
+        load_canonical(model, init_arrays)  # checked against the config in load_init_weights
+    return shard_model(model, mesh)
+
+
+def build_train_state(config: BluesConfig, mesh, *, seed: int, dtype, lr: float, weight_decay: float,
+                      attn_impl: str = "auto", remat: bool = False, init_arrays: dict | None = None):
+    """The model split into graphs (train, eval, one-device sampling) and state (params, RNG streams),
+    the optimizer, every sharding the compiled steps use, and a fresh optimizer state:
+    ((train_graph, eval_graph, sample_graph), tx, shardings, params, opt_state, rng)."""
+    model = create_model(config, mesh, seed=seed, dtype=dtype, attn_impl=attn_impl, remat=remat,
+                         init_arrays=init_arrays)
+    model.train()
+    train_graph, params, rng, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
+    assert not jax.tree.leaves(rest), "the model holds state that is neither a parameter nor an RNG stream"
+    model.eval()
+    eval_graph = nnx.split(model, nnx.Param, nnx.RngState)[0]
+    model.set_attributes(mesh=None, raise_if_not_found=False)
+    sample_graph = nnx.split(model, nnx.Param, nnx.RngState)[0]  # eval mode on one device (the samples)
+    params, rng = nnx.to_pure_dict(params), nnx.to_pure_dict(rng)
+
+    tx = make_optimizer(params, lr=lr, weight_decay=weight_decay)
+    replicated = NamedSharding(mesh, P())
+    shardings = {"params": jax.tree.map(lambda x: x.sharding, params),
+                 "rng": jax.tree.map(lambda x: replicated, rng),
+                 "batch": NamedSharding(mesh, P(BATCH_AXES, None)),  # [B, T]
+                 "micro_batches": NamedSharding(mesh, P(None, BATCH_AXES, None)),  # [G, B, T]
+                 "replicated": replicated}
+    shardings["opt_state"] = _optimizer_shardings(tx, params, shardings["params"], replicated)
+    opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+    return (train_graph, eval_graph, sample_graph), tx, shardings, params, opt_state, rng
+
+
+def run_dtype(precision: str):
+    return jnp.bfloat16 if precision == "bf16" else jnp.float32
+
+
+def _optimizer_shardings(tx, params, param_shardings, replicated):
+    """Each optimizer-state leaf shaped like a parameter is sharded like it; the rest (counts,
+    hyperparameters) is replicated."""
+    abstract = jax.eval_shape(tx.init, params)
+    return optax.tree_map_params(tx, lambda _, s: s, abstract, param_shardings,
+                                 transform_non_params=lambda _: replicated)
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def restore_state(path: Path, params, opt_state, rng, shardings):
+    """A checkpoint's params, optimizer state and RNG streams, placed on this run's shardings."""
+    abstract = {"params": _abstract(params, shardings["params"]),
+                "opt_state": _abstract(opt_state, shardings["opt_state"]),
+                "rng": _abstract(keys_to_data(rng), shardings["rng"])}
+    restored = restore_arrays(path, abstract)
+    return restored["params"], restored["opt_state"], data_to_keys(restored["rng"], rng)
+
+
+def canonical_arrays(params, config: BluesConfig) -> dict:
+    """The canonical float32 tensors of the (possibly sharded) parameters; collective when several
+    processes hold the shards."""
+    return from_module_arrays(flatten(gather_to_host(params)), config)
+
+
+# ---- batches and evaluation -------------------------------------------------------------------------
+
+def put_batch(array: np.ndarray, sharding, global_shape):
+    """This process's rows of a global batch, as one array on the mesh."""
+    return jax.make_array_from_process_local_data(sharding, array, global_shape)
+
+
+def make_eval_step(graph, shardings: dict):
+    """(params, rng, inputs [B, T], targets [B, T]) -> (lm_loss, expert_counts [L, E], dropped [L]), eval mode."""
+
+    def step(params, rng, x, y):
+        out = nnx.merge(graph, params, rng)(x, y)
+        return out.lm_loss, out.expert_counts, out.dropped
+
+    s = shardings
+    return jax.jit(step, in_shardings=(s["params"], s["rng"], s["batch"], s["batch"]), out_shardings=s["replicated"])
+
+
+def eval_rows(batch_size: int, seq_len: int) -> int:
+    """Rows per device per evaluation forward: the largest divisor of batch_size within the budget."""
+    budget = max(1, EVAL_TOKENS_PER_FORWARD // seq_len)
+    return max(r for r in range(1, batch_size + 1) if batch_size % r == 0 and r <= budget)
+
+
+def evaluate(eval_step, params, rng, val_tokens, args: TrainArgs, topo: dict, shardings: dict) -> EvalAccumulator:
+    """Token-weighted validation loss and expert utilization over `--eval_batches` global batches."""
+    cfg, t = args.model_config, args.seq_len
+    rows = eval_rows(args.batch_size, t)
+    acc = EvalAccumulator()
+    for x, y in eval_batches(val_tokens, t, topo["local_batch"], args.eval_batches, rank=topo["process"],
+                             world_size=topo["processes"], vocab_size=cfg.vocab_size):
+        # x, y [local devices * B, T]: device d's rows are [d*B, (d+1)*B); take `rows` of each per forward
+        xs = x.reshape(topo["local_devices"], args.batch_size, t)  # [D, B, T]
+        ys = y.reshape(topo["local_devices"], args.batch_size, t)
+        for start in range(0, args.batch_size, rows):
+            xc = xs[:, start:start + rows].reshape(-1, t)  # [D * rows, T]
+            yc = ys[:, start:start + rows].reshape(-1, t)
+            shape = (topo["dp"] * rows, t)
+            lm_loss, counts, dropped = eval_step(params, rng, put_batch(xc, shardings["batch"], shape),
+                                                 put_batch(yc, shardings["batch"], shape))
+            acc.update(float(lm_loss), shape[0] * t, np.asarray(counts), np.asarray(dropped))
+    return acc
+
+
+def make_next_logits(graph, shardings: dict, window: int):
+    """`bind(params, rng)` -> `next_logits(ids [1, t]) -> [V]` for blues.train_loop's sample continuations.
+
+    The samples are a host loop of tiny forwards, so they run on ONE local device of each process
+    (`graph` has no mesh): the parameters are gathered once per evaluation, and no token pays for a
+    mesh-wide launch and all-to-all. Every call has the shape [1, window] (ids left-aligned,
+    zero-padded; the causal mask keeps the padding out of position t-1), so it compiles once.
+    """
+    gather = jax.jit(lambda tree: tree, out_shardings=shardings["replicated"])  # every device holds all
+
+    @jax.jit
+    def last_logits(params, rng, ids, t):
+        logits = nnx.merge(graph, params, rng)(ids).logits  # [1, window, V]
+        return jax.lax.dynamic_index_in_dim(logits[0], t - 1, axis=0, keepdims=False)  # [V]
+
+    def bind(params, rng):
+        local = jax.tree.map(lambda x: x.addressable_data(0), gather((params, rng)))  # on one local device
+        device = jax.tree.leaves(local)[0].device
+
+        def next_logits(ids: np.ndarray) -> np.ndarray:
+            t = ids.shape[1]
+            buf = np.zeros((1, window), dtype=np.int32)  # [1, window]
+            buf[:, :t] = ids
+            x = jax.device_put(buf, device)
+            return np.asarray(last_logits(*local, x, jax.device_put(np.int32(t), device)), dtype=np.float32)
+
+        return next_logits
+
+    return bind
