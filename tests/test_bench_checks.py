@@ -40,14 +40,14 @@ def planted(model_module, bug: str):
     for the fast run only."""
     expert_mlp, chunked_lm_loss = model_module.expert_mlp, model_module.chunked_lm_loss
 
-    def wrong_expert(x, indices, weights, keep, w_in, w_out, **kw):
-        return expert_mlp(x, (indices + 1) % CONFIG.tot_num_experts, weights, keep, w_in, w_out, **kw)
+    def wrong_expert(x, indices, weights, keep, w_in, w_out, *rest, **kw):  # rest: the expert-parallel exchange
+        return expert_mlp(x, (indices + 1) % CONFIG.tot_num_experts, weights, keep, w_in, w_out, *rest, **kw)
 
-    def zeroed_expert(x, indices, weights, keep, w_in, w_out, **kw):
-        return expert_mlp(x, indices, weights * (indices != 0), keep, w_in, w_out, **kw)
+    def zeroed_expert(x, indices, weights, keep, w_in, w_out, *rest, **kw):  # rest: the expert-parallel exchange
+        return expert_mlp(x, indices, weights * (indices != 0), keep, w_in, w_out, *rest, **kw)
 
-    def lost_gradient(x, indices, weights, keep, w_in, w_out, **kw):
-        return expert_mlp(x, indices, _stop_gradient(weights), keep, w_in, w_out, **kw)
+    def lost_gradient(x, indices, weights, keep, w_in, w_out, *rest, **kw):  # rest: the expert-parallel exchange
+        return expert_mlp(x, indices, _stop_gradient(weights), keep, w_in, w_out, *rest, **kw)
 
     def double_chunk(h, embed, targets, vocab_size, chunk_size, **kw):
         c = chunk_size // h.shape[0]  # positions of the first chunk (both frameworks chunk B x c tokens)
