@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 # The embedded default corpus (500 Brown-corpus files; see data/README.md). Resolved from this
 # file, so it works from the repository and from an editable install.
-DEFAULT_CORPUS = Path(__file__).resolve().parent.parent / "data" / "brown.csv.gz"
+DEFAULT_CORPUS = Path(__file__).resolve().parent / "assets" / "brown.csv.gz"
 
 TOKEN_DTYPE = np.uint32  # o200k ids reach 200018: more than uint16 holds
 CACHE_FORMAT = 1  # bump when the cache layout or the tokenization recipe changes
