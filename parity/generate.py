@@ -4,7 +4,7 @@
     python generate.py --checkpoint checkpoints/model_iter_1000.pt --prompt "The future of AI is" \\
         --max_length 200 --temperature 0.9 --top_p 0.95 --top_k 40
     python generate.py --checkpoint runs/demo --eval_text "This is a test sentence."
-    python generate.py --checkpoint runs/demo --eval_file data/brown.csv.gz --json
+    python generate.py --checkpoint runs/demo --eval_file blues/assets/brown.csv.gz --json
 
 `--checkpoint` takes a run directory (its newest good checkpoint), a checkpoint directory of either
 trainer, a safetensors export, a `.pt` state dict, or the seed's `DIR/model_iter_N.pt` name for
@@ -23,7 +23,8 @@ of ~10-20 s for a ~2x faster step). `--dtype bfloat16` runs the matmuls in bf16 
 
 Evaluation: perplexity over the `<|endoftext|>` + text tokens, with a sliding window of `--stride`
 tokens beyond the context (blues/evaluation.py explains the guarantee), plus a per-layer
-expert-utilization table. `--json`: one object per sample with `text`, `completion`,
+expert-utilization table. Windows are scored in batches, longest first and right-padded (padding is
+not scored), with a progress bar on stderr. `--json`: one object per sample with `text`, `completion`,
 `completion_ids`; one object for an evaluation with `tokens`, `nll`, `perplexity` and
 `expert_utilization`.
 
@@ -41,11 +42,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import secrets
 import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from blues.cli import run_main
 from blues.config import BluesConfig
@@ -134,7 +138,7 @@ def load_model(path: str, backend: str = "auto", device: str | None = None, dtyp
         raise UsageError(f"--backend: unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     if dtype not in DTYPES:
         raise UsageError(f"--dtype: unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
-    ckpt = read_source(path, with_optimizer=False)
+    ckpt = read_source(os.path.expanduser(path), with_optimizer=False)
     if backend == "auto":
         backend = ckpt.framework or "torch"
     tokenizer = load_tokenizer()
@@ -217,23 +221,26 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_length: int, param
 
 def sample_texts(model, prompts: Sequence[str], max_length: int = DEFAULTS["max_length"],
                  temperature: float = DEFAULTS["temperature"], top_p: float = DEFAULTS["top_p"],
-                 top_k: int = DEFAULTS["top_k"], *, seed: int = 0, num_samples: int = 1) -> list[str]:
-    """Prompt + continuation for each prompt (`num_samples` each, prompt-major), batched."""
+                 top_k: int = DEFAULTS["top_k"], *, seed: int | None = None, num_samples: int = 1) -> list[str]:
+    """Prompt + continuation for each prompt (`num_samples` each, prompt-major), batched. `seed`
+    None draws fresh randomness each call; an integer makes the samples reproducible."""
     return [r["text"] for r in generate_records(model, prompts, max_length, temperature, top_p, top_k,
                                                 seed=seed, num_samples=num_samples)]
 
 
 def sample_text(model, prompt: str, max_length: int = DEFAULTS["max_length"],
                 temperature: float = DEFAULTS["temperature"], top_p: float = DEFAULTS["top_p"],
-                top_k: int = DEFAULTS["top_k"], *, seed: int = 0) -> str:
-    """The seed README's call: the prompt followed by up to `max_length` generated tokens."""
+                top_k: int = DEFAULTS["top_k"], *, seed: int | None = None) -> str:
+    """The seed README's call: the prompt followed by up to `max_length` generated tokens (a fresh
+    sample each call; give `seed` to reproduce one)."""
     return sample_texts(model, [prompt], max_length, temperature, top_p, top_k, seed=seed)[0]
 
 
 def generate_records(model, prompts: Sequence[str], max_length: int, temperature: float, top_p: float,
-                     top_k: int, *, seed: int = 0, num_samples: int = 1, on_token=None) -> list[dict]:
-    """{"text", "completion", "completion_ids"} per sample (the --json objects)."""
+                     top_k: int, *, seed: int | None = None, num_samples: int = 1, on_token=None) -> list[dict]:
+    """{"text", "completion", "completion_ids"} per sample (the --json objects); `seed` None: fresh."""
     loaded = _as_loaded(model)
+    seed = secrets.randbits(32) if seed is None else seed  # the sampler's counters use 32 bits of it
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise UsageError(f"--num_samples must be a positive integer, got {num_samples}")
@@ -279,17 +286,19 @@ class _Streamer:
 
 # ---- evaluation ------------------------------------------------------------------------------------
 
-def evaluate_texts(model, texts: Sequence[str], stride: int | None = None) -> dict:
+def evaluate_texts(model, texts: Sequence[str], stride: int | None = None, *, progress: bool = False) -> dict:
     """Perplexity over texts (each scored as its own document, after `<|endoftext|>`) and the
     expert-utilization report: {"tokens", "nll", "perplexity", "expert_utilization"}, where nll is
     the token-weighted mean NLL in nats."""
     loaded = _as_loaded(model)
     tok = loaded.tokenizer
-    return evaluate_ids(loaded, [[tok.eot_id, *tok.encode(text)] for text in texts], stride)
+    return evaluate_ids(loaded, [[tok.eot_id, *tok.encode(text)] for text in texts], stride, progress=progress)
 
 
-def evaluate_ids(model, sequences: Sequence[Sequence[int]], stride: int | None = None) -> dict:
-    """`evaluate_texts` on token ids: in each sequence s[0..N] every s[i], i >= 1, is scored."""
+def evaluate_ids(model, sequences: Sequence[Sequence[int]], stride: int | None = None, *,
+                 progress: bool = False) -> dict:
+    """`evaluate_texts` on token ids: in each sequence s[0..N] every s[i], i >= 1, is scored.
+    `progress`: a tqdm bar of the scored tokens on stderr."""
     loaded = _as_loaded(model)
     cfg = loaded.config
     context = cfg.max_position_embeddings
@@ -305,25 +314,44 @@ def evaluate_ids(model, sequences: Sequence[Sequence[int]], stride: int | None =
     engine = _engine(loaded)
     stats = RoutingStats(cfg.num_layers, cfg.tot_num_experts)
     total, count = 0.0, 0
-    # Windows are right-padded to a common length (a causal model never looks right, so padding
-    # changes nothing for the real tokens), in batches sized to bound the logits' memory. Shapes
-    # come from few buckets (width a multiple of 32, rows a power of two): few JAX recompiles.
-    width = min(context, -(-max(len(i) for i, _ in windows) // 32) * 32)
     budget = EVAL_LOGITS_BYTES["cpu" if loaded.device.startswith("cpu") else "accelerator"]
-    max_rows = max(1, budget // (width * cfg.vocab_size * 4))
-    for lo in range(0, len(windows), max_rows):
-        chunk = windows[lo:lo + max_rows]
-        rows = min(max_rows, 1 << (len(chunk) - 1).bit_length())
+    max_tokens = max(1, budget // (cfg.vocab_size * 4))  # positions per forward
+    bar = tqdm(total=sum(int((t != -100).sum()) for _, t in windows), unit="tok", desc="evaluating",
+               file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    for rows, width, batch in plan_batches([len(i) for i, _ in windows], context, max_tokens, loaded.backend):
+        # Right padding changes nothing for the real tokens (a causal model never looks right);
+        # padded positions and rows have target -100, so they are not scored.
         ids = np.zeros((rows, width), dtype=np.int64)
         tgt = np.full((rows, width), -100, dtype=np.int64)
-        for r, (i, t) in enumerate(chunk):
+        for r, w in enumerate(batch):
+            i, t = windows[w]
             ids[r, :len(i)], tgt[r, :len(t)] = i, t
         nll, idx, ent = engine.score(loaded.model, ids, tgt)
         scored = tgt != -100  # [B, T]
         total += float(nll[scored].astype(np.float64).sum())
         count += int(scored.sum())
         stats.add(idx[:, scored], ent[:, scored])
+        bar.update(int(scored.sum()))
+    bar.close()
     return {**nll_summary(total, count), "expert_utilization": stats.report()}
+
+
+def plan_batches(lengths: Sequence[int], context: int, max_tokens: int, backend: str):
+    """(rows, width, window indices) per forward: windows longest first, so each batch holds windows
+    of similar length and little padding; rows * width <= max_tokens (at least one row). torch pads a
+    batch to a multiple of 8 positions; JAX compiles each shape, so it pads widths and partial row
+    counts to powers of two (a few shapes, a few compiles)."""
+    order = sorted(range(len(lengths)), key=lambda w: -lengths[w])
+    lo = 0
+    while lo < len(order):
+        longest = lengths[order[lo]]
+        width = -(-longest // 8) * 8 if backend == "torch" else max(32, 1 << (longest - 1).bit_length())
+        width = min(width, context)
+        fit = max(1, max_tokens // width)
+        batch = order[lo:lo + fit]
+        rows = len(batch) if backend == "torch" else min(fit, 1 << (len(batch) - 1).bit_length())
+        yield rows, width, batch
+        lo += len(batch)
 
 
 def evaluate_text(model, text: str, stride: int | None = None) -> dict:
@@ -352,7 +380,8 @@ def build_parser() -> _Parser:
     p.add_argument("--top_k", type=int, default=DEFAULTS["top_k"],
                    help=f"keep the k most likely tokens, 0 = off (default {DEFAULTS['top_k']})")
     p.add_argument("--num_samples", type=int, default=1, metavar="N", help="samples per prompt (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="sampling seed (default 0: the same command prints the same samples)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--eval_text", metavar="TEXT", help="text to measure perplexity and expert utilization on")
     p.add_argument("--eval_file", metavar="CSV", help="CSV file whose 'Text' column to evaluate")
@@ -397,7 +426,7 @@ def main(argv: Sequence[str]) -> int:
     texts = None
     if args.eval_file:
         from blues.data import load_documents
-        texts = load_documents(args.eval_file)  # DataError names the file and the problem
+        texts = load_documents(os.path.expanduser(args.eval_file))  # DataError names the file and the problem
     loaded = load_model(args.checkpoint, backend=args.backend, device=args.device, dtype=args.dtype,
                         compile=args.compile)
 
@@ -434,7 +463,7 @@ def main(argv: Sequence[str]) -> int:
             continue
         if args.stride is not None and args.stride > loaded.context:
             raise UsageError(f"--stride must be between 1 and the context length {loaded.context}, got {args.stride}")
-        result = evaluate_texts(loaded, batch, args.stride)
+        result = evaluate_texts(loaded, batch, args.stride, progress=True)
         if args.json:
             print(json.dumps(result))
         else:
