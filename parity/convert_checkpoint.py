@@ -46,6 +46,7 @@ import dataclasses
 import json
 import os
 import random
+import shlex
 import shutil
 import sys
 from collections.abc import Sequence
@@ -357,7 +358,8 @@ def summary(src: Loaded, written: Path, to: str, dtype: str) -> str:
         if to != "safetensors":
             script = f"train_{to}.py"
             run_dir = written.parent.parent
-            lines.append(f"  resume: python {script} --out_dir {run_dir} --resume auto, with the run's other flags")
+            lines.append(f"  resume: python {script} --out_dir {shlex.quote(str(run_dir))} --resume auto, with the run's "
+                         "other flags")
             if batch is not None:
                 lines.append(f"  keep the global batch of {batch * world} sequences (it ran --batch_size {batch} x "
                              f"{world} data-parallel rank(s)): --batch_size {batch * world} on one device")
