@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 # The embedded default corpus (500 Brown-corpus files; see data/README.md). Resolved from this
 # file, so it works from the repository and from an editable install.
-DEFAULT_CORPUS = Path(__file__).resolve().parent.parent / "data" / "brown.csv.gz"
+DEFAULT_CORPUS = Path(__file__).resolve().parent / "assets" / "brown.csv.gz"
 
 CACHE_FORMAT = 2  # bump when the cache layout or the tokenization recipe changes
 # Without an explicit worker count, inputs smaller than this are tokenized in this process:

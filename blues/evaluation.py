@@ -95,7 +95,7 @@ class RoutingStats:
             layers.append({"layer": row["layer"],
                            "fractions": [round(f, 6) for f in row["fractions"]],
                            "entropy": round(row["entropy"], 6),
-                           "router_entropy": round(float(self.entropy_sum[row["layer"]] / max(self.tokens, 1)), 6)})
+                           "router_entropy": round(float(self.entropy_sum[row["layer"]] / max(self.tokens, 1)) + 0.0, 6)})
         return {"tokens": int(self.tokens), "max_entropy": round(max_entropy(self.counts.shape[1]), 6),
                 "layers": layers}
 

@@ -49,6 +49,7 @@ def atomic_write_bytes(path: str | os.PathLike, chunks) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes the file 0600; an ordinary file follows the umask
         with os.fdopen(fd, "wb") as f:
             for chunk in ([chunks] if isinstance(chunks, (bytes, bytearray, memoryview)) else chunks):
                 f.write(chunk)
@@ -69,6 +70,12 @@ def atomic_write_bytes(path: str | os.PathLike, chunks) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; set it straight back
+    os.umask(mask)
+    return mask
 
 
 # ---- one safetensors file ---------------------------------------------------------------------------

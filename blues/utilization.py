@@ -48,7 +48,7 @@ def expert_utilization(expert_counts, dropped=None) -> list[dict]:
         total = row.sum()
         fractions = row / total if total > 0 else np.zeros_like(row)
         nz = fractions[fractions > 0]
-        entropy = float(-(nz * np.log(nz)).sum()) if nz.size else 0.0
+        entropy = float(-(nz * np.log(nz)).sum()) + 0.0 if nz.size else 0.0  # + 0.0: one expert alone is 0, not -0
         out.append({"layer": layer,
                     "fractions": [float(f) for f in fractions],
                     "entropy": entropy,

@@ -317,12 +317,18 @@ def score(model, input_ids: np.ndarray, targets: np.ndarray):
         device = model.embed.device
         ids = torch.as_tensor(input_ids, dtype=torch.int64, device=device)
         tgt = torch.as_tensor(targets, dtype=torch.int64, device=device)
-        out = model(ids)
-        logits = out.logits.float()  # [B, T, V]
-        nll = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100,
-                              reduction="none").view(tgt.shape)  # [B, T]
-        probs = out.router_probs.float()  # [L, B, T, E]
-        entropy = -torch.special.xlogy(probs, probs).sum(-1)  # [L, B, T]
+        with torch.no_grad():
+            out = model(ids)
+            logits = out.logits.float()  # [B, T, V], a view of the padded head's output
+            valid = tgt != -100
+            picked = logits.gather(-1, torch.where(valid, tgt, 0).unsqueeze(-1)).squeeze(-1)  # [B, T]
+            # log-sum-exp in place on the view: no contiguous copy, no log-softmax tensor (CPU memory
+            # traffic is most of the cost after the head's GEMM)
+            top = logits.amax(-1, keepdim=True)  # [B, T, 1]
+            lse = top.squeeze(-1) + logits.sub_(top).exp_().sum(-1).log()  # [B, T]
+            nll = torch.where(valid, lse - picked, 0.0)  # [B, T]
+            probs = out.router_probs.float()  # [L, B, T, E]
+            entropy = -torch.special.xlogy(probs, probs).sum(-1)  # [L, B, T]
         return nll.cpu().numpy(), out.expert_indices.cpu().numpy(), entropy.cpu().numpy()
     finally:
         model.train(was_training)

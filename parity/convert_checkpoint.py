@@ -1,6 +1,6 @@
 """Convert a Blues checkpoint between PyTorch, JAX and safetensors, optimizer state included.
 
-    python -m parity.convert_checkpoint SRC DST --to torch|jax|safetensors|hf|hf-mixtral [--dtype bfloat16]
+    python -m parity.convert_checkpoint SRC DST --to torch|jax|safetensors|hf|hf-mixtral [--dtype bfloat16] [--with_optimizer]
 
 SRC is anything parity/checkpoint_read.py reads (`read_source`, re-exported here, as `Loaded`):
 - a train_torch.py checkpoint directory (`.../checkpoints/step_XXXXXXXX`): plain (model.safetensors,
@@ -19,8 +19,9 @@ DST is a new (or empty) directory:
   continue with `python train_torch.py --out_dir DST --resume auto` and the run's flags;
 - `--to jax`: the same for train_jax.py (Orbax, written by Orbax's CheckpointManager);
 - `--to safetensors`: an export (`model.safetensors` + `config.json`, canonical names, float32 or
-  `--dtype bfloat16`), plus `optimizer.safetensors` (AdamW moments, float32) and `trainer_state.json`
-  when SRC carries a training run, so torch -> safetensors -> jax resumes too;
+  `--dtype bfloat16`); `--with_optimizer` adds `optimizer.safetensors` (AdamW moments, float32, twice
+  the weights' size), `trainer_state.json` and the run's `metrics.jsonl`, so torch -> safetensors ->
+  jax resumes too.
 - `--to hf`: a Hugging Face transformers directory (model, o200k tokenizer, remote code; parity/hf/export.py)
   that `AutoModelForCausalLM.from_pretrained(DST, trust_remote_code=True)` loads offline; `--to hf-mixtral`:
   a plain MixtralForCausalLM directory, for the configs Mixtral computes exactly (else one line naming the field).
@@ -28,7 +29,8 @@ DST is a new (or empty) directory:
 What carries over: the weights (bit-exact in float32), the model config, the AdamW state (moments
 and step count; parity/optim_convert.py documents the exact torch <-> optax correspondence), the
 step, the data position and the bad-step counter, so the converted run's next update is the one the
-original run would have made. What cannot: the random streams (router noise, dropout) are
+original run would have made; and the run's metrics history (`metrics.jsonl` up to the step, with its
+TensorBoard scalars rebuilt from it in `tb/`), so the converted run's logs and plots continue it. What cannot: the random streams (router noise, dropout) are
 framework-specific and restart from the run's seed in the other framework (a same-framework
 conversion keeps them); a ZeRO-partitioned layout is not written back (torch output is a plain
 checkpoint). The global batch (batch_size x data-parallel ranks) must stay the same on resume.
@@ -38,14 +40,17 @@ generate.py and parity.check read but a trainer does not resume (start a run fro
 `--init_from` instead).
 
 Failure is one line naming the problem (exit 1; 2 for a bad flag) and leaves nothing behind:
-everything is written into a hidden temporary directory next to DST, renamed into place at the end.
+everything is written into a hidden temporary directory next to DST, renamed into place at the end,
+with the permissions the user's umask gives new files.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
+import shlex
 import shutil
 import sys
 from collections.abc import Sequence
@@ -58,6 +63,7 @@ from blues.cli import run_main
 from blues.config import BluesConfig
 from blues.errors import BluesError, CheckpointError, UsageError
 from blues.layout import canonical_layout
+from blues.metrics import TRAIN_KEYS, MetricsLogger, read_metrics
 from blues.checkpoint_source import OPTIMIZER_FORMAT, OPTIMIZER_NAME, Loaded, resolve_source
 from parity.checkpoint_read import ARRAYS, TRAINER, read_source
 from blues.canonical import ConversionError, check_canonical, flatten, nest, to_module_arrays
@@ -183,8 +189,6 @@ def _fresh_jax_rng(config: BluesConfig, seed: int):
     The streams do not depend on the tensor shapes (parameter draws use their own stream), so they
     are taken from a model of the same depth with the smallest sizes: the same keys, without
     initialising a 200k-row embedding."""
-    import dataclasses
-
     import jax
     from flax import nnx
 
@@ -202,7 +206,8 @@ def _fresh_jax_rng(config: BluesConfig, seed: int):
 
 
 def write_export(src: Loaded, staging: Path, dtype: str) -> Path:
-    """`staging/`: model.safetensors + config.json (+ optimizer.safetensors + trainer_state.json)."""
+    """`staging/`: model.safetensors + config.json (+ optimizer.safetensors + trainer_state.json when
+    `src` carries an optimizer state)."""
     from blues.safetensors_io import save_export, write_safetensors
 
     meta = {"blues.source": src.kind, "blues.step": str(src.step)}
@@ -221,6 +226,39 @@ def write_export(src: Loaded, staging: Path, dtype: str) -> Path:
     return staging
 
 
+def source_metrics(src: Loaded) -> list[dict]:
+    """The metrics.jsonl records of the run SRC belongs to, up to its step: a trainer checkpoint's
+    run directory (`RUN/checkpoints/step_N` -> `RUN`), or an export directory that carries one."""
+    if src.trainer_state is None:
+        return []
+    path = src.path if src.path.is_dir() else src.path.parent
+    run = path.parent.parent if path.parent.name == "checkpoints" else path
+    return [r for r in read_metrics(run / "metrics.jsonl") if int(r.get("step", 0)) <= src.step]
+
+
+def write_metrics(records: list[dict], out_dir: Path, *, tensorboard: bool) -> None:
+    """Replay `records` through the trainers' logger: the same metrics.jsonl lines (and TensorBoard
+    scalars under `out_dir/tb`) the run wrote."""
+    if not records:
+        return
+    with MetricsLogger(out_dir, tensorboard=tensorboard) as logger:
+        for r in records:  # the record kinds of blues/metrics.py
+            if "loss" in r:
+                logger.log_train(**{k: r.get(k) for k in TRAIN_KEYS})
+            elif "val_loss" in r:
+                logger.log_eval(step=r["step"], val_loss=r["val_loss"], experts=r.get("experts") or [])
+
+
+def apply_umask(root: Path) -> None:
+    """Give everything under `root` (itself included) the mode a plain open()/mkdir() would: some
+    writers make private 0600 temporary files (tempfile.mkstemp) and rename them into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 # ==== the command ====================================================================================
 
 class _Parser(argparse.ArgumentParser):
@@ -237,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, choices=TARGETS, help="output format")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="weights dtype of a safetensors export (default float32; torch/jax stay float32)")
+    p.add_argument("--with_optimizer", action="store_true",
+                   help="safetensors: also export the AdamW state, trainer state and metrics history, so a "
+                        "trainer can resume from the export (torch/jax checkpoints always carry them)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p
 
@@ -249,16 +290,25 @@ def _check_dst(dst: Path, src: Path) -> None:
         raise UsageError(f"DST {dst} must lie outside SRC {src}")
 
 
-def convert(src_path: str | os.PathLike, dst_path: str | os.PathLike, to: str, *, dtype: str = "float32") -> tuple[Loaded, Path]:
-    """Read SRC, write DST atomically; returns (what was read, the checkpoint/export written)."""
+def convert(src_path: str | os.PathLike, dst_path: str | os.PathLike, to: str, *, dtype: str = "float32",
+            with_optimizer: bool | None = None) -> tuple[Loaded, Path]:
+    """Read SRC, write DST atomically; returns (what was read, the checkpoint/export written).
+    `with_optimizer`: export the training state too (safetensors only; trainer checkpoints always do)."""
     if to not in TARGETS:
         raise UsageError(f"--to must be one of {', '.join(TARGETS)}, got '{to}'")
     if dtype != "float32" and to != "safetensors":
         raise UsageError(f"--dtype {dtype} applies to --to safetensors only; trainer checkpoints stay float32")
+    if with_optimizer and to != "safetensors":
+        raise UsageError("--with_optimizer applies to --to safetensors only; trainer checkpoints always carry "
+                         "the optimizer state")
     src_path, dst = resolve_source(src_path), Path(dst_path)  # (a missing SRC is reported first)
     _check_dst(dst, src_path)
     src = read_hf(src_path) if hf_model_type(src_path) else read_source(src_path)
     log(f"read {src.path}: {src.kind} checkpoint" + (f", step {src.step}" if src.trainer_state else ", weights only"))
+    if with_optimizer and src.optimizer is None:
+        raise UsageError(f"--with_optimizer: {src.path} holds weights only, no optimizer state to export")
+    if to == "safetensors" and not with_optimizer:
+        src = dataclasses.replace(src, optimizer=None)  # the step stays in the export's metadata
     check_canonical(src.arrays, src.config)
     if to == "hf-mixtral":
         check_mixtral(src.config)  # refused before anything is written
@@ -281,6 +331,9 @@ def convert(src_path: str | os.PathLike, dst_path: str | os.PathLike, to: str, *
             written = write_hf(src.arrays, src.config, staging)
         else:
             written = write_hf_mixtral(src.arrays, src.config, staging)
+        if src.optimizer is not None and to in ("torch", "jax", "safetensors"):  # a run that continues: its history goes with it
+            write_metrics(source_metrics(src), staging, tensorboard=to != "safetensors")
+        apply_umask(staging)
         written = dst / written.resolve().relative_to(staging)
         if dst.exists():
             dst.rmdir()  # an empty directory the user made for us
@@ -322,13 +375,17 @@ def summary(src: Loaded, written: Path, to: str, dtype: str) -> str:
         if to != "safetensors":
             script = f"train_{to}.py"
             run_dir = written.parent.parent
-            lines.append(f"  resume: python {script} --out_dir {run_dir} --resume auto, with the run's other flags")
+            lines.append(f"  resume: python {script} --out_dir {shlex.quote(str(run_dir))} --resume auto, with the run's "
+                         "other flags")
             if batch is not None:
                 lines.append(f"  keep the global batch of {batch * world} sequences (it ran --batch_size {batch} x "
                              f"{world} data-parallel rank(s)): --batch_size {batch * world} on one device")
             if src.framework != to:
                 lines.append("  note: router-noise and dropout random streams restart from the seed (they are "
                              "framework-specific)")
+    elif src.trainer_state is not None and to == "safetensors":
+        lines.append("  optimizer: not exported (weights only: read by generate.py and parity.check; "
+                     "--with_optimizer exports the training state too, for resuming)")
     else:
         lines.append("  optimizer: none (weights only: read by generate.py and parity.check; start training "
                      "from an export with --init_from)")
@@ -337,7 +394,7 @@ def summary(src: Loaded, written: Path, to: str, dtype: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    src, written = convert(args.src, args.dst, args.to, dtype=args.dtype)
+    src, written = convert(args.src, args.dst, args.to, dtype=args.dtype, with_optimizer=args.with_optimizer)
     print(summary(src, written, args.to, args.dtype), flush=True)
     return 0
 

