@@ -76,7 +76,7 @@ def main() -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29517")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
-                            device_id=device if device.type == "cuda" else None)
+                            device_id=torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else None)
     try:
         wl = train_workload("bench", args.quick)
         runs = {"plain": [], "ep": []}
