@@ -39,6 +39,12 @@ def is_expert_tensor(name: str) -> bool:
     return name.endswith(EXPERT_TENSORS)
 
 
+
+# torch >= 2.13 names it all_gather_single (all_gather_into_tensor is deprecated there); older
+# releases (the GPU image's 2.11) have only all_gather_into_tensor.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single with variable split sizes; its backward is the reverse exchange."""
 
@@ -111,7 +117,7 @@ class ParallelLayout:
     def gather_choice_counts(self, counts: torch.Tensor) -> torch.Tensor:
         """Every rank's [k, E] choice counts, in rank order: [N, k, E]."""
         out = counts.new_empty((self.world_size * counts.shape[0], counts.shape[1]))  # gathered along axis 0
-        dist.all_gather_single(out, counts.contiguous(), group=self.batch_group)
+        _all_gather_single(out, counts.contiguous(), group=self.batch_group)
         return out.view(self.world_size, *counts.shape)
 
 
@@ -281,7 +287,7 @@ def gather_experts(tensors: Mapping[str, torch.Tensor], layout: ParallelLayout) 
     for name, t in tensors.items():
         if is_expert_tensor(name):
             full = t.new_empty((t.shape[0] * layout.expert_parallel, *t.shape[1:]))
-            dist.all_gather_single(full, t.contiguous(), group=layout.expert_group)
+            _all_gather_single(full, t.contiguous(), group=layout.expert_group)
             t = full
         out[name] = t
     return out

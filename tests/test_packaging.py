@@ -79,7 +79,7 @@ def test_wheel_contents(wheel):
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == PACKAGES, top  # no bench/, no top-level generate.py, no other generic names
     assert "blues/assets/o200k_base.tiktoken.gz" in names and "blues/assets/brown.csv.gz" in names
-    assert "parity/generate.py" in names
+    assert "parity/generate.py" in names and "parity/hf/modeling_blues.py" in names  # subpackages too
     entry_points = zipfile.ZipFile(path).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     for command in COMMANDS:
         assert f"{command} = parity.commands:" in entry_points
