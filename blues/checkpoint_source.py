@@ -18,7 +18,7 @@ from blues import checkpointing as ckpt
 from blues.adamw import AdamWState
 from blues.canonical import ConversionError
 from blues.config import BluesConfig
-from blues.errors import BluesError, CheckpointError
+from blues.errors import BluesError, CheckpointError, NotACheckpoint
 from blues.safetensors_io import CONFIG_NAME, WEIGHTS_NAME, load_export, read_safetensors
 
 OPTIMIZER_NAME = "optimizer.safetensors"  # in an export: the AdamW moments, canonical names
@@ -58,13 +58,13 @@ def resolve_source(path: str | os.PathLike) -> Path:
         return path
     m = SEED_NAME.match(path.name)
     if m is None:
-        raise CheckpointError(f"checkpoint {path} does not exist (give a run directory, a checkpoint directory, "
+        raise NotACheckpoint(f"checkpoint {path} does not exist (give a run directory, a checkpoint directory, "
                               "an export directory, a .safetensors file or a .pt file)")
     step_dir = ckpt.step_dirname(int(m.group(1)))
     for root in (path.parent, path.parent / "checkpoints"):
         if (root / step_dir).is_dir():
             return root / step_dir
-    raise CheckpointError(f"checkpoint {path} does not exist, and neither does step {int(m.group(1))} of "
+    raise NotACheckpoint(f"checkpoint {path} does not exist, and neither does step {int(m.group(1))} of "
                           f"{path.parent} ({step_dir} in it or in its checkpoints/)")
 
 
@@ -85,7 +85,7 @@ def detect_source(path: str | os.PathLike) -> tuple[str, Path]:
             raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
         if head.startswith(TORCH_MAGIC):
             return "pt", path
-        raise CheckpointError(f"{path} is not a Blues checkpoint (a file must be a .safetensors export or a .pt "
+        raise NotACheckpoint(f"{path} is not a Blues checkpoint (a file must be a .safetensors export or a .pt "
                               "state dict; trainer checkpoints are directories)")
     if (path / ckpt.MANIFEST).exists() or STEP_RE.match(path.name):
         return "step", path
@@ -97,7 +97,7 @@ def detect_source(path: str | os.PathLike) -> tuple[str, Path]:
             if found is None:
                 raise CheckpointError(f"{path}: every checkpoint under {root} is damaged or incomplete")
             return "step", found
-    raise CheckpointError(f"{path} holds no Blues checkpoint (no COMMITTED manifest, no checkpoints/step_* "
+    raise NotACheckpoint(f"{path} holds no Blues checkpoint (no COMMITTED manifest, no checkpoints/step_* "
                           "directory, no model.safetensors)")
 
 

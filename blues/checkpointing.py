@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from blues.errors import CheckpointError
+from blues.errors import CheckpointError, NotACheckpoint
 from blues.hashing import sha256_file
 from blues.schedule import learning_rate
 
@@ -147,7 +147,7 @@ def resolve_resume(resume: str | None, out_dir: str | os.PathLike) -> Path | Non
         return latest_good(Path(out_dir) / "checkpoints")
     path = Path(resume)
     if not path.exists():
-        raise CheckpointError(f"--resume: {path} does not exist")
+        raise NotACheckpoint(f"--resume: {path} does not exist")
     if not path.is_dir():
         raise CheckpointError(f"--resume: {path} is not a checkpoint directory (expected DIR/checkpoints/step_N)")
     if (path / MANIFEST).exists() or _STEP_RE.match(path.name):
@@ -159,7 +159,7 @@ def resolve_resume(resume: str | None, out_dir: str | os.PathLike) -> Path | Non
             if found is None:
                 raise CheckpointError(f"--resume: no undamaged checkpoint under {root}")
             return found
-    raise CheckpointError(f"--resume: {path} holds no Blues checkpoint")
+    raise NotACheckpoint(f"--resume: {path} holds no Blues checkpoint")
 
 
 def save(root: str | os.PathLike, step: int, write: Callable[[Path], None], *, framework: str,

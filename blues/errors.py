@@ -23,3 +23,9 @@ class DataError(BluesError):
 
 class CheckpointError(BluesError):
     """A checkpoint that is missing, damaged, of the wrong kind or of another config."""
+
+
+class NotACheckpoint(CheckpointError):
+    """A path that names no Blues checkpoint at all (missing, or something else): bad input, exit 2."""
+
+    exit_code = 2

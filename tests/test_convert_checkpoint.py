@@ -249,7 +249,7 @@ def test_the_module_runs_as_a_script(runs, tmp_path):
     assert_plain_modes(tmp_path / "export")
     proc = subprocess.run([sys.executable, "-m", "parity.convert_checkpoint", str(tmp_path / "nowhere"),
                            str(tmp_path / "out"), "--to", "jax"], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 1 and one_error_line(proc.stderr, "does not exist")
+    assert proc.returncode == 2 and one_error_line(proc.stderr, "does not exist")
     assert not (tmp_path / "out").exists()
 
 
@@ -316,10 +316,10 @@ def bad_cases(runs, tmp: Path):
     (tmp / "linked" / "config.json").symlink_to(tmp / "export" / "config.json")
     ok = step_dir(runs["torch"], 2)
     return [  # (argv, exit status, what the one line must say)
-        ([tmp / "nowhere", tmp / "o1", "--to", "jax"], 1, "does not exist"),
-        ([tmp / "model_iter_9.pt", tmp / "o16", "--to", "jax"], 1, "neither does step 9"),
-        ([tmp / "notes.txt", tmp / "o2", "--to", "jax"], 1, "not a Blues checkpoint"),
-        ([tmp / "empty", tmp / "o3", "--to", "torch"], 1, "holds no Blues checkpoint"),
+        ([tmp / "nowhere", tmp / "o1", "--to", "jax"], 2, "does not exist"),
+        ([tmp / "model_iter_9.pt", tmp / "o16", "--to", "jax"], 2, "neither does step 9"),
+        ([tmp / "notes.txt", tmp / "o2", "--to", "jax"], 2, "not a Blues checkpoint"),
+        ([tmp / "empty", tmp / "o3", "--to", "torch"], 2, "holds no Blues checkpoint"),
         ([truncated, tmp / "o4", "--to", "jax"], 1, "does not match its checksum"),
         ([tmp / "short_export", tmp / "o5", "--to", "torch"], 1, "truncated?"),
         ([tmp / "wrong_config", tmp / "o6", "--to", "jax"], 1, "does not match the config stored in"),
@@ -472,7 +472,7 @@ def test_check_bad_inputs(runs, tmp_path):
     (tmp_path / "latin1.csv").write_bytes("Text\ncaf\u00e9 cr\u00e8me\n".encode("latin-1") + bytes([0xff, 0xfe, 0x00]))
     ok = runs["torch"]
     cases = [
-        (["--checkpoint", tmp_path / "nowhere"], 1, "does not exist"),
+        (["--checkpoint", tmp_path / "nowhere"], 2, "does not exist"),
         (["--checkpoint", tmp_path / "small", "--text", TEXT], 2, "smaller than the tokenizer's"),
         (["--checkpoint", ok, "--text", "   "], 2, "blank"),
         (["--checkpoint", ok, "--data", tmp_path / "no_text.csv"], 1, "Text"),

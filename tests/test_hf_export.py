@@ -221,7 +221,7 @@ def test_bad_inputs_one_line_nothing_written(root, tmp_path):
     (taken / "file").write_text("x")
     hf = hf_export(root, "tiny")
     cases = [  # (SRC, OUT, exit status, what the one line says)
-        (tmp_path / "notes.txt", tmp_path / "o1", 1, "not a Blues checkpoint"),  # as for every other --to
+        (tmp_path / "notes.txt", tmp_path / "o1", 2, "not a Blues checkpoint"),  # as for every other --to
         (llama, tmp_path / "o2", 2, "is a Hugging Face 'llama' model, not a Blues one"),
         (hf_export(root, "mixtral_like", "hf-mixtral"), tmp_path / "o3", 2, "'mixtral' model"),
         (hf, taken, 2, "already exists"),

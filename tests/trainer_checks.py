@@ -264,7 +264,7 @@ def common_bad_cases(tmp):
         (["--data", str(tmp / "binary.csv")], 1, "binary.csv"),
         (["--out_dir", str(tmp / "afile")], 2, "not a directory"),
         (["--resume", str(tmp / "nowhere")], 2, "--resume"),
-        (["--resume", str(tmp / "notackpt")], 1, "holds no Blues checkpoint"),
+        (["--resume", str(tmp / "notackpt")], 2, "holds no Blues checkpoint"),
         (["--init_from", str(tmp / "nowhere")], 2, "--init_from"),
         (["--init_from", str(tmp / "afile")], 1, "afile"),
     ]
