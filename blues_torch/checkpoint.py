@@ -35,9 +35,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from blues import checkpointing as ckpt
+from blues.canonical import ConversionError, from_module_arrays, to_module_arrays
 from blues.errors import CheckpointError, UsageError
 from blues.train_args import TrainArgs
-from blues.canonical import ConversionError, from_module_arrays, to_module_arrays
 from blues.train_loop import BadStepGuard, log
 from blues_torch.distributed import Dist
 from blues_torch.expert_parallel import ParallelLayout, gather_experts, slice_experts
@@ -307,7 +307,8 @@ def check_resumable(path: Path, args: TrainArgs, dist: Dist) -> dict:
     """The checkpoint's trainer state, refused early if it cannot continue this run."""
     state = ckpt.read_trainer_state(path, framework="torch")
     notes = ckpt.check_resume(state, args.to_dict(), world_size=dist.world_size, checkpoint=path)
-    if state.get("deepspeed") and not same_deepspeed_layout(state, args, dist) and not (path / "optimizer.pt").is_file():
+    layout_free = (path / "optimizer.pt").is_file()  # DeepSpeed ZeRO-0 checkpoints have none
+    if state.get("deepspeed") and not layout_free and not same_deepspeed_layout(state, args, dist):
         raise CheckpointError(f"{path} is a DeepSpeed checkpoint of {state['world_size']} ranks with --expert_parallel "
                               f"{state['train_args'].get('expert_parallel', 1)} without the layout-free state; resume "
                               f"it with --deepspeed, the same ranks and --expert_parallel")
