@@ -6,18 +6,24 @@ ranks of a torchrun; tensors and primitives only:
 loaded with torch.load(weights_only=True), so loading never runs code), trainer_state.json (step,
 config, flags, data position, bad-step counter, python/numpy RNG) and the COMMITTED manifest.
 DeepSpeed: the engine's own `save_checkpoint` shards (every rank writes its own) in `ds/` of the same
-directory, plus each rank's RNG. Resuming restores all of it, so a resumed run repeats an
+directory, each rank's RNG, and beside them the layout-free state a plain checkpoint holds
+(model.safetensors with ZeRO's float32 master weights, optimizer.pt with its Adam moments and step:
+blues_torch/deepspeed_state.py). Resuming restores all of it, so a resumed run repeats an
 uninterrupted one bit for bit on CPU in float32.
 
-Plain checkpoints are layout-free: under expert parallelism each rank's expert slices (weights and
+Checkpoints are layout-free: under expert parallelism each rank's expert slices (weights and
 AdamW moments) are gathered into the canonical full [E, ...] tensors before rank 0 writes, and each
 rank cuts its own slice out on load (blues_torch/expert_parallel.py), so a run saved by one process
-resumes under torchrun with any --expert_parallel, and back.
+resumes under torchrun with any --expert_parallel, and back. A DeepSpeed checkpoint resumes from
+DeepSpeed's own files in the layout (ranks, --expert_parallel) that saved it, and from the
+layout-free files in any other layout, with or without DeepSpeed; a plain one resumes under DeepSpeed
+the same way.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import os
 import pickle
 import random
@@ -29,12 +35,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from blues import checkpointing as ckpt
+from blues.canonical import ConversionError, from_module_arrays, to_module_arrays
 from blues.errors import CheckpointError, UsageError
 from blues.train_args import TrainArgs
 from blues.train_loop import BadStepGuard, log
 from blues_torch.distributed import Dist
 from blues_torch.expert_parallel import ParallelLayout, gather_experts, slice_experts
-from parity.optim_convert import deepspeed_safe_globals
+from parity.optim_convert import AdamWState, deepspeed_safe_globals, from_torch, to_torch
 
 
 @contextlib.contextmanager
@@ -61,9 +68,9 @@ def _safe_load(path: Path, device):
         raise CheckpointError(f"{path} cannot be loaded safely (refused, nothing executed): {first}") from None
 
 
-def rng_file(rank: int) -> str:
-    """A plain checkpoint's RNG file of `rank` (rank 0's keeps the one-process name)."""
-    return "rng.pt" if rank == 0 else f"rng_rank{rank:05d}.pt"
+def rng_file(rank: int, deepspeed: bool = False) -> str:
+    """A checkpoint's RNG file of `rank` (a plain one's rank 0 keeps the one-process name)."""
+    return "rng.pt" if rank == 0 and not deepspeed else f"rng_rank{rank:05d}.pt"
 
 
 def rng_state(gen) -> dict:
@@ -113,6 +120,36 @@ def map_moments(opt_state: dict, names: list[str], fn) -> dict:
     return {**opt_state, "state": state}
 
 
+def write_weights(directory: Path, weights: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.to("cpu").contiguous() for k, v in weights.items()}, str(directory / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def read_weights(path: Path, device) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path / "model.safetensors"), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path / 'model.safetensors'} is not a readable safetensors file ({e})") from None
+
+
+def plain_optimizer_state(config, moments: dict[str, dict], step: int, hp: dict) -> dict:
+    """Canonical moments by layout path -> the optimizer.pt of a plain run (train_torch.py's AdamW
+    groups and indices: parity/optim_convert.py's to_torch)."""
+    neutral = {key: from_module_arrays({k: v.float().cpu().numpy() for k, v in m.items()}, config,
+                                       what=f"optimizer {key} of", check=False) for key, m in moments.items()}
+    state = AdamWState(step=step, exp_avg=neutral["exp_avg"], exp_avg_sq=neutral["exp_avg_sq"], lr=hp["lr"],
+                       betas=hp["betas"], eps=hp["eps"], weight_decay=hp["weight_decay"])
+    return to_torch(state, config, flags=hp["flags"])
+
+
+def moments_of_plain(opt_state: dict, config, device) -> tuple[dict[str, dict], int]:
+    """A plain optimizer.pt -> ({"exp_avg": .., "exp_avg_sq": ..} canonical tensors by layout path, step)."""
+    state = from_torch(opt_state, config)
+    return ({key: {k: torch.from_numpy(v).to(device) for k, v in to_module_arrays(getattr(state, key), config,
+                                                                                   check=False).items()}
+             for key in ("exp_avg", "exp_avg_sq")}, state.step)
+
+
 def full_state_dict(model, layout: ParallelLayout) -> dict[str, torch.Tensor]:
     """The model's state dict with every expert tensor gathered to its canonical [E, ...] (collective)."""
     return gather_experts({k: v.detach() for k, v in model.state_dict().items()}, layout)
@@ -125,6 +162,8 @@ class Checkpointer:
         self.args, self.dist, self.model, self.optimizer, self.engine, self.gen, self.layout = (
             args, dist, model, optimizer, engine, gen, layout)
         self.root = Path(args.out_dir) / "checkpoints"
+        # DeepSpeed is optional: its state helpers are imported only by a run that uses it.
+        self.ds_state = importlib.import_module("blues_torch.deepspeed_state") if engine is not None else None
         self.last: Path | None = None
 
     def trainer_state(self, step: int, data_state: dict, guard: BadStepGuard) -> dict:
@@ -143,8 +182,7 @@ class Checkpointer:
             rngs = self.dist.gather(rng_state(self.gen))
 
             def write(tmp: Path) -> None:
-                save_file({k: v.to("cpu").contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"),
-                          metadata={"format": "pt"})
+                write_weights(tmp, weights)
                 torch.save(opt_state, tmp / "optimizer.pt")
                 for rank, rng in enumerate(rngs):
                     torch.save(rng, tmp / rng_file(rank))
@@ -161,12 +199,15 @@ class Checkpointer:
                 ckpt.begin(self.root, step, token="ds")
             self.dist.barrier()
             self.engine.save_checkpoint(str(tmp), tag="ds", client_state={"step": step}, save_latest=False)
-            torch.save(rng_state(self.gen), tmp / f"rng_rank{self.dist.rank:05d}.pt")
-            if self.layout.expert_group is not None:  # DeepSpeed's module file holds rank 0's experts only
-                weights = full_state_dict(self.model, self.layout)
+            torch.save(rng_state(self.gen), tmp / rng_file(self.dist.rank, deepspeed=True))
+            if self.ds_state.has_zero_partitions(self.engine):
+                # The layout-free state beside DeepSpeed's (whose module file holds rank 0's experts only).
+                weights, moments, opt_step = self.ds_state.full_zero_state(self.engine, self.model, self.layout)
                 if self.dist.is_main:
-                    save_file({k: v.to("cpu").contiguous() for k, v in weights.items()},
-                              str(tmp / "model.safetensors"), metadata={"format": "pt"})
+                    write_weights(tmp, weights)
+                    torch.save(plain_optimizer_state(self.args.model_config, moments, opt_step,
+                                                     self.ds_state.adamw_hyperparameters(self.engine)),
+                               tmp / "optimizer.pt")
             self.dist.barrier()
             path = None
             if self.dist.is_main:
@@ -180,18 +221,18 @@ class Checkpointer:
         return path
 
     def load(self, path: Path, state: dict) -> None:
-        """Restore weights, optimizer and RNG from `path` (verified; `state` checked by check_resume)."""
+        """Restore weights, optimizer and RNG from `path` (verified; `state` checked by check_resume):
+        DeepSpeed's own files in the layout that saved them, else the layout-free ones."""
         if self.engine is None:
             self._load_plain(path, state)
-        else:
+        elif same_deepspeed_layout(state, self.args, self.dist):
             self._load_deepspeed(path, state)
+        else:
+            self._load_into_deepspeed(path, state)
         set_host_rng_state(state["host_rng"])
 
     def _load_plain(self, path: Path, state: dict) -> None:
-        try:
-            weights = load_file(str(path / "model.safetensors"), device=str(self.dist.device))
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path / 'model.safetensors'} is not a readable safetensors file ({e})") from None
+        weights = read_weights(path, self.dist.device)
         try:
             self.model.load_state_dict(slice_experts(weights, self.layout), strict=True)
             names = optimizer_param_names(self.model, self.optimizer)
@@ -200,13 +241,14 @@ class Checkpointer:
         except (RuntimeError, ValueError, KeyError, IndexError) as e:
             first = str(e).strip().splitlines()[0]
             raise CheckpointError(f"{path} does not fit this model/optimizer: {first}") from None
-        self._load_rng(path / rng_file(self.dist.rank), path, int(state.get("world_size", 1)))
+        self._load_rng(path, state)
 
-    def _load_rng(self, rng_path: Path, path: Path, saved_world_size: int) -> None:
+    def _load_rng(self, path: Path, state: dict) -> None:
         """This rank's RNG if the checkpoint has it (a run saved with fewer ranks has not)."""
+        rng_path = path / rng_file(self.dist.rank, bool(state.get("deepspeed")))
         if rng_path.exists():
             set_rng_state(_safe_load(rng_path, "cpu"), self.gen)
-        if self.dist.is_main and self.dist.world_size > saved_world_size:
+        if self.dist.is_main and self.dist.world_size > int(state.get("world_size", 1)):
             log(f"note: {path} was saved by fewer ranks; the new ranks' router noise and dropout start "
                 f"from the seed")
 
@@ -226,11 +268,21 @@ class Checkpointer:
         if client.get("step") != state["step"]:
             raise CheckpointError(f"{path}: DeepSpeed's step {client.get('step')} != trainer state's {state['step']}")
         if self.layout.expert_group is not None:
-            # This rank's experts from the gathered weights; ZeRO's fp32 master copy follows them.
-            weights = load_file(str(path / "model.safetensors"), device=str(self.dist.device))
-            self.model.load_state_dict(slice_experts(weights, self.layout), strict=True)
-            self.engine.optimizer._restore_from_bit16_weights()
-        self._load_rng(path / f"rng_rank{self.dist.rank:05d}.pt", path, int(state.get("world_size", 1)))
+            # This rank's experts from the gathered master weights (its moments are in its own ZeRO file).
+            self.ds_state.load_zero_weights(self.model, self.layout, read_weights(path, self.dist.device))
+        self._load_rng(path, state)
+
+    def _load_into_deepspeed(self, path: Path, state: dict) -> None:
+        """A checkpoint of another layout (or a plain one): its layout-free weights, moments and step."""
+        weights = read_weights(path, self.dist.device)
+        try:
+            moments, step = moments_of_plain(_safe_load(path / "optimizer.pt", "cpu"), self.args.model_config,
+                                             self.dist.device)
+            self.ds_state.load_zero_state(self.engine, self.model, self.layout, weights, moments, step)
+        except (RuntimeError, ValueError, KeyError, IndexError, ConversionError) as e:
+            first = str(e).strip().splitlines()[0]
+            raise CheckpointError(f"{path} does not fit this model/optimizer: {first}") from None
+        self._load_rng(path, state)
 
 
 def write_param_hash(model, out_dir, rank: int, tag: str) -> None:
@@ -244,20 +296,22 @@ def write_param_hash(model, out_dir, rank: int, tag: str) -> None:
     Path(out_dir, f"param_sha256_rank{rank}_{tag}.txt").write_text(h.hexdigest() + "\n")
 
 
+def same_deepspeed_layout(state: dict, args: TrainArgs, dist: Dist) -> bool:
+    """Whether a checkpoint's DeepSpeed files fit this run: DeepSpeed both times, same ranks and P."""
+    return (bool(state.get("deepspeed")) and args.deepspeed is not None
+            and (int(state["world_size"]), int(state["train_args"].get("expert_parallel", 1)))
+            == (dist.world_size, args.expert_parallel))
+
+
 def check_resumable(path: Path, args: TrainArgs, dist: Dist) -> dict:
     """The checkpoint's trainer state, refused early if it cannot continue this run."""
     state = ckpt.read_trainer_state(path, framework="torch")
     notes = ckpt.check_resume(state, args.to_dict(), world_size=dist.world_size, checkpoint=path)
-    if bool(state.get("deepspeed")) != (args.deepspeed is not None):
-        kind = "a DeepSpeed" if state.get("deepspeed") else "a plain (non-DeepSpeed)"
-        raise CheckpointError(f"{path} is {kind} checkpoint; resume it the same way it was trained "
-                              f"({'with' if state.get('deepspeed') else 'without'} --deepspeed)")
-    saved_p = int(state["train_args"].get("expert_parallel", 1))
-    if state.get("deepspeed") and max(saved_p, args.expert_parallel) > 1 and (int(state["world_size"]), saved_p) != (
-            dist.world_size, args.expert_parallel):
+    layout_free = (path / "optimizer.pt").is_file()  # DeepSpeed ZeRO-0 checkpoints have none
+    if state.get("deepspeed") and not layout_free and not same_deepspeed_layout(state, args, dist):
         raise CheckpointError(f"{path} is a DeepSpeed checkpoint of {state['world_size']} ranks with --expert_parallel "
-                              f"{state['train_args'].get('expert_parallel', 1)}; resume it with the same ranks and "
-                              f"--expert_parallel")
+                              f"{state['train_args'].get('expert_parallel', 1)} without the layout-free state; resume "
+                              f"it with --deepspeed, the same ranks and --expert_parallel")
     if int(state["step"]) >= args.max_steps:
         raise UsageError(f"--max_steps {args.max_steps}: the checkpoint {path} is already at step "
                          f"{state['step']}; pass a larger --max_steps to train further")

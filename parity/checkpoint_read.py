@@ -7,8 +7,9 @@ parity.convert_checkpoint. PATH, detected:
   that verifies (`blues.checkpointing.latest_good`; damaged ones are skipped with a warning);
 - a **checkpoint directory** `.../checkpoints/step_XXXXXXXX/` (or its `model.safetensors`), checked
   against its COMMITTED manifest first: train_torch.py's plain format (model.safetensors,
-  optimizer.pt, rng.pt) or DeepSpeed ZeRO-1/2 (`ds/`: the float32 master weights and Adam moments,
-  reassembled by DeepSpeed's zero_to_fp32 utilities whatever the number of ranks), or train_jax.py's
+  optimizer.pt, rng.pt) or DeepSpeed ZeRO-1/2 (the same layout-free files saved beside `ds/`; without
+  them `ds/`: the float32 master weights and Adam moments, reassembled by DeepSpeed's zero_to_fp32
+  utilities whatever the number of ranks; refused under expert parallelism), or train_jax.py's
   Orbax `arrays/` + trainer state;
 - an **export**: a directory with `model.safetensors` + `config.json` (or the `.safetensors` file),
   with `optimizer.safetensors` + `trainer_state.json` when it carries a training run;
@@ -92,7 +93,11 @@ def _read_torch(path: Path, state: dict, config: BluesConfig, with_optimizer: bo
     from parity import optim_convert
 
     keep = state if with_optimizer and not state.get("weights_only") else None  # None: weights only
-    if state.get("deepspeed") or (path / "ds").is_dir():
+    deepspeed = bool(state.get("deepspeed") or (path / "ds").is_dir())
+    if deepspeed and not (path / "optimizer.pt").is_file():  # DeepSpeed's files alone (no layout-free state)
+        if int(state.get("train_args", {}).get("expert_parallel", 1)) > 1:
+            raise CheckpointError(f"{path}: a DeepSpeed --expert_parallel checkpoint without model.safetensors and "
+                                  "optimizer.pt (DeepSpeed's module file holds rank 0's experts only)")
         weights, optimizer = optim_convert.from_deepspeed(path / "ds", config)
         if keep is None:
             return Loaded(weights, config, "torch-deepspeed", path)
@@ -103,15 +108,17 @@ def _read_torch(path: Path, state: dict, config: BluesConfig, with_optimizer: bo
 
     module, _ = read_safetensors(path / "model.safetensors")
     arrays = from_module_arrays(module, config)
+    kind = "torch-deepspeed" if deepspeed else "torch"  # DeepSpeed's: the layout-free state saved beside it
     if keep is None:
-        return Loaded(arrays, config, "torch", path)
+        return Loaded(arrays, config, kind, path)
     if not (path / "optimizer.pt").is_file():
         raise CheckpointError(f"{path}: optimizer.pt is missing (damaged checkpoint)")
     sd = _torch_load(path / "optimizer.pt")
     optimizer = optim_convert.from_torch(sd, config)
     flags = {k: v for k, v in sd["param_groups"][0].items() if k in ("foreach", "fused", "capturable")}
-    rng = _torch_load(path / "rng.pt") if (path / "rng.pt").is_file() else None
-    return Loaded(arrays, config, "torch", path, optimizer, keep, rng, flags)
+    rng_file = path / ("rng_rank00000.pt" if deepspeed else "rng.pt")
+    rng = _torch_load(rng_file) if rng_file.is_file() else None
+    return Loaded(arrays, config, kind, path, optimizer, keep, rng, flags)
 
 
 def _read_jax(path: Path, state: dict, config: BluesConfig, with_optimizer: bool = True) -> Loaded:

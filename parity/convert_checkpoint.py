@@ -4,8 +4,8 @@
 
 SRC is anything parity/checkpoint_read.py reads (`read_source`, re-exported here, as `Loaded`):
 - a train_torch.py checkpoint directory (`.../checkpoints/step_XXXXXXXX`): plain (model.safetensors,
-  optimizer.pt, rng.pt) or DeepSpeed ZeRO-1/2 (`ds/`, read with DeepSpeed's zero_to_fp32 utilities,
-  whatever the number of ranks);
+  optimizer.pt, rng.pt) or DeepSpeed ZeRO-1/2 (the same layout-free files beside `ds/`, in any
+  --expert_parallel; without them `ds/`, read with DeepSpeed's zero_to_fp32 utilities);
 - a train_jax.py checkpoint directory (Orbax `arrays/` + trainer state);
 - a run directory (either trainer's `--out_dir`) or its `checkpoints/`: the newest checkpoint that
   verifies against its COMMITTED manifest; the seed's name `DIR/model_iter_N.pt` for its step N;

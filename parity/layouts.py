@@ -101,12 +101,17 @@ def load_rank_results(case_dir: Path, expert_parallel: int, world_size: int) -> 
     return results
 
 
+def read_case(case: dict[str, np.ndarray]) -> tuple[BluesConfig, dict[str, np.ndarray]]:
+    """The config and canonical weights of a loaded case.npz."""
+    cfg = BluesConfig.from_dict(json.loads(str(case["config"])))
+    return cfg, {spec.name: case[f"w.{spec.name}"] for spec in canonical_layout(cfg)}
+
+
 def main(argv: list[str]) -> None:
     case_dir = Path(argv[0])
     with np.load(case_dir / "case.npz") as f:
         case = dict(f)
-    cfg = BluesConfig.from_dict(json.loads(str(case["config"])))
-    arrays = {spec.name: case[f"w.{spec.name}"] for spec in canonical_layout(cfg)}
+    cfg, arrays = read_case(case)
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:

@@ -38,7 +38,8 @@ Why the next update is the same after a conversion:
 - scalars: torch computes the bias corrections in float64 and rounds `1 - b1` once, optax works in
   float32: the updates agree to ~1e-7 relative, far below the 1e-5 loss tolerance of the tests.
 
-DeepSpeed ZeRO-1/2 (`from_deepspeed`): each rank holds a slice of one flat float32 buffer per
+DeepSpeed ZeRO-1/2 (`from_deepspeed`, read where a checkpoint lacks the layout-free model.safetensors
+and optimizer.pt that train_torch.py saves beside DeepSpeed's files): each rank holds a slice of one flat float32 buffer per
 parameter group: the master weights and, partitioned the same way, the Adam moments. DeepSpeed's
 own `zero_to_fp32` utilities reassemble the master weights; the very same reassembly, applied to the
 moment buffers, yields per-parameter moments, so a ZeRO-1/2 checkpoint converts with its full

@@ -6,6 +6,7 @@ A run of SCRIPT is killed with SIGKILL at random moments — after a randomly ch
 interrupted (bit for bit, CPU, float32). Steps logged after the last checkpoint are redone on
 resume; the metrics logger drops their stale records.
 """
+import contextlib
 import csv
 import json
 import os
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from blues import checkpointing as ckpt
 from blues.metrics import read_metrics, train_records
@@ -31,6 +33,16 @@ CONFIG = json.dumps({"hidden_size": 32, "head_dim": 16, "num_attention_heads": 2
 def _logged_step(out: Path) -> int:
     recs = train_records(read_metrics(out / "metrics.jsonl"))
     return recs[-1]["step"] if recs else 0
+
+
+def _kill_all(pid: int) -> None:
+    """SIGKILL to `pid` and all its descendants."""
+    root = psutil.Process(pid)
+    children = root.children(recursive=True)
+    for proc in [*children, root]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGKILL)
+    psutil.wait_procs(children, timeout=30)  # the caller reaps `pid` itself
 
 
 def _corpus(tmp_path: Path) -> Path:
@@ -47,13 +59,18 @@ def _corpus(tmp_path: Path) -> Path:
 
 def kill_and_resume_drill(tmp_path: Path, script: str, *, max_steps: int, trials: int, min_kills: int,
                           saving: Callable[[Path], bool], final_weights: Callable[[Path], dict],
-                          env: dict | None = None, timeout: float = 300) -> None:
+                          env: dict | None = None, timeout: float = 300, launcher: tuple[str, ...] = (),
+                          extra: tuple[str, ...] = ()) -> None:
+    """`launcher` (e.g. torchrun's command line) runs SCRIPT instead of this Python; SIGKILL goes to
+    the launcher and every process under it (torchrun's ranks run in sessions of their own), as when
+    a machine dies."""
     corpus = _corpus(tmp_path)
     env = dict(os.environ, BLUES_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1", **(env or {}))
-    args = lambda out: [sys.executable, script, "--data", str(corpus), "--config", CONFIG,  # noqa: E731
+    command = list(launcher or [sys.executable])
+    args = lambda out: [*command, script, "--data", str(corpus), "--config", CONFIG,  # noqa: E731
                         "--batch_size", "2", "--eval_batches", "1", "--eval_every", "8", "--save_every", "2",
                         "--keep_checkpoints", "2", "--lr", "1e-2", "--warmup_steps", "2",
-                        "--max_steps", str(max_steps), "--out_dir", str(out), "--resume", "auto"]
+                        "--max_steps", str(max_steps), "--out_dir", str(out), "--resume", "auto", *extra]
 
     straight = tmp_path / "straight"
     subprocess.run(args(straight), cwd=REPO, env=env, check=True, capture_output=True, timeout=timeout)
@@ -72,7 +89,7 @@ def kill_and_resume_drill(tmp_path: Path, script: str, *, max_steps: int, trials
             time.sleep(0.005)
         if proc.poll() is None:
             during_save += saving(out)
-            proc.send_signal(signal.SIGKILL)
+            _kill_all(proc.pid)
             kills += 1
         proc.wait(timeout=60)
         if _logged_step(out) >= max_steps and proc.returncode == 0:
