@@ -117,7 +117,7 @@ def test_installed_api_and_commands(installed, tmp_path):
         assert res.returncode == 0 and res.stdout.startswith("usage: "), (command, res.stderr)
     res = subprocess.run([str(installed / "blues-generate"), "--checkpoint", "missing", "--prompt", "x"],
                          cwd=tmp_path, capture_output=True, text=True, env=env)
-    assert res.returncode == 1 and res.stderr.startswith("blues-generate: error: "), res.stderr
+    assert res.returncode == 2 and res.stderr.startswith("blues-generate: error: "), res.stderr
 
 
 @pytest.mark.parametrize("command,module", [("blues-train-torch", "blues_torch/train.py"),
