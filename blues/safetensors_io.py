@@ -49,7 +49,7 @@ def atomic_write_bytes(path: str | os.PathLike, chunks) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes the file 0600; an ordinary file follows the umask
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes the file 0600; an ordinary file follows the umask
         with os.fdopen(fd, "wb") as f:
             for chunk in ([chunks] if isinstance(chunks, (bytes, bytearray, memoryview)) else chunks):
                 f.write(chunk)
@@ -72,7 +72,7 @@ def atomic_write_bytes(path: str | os.PathLike, chunks) -> None:
         pass
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)  # reading the umask means setting it; set it straight back
     os.umask(mask)
     return mask

@@ -63,6 +63,7 @@ from blues.cli import run_main
 from blues.config import BluesConfig
 from blues.errors import BluesError, CheckpointError, UsageError
 from blues.layout import canonical_layout
+from blues.safetensors_io import current_umask
 from blues.metrics import TRAIN_KEYS, MetricsLogger, read_metrics
 from blues.checkpoint_source import OPTIMIZER_FORMAT, OPTIMIZER_NAME, Loaded, resolve_source
 from parity.checkpoint_read import ARRAYS, TRAINER, read_source
@@ -252,8 +253,7 @@ def write_metrics(records: list[dict], out_dir: Path, *, tensorboard: bool) -> N
 def apply_umask(root: Path) -> None:
     """Give everything under `root` (itself included) the mode a plain open()/mkdir() would: some
     writers make private 0600 temporary files (tempfile.mkstemp) and rename them into place."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     for path in [root, *root.rglob("*")]:
         if not path.is_symlink():
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
