@@ -2,6 +2,7 @@
 
     python scripts/profile_gpu.py memory   # bench preset, one eager training step: saved activations by layer part
     python scripts/profile_gpu.py decode   # tiny preset, greedy decode step: CUDA kernels per token, eager vs compiled
+    python scripts/profile_gpu.py jax-decode   # the same for JAX's compiled decode loop (XLA_FLAGS apply)
     python scripts/profile_gpu.py jax-train [--preset bench]   # JAX training step: GPU time by kernel kind
     python scripts/profile_gpu.py torch-train [--preset bench]   # the same for the torch.compile'd step
     python scripts/profile_gpu.py deepspeed-train [--preset bench]   # DeepSpeed's step against plain PyTorch's, by phase
@@ -215,6 +216,17 @@ def jax_train(args) -> None:
             *state, out = step(*state, *inputs)
         jax.block_until_ready(out)
     wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
+    kernels, counts, ops = _traced_kernels(trace_dir)
+    _print_kernels(f"\n== JAX training step, {args.preset} (batch {wl.batch} x {wl.seq}): {wall_ms:.1f} ms wall "
+                   f"per step (traced, {wl.tokens / wall_ms * 1e3:,.0f} tokens/s)", kernels, counts, ops,
+                   args.steps, args.top)
+    _print_fusions(step.as_text(), [name for name, _ in kernels.most_common(args.top)], kernels, args.steps)
+
+
+def _traced_kernels(trace_dir: str):
+    """GPU kernels of a jax.profiler trace: name -> total ns, name -> calls, name -> the HLO op."""
+    import jax
+
     data = jax.profiler.ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0])
     kernels: collections.Counter = collections.Counter()
     counts: collections.Counter = collections.Counter()
@@ -230,10 +242,45 @@ def jax_train(args) -> None:
                 counts[ev.name] += 1
                 stats = dict(ev.stats)
                 ops.setdefault(ev.name, str(stats.get("hlo_op", stats.get("tf_op", "")))[:48])
-    _print_kernels(f"\n== JAX training step, {args.preset} (batch {wl.batch} x {wl.seq}): {wall_ms:.1f} ms wall "
-                   f"per step (traced, {wl.tokens / wall_ms * 1e3:,.0f} tokens/s)", kernels, counts, ops,
-                   args.steps, args.top)
-    _print_fusions(step.as_text(), [name for name, _ in kernels.most_common(args.top)], kernels, args.steps)
+    return kernels, counts, ops
+
+
+def jax_decode(args) -> None:
+    """blues_jax.generation's greedy decoding, tiny preset, bf16, batch 1 and 64 (bench/decode.py's
+    call): the decode step's time as the difference of a 256- and a 32-token generation over the 224
+    extra steps, and the kernels of one 256-token call per token (prefill included)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from blues_jax import BluesModel as JaxModel
+    from blues_jax.generation import generate as jax_generate
+
+    new, short = 256, 32
+    cfg = decode_config("tiny", False, 32, new)
+    model = JaxModel(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+    model.eval()
+    nnx.update(model, jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(model, nnx.Param)))
+    eot = cfg.vocab_size - 1
+    for batch in (1, 64):
+        prompts = random_prompts(cfg, batch, 32)
+
+        def run(n: int) -> float:
+            t0 = time.perf_counter()
+            jax_generate(model, prompts, n, _greedy(), eot_id=eot, stop_at_eot=False)  # returns host lists
+            return time.perf_counter() - t0
+
+        run(new), run(short)  # compile
+        whole = statistics.median(run(new) for _ in range(5))
+        part = statistics.median(run(short) for _ in range(5))
+        step_us = (whole - part) * 1e6 / (new - short)
+        trace_dir = tempfile.mkdtemp()
+        with jax.profiler.trace(trace_dir):
+            run(new)
+        kernels, counts, ops = _traced_kernels(trace_dir)
+        _print_kernels(f"\n== JAX decode tiny b{batch} bf16: call {whole * 1e3:.2f} ms = {batch * new / whole:,.0f} "
+                       f"tokens/s; step {step_us:.1f} us = {batch * 1e6 / step_us:,.0f} tokens/s; kernels per token "
+                       f"of one call (prefill included)", kernels, counts, ops, new, args.top)
 
 
 def jax_dispatch(args) -> None:
@@ -338,15 +385,17 @@ def _print_fusions(hlo: str, kernel_names: list[str], kernels, steps: int) -> No
 def _print_kernels(title: str, kernels, counts, ops, steps: int, top: int) -> None:
     """kernels/counts: name -> total ns / calls over `steps` steps; ops: name -> the op that launched it."""
     busy_ms = sum(kernels.values()) / 1e6 / steps
-    print(f"{title}, GPU kernels {busy_ms:.1f} ms per step")
+    unit, scale = ("us", 1e3) if busy_ms < 1 else ("ms", 1e6)  # decode steps are microseconds
+    print(f"{title}, GPU kernels {busy_ms * 1e6 / scale:.1f} {unit} per step, "
+          f"{sum(counts.values()) / steps:.0f} kernels")
     kinds: collections.Counter = collections.Counter()
     for name, ns in kernels.items():
         kinds[_kernel_kind(name)] += ns
     for kind, ns in kinds.most_common():
-        print(f"  {ns / 1e6 / steps:8.2f} ms  {ns / max(sum(kinds.values()), 1):5.1%}  {kind}")
-    print("  top kernels (ms per step, calls per step, op):")
+        print(f"  {ns / scale / steps:8.2f} {unit}  {ns / max(sum(kinds.values()), 1):5.1%}  {kind}")
+    print(f"  top kernels ({unit} per step, calls per step, op):")
     for name, ns in kernels.most_common(top):
-        print(f"  {ns / 1e6 / steps:8.2f} ms  x{counts[name] / steps:5.1f}  {ops.get(name, ''):48s}  {name[:90]}")
+        print(f"  {ns / scale / steps:8.2f} {unit}  x{counts[name] / steps:5.1f}  {ops.get(name, ''):48s}  {name[:90]}")
 
 
 def _torch_kernels(prof) -> tuple[collections.Counter, collections.Counter]:
@@ -534,7 +583,7 @@ def deepspeed_train(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", nargs="+", choices=("memory", "decode", "jax-train", "torch-train", "deepspeed-train",
+    p.add_argument("what", nargs="+", choices=("memory", "decode", "jax-decode", "jax-train", "torch-train", "deepspeed-train",
                                               "jax-dispatch"))
     p.add_argument("--preset", default="bench", help="jax-train: the preset (its bench batch and sequence)")
     p.add_argument("--chunks", type=int, nargs="+", default=[4096, 1024])
@@ -544,7 +593,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=18)
     args = p.parse_args()
     for what in args.what:
-        {"memory": memory, "decode": decode, "jax-train": jax_train, "torch-train": torch_train,
+        {"memory": memory, "decode": decode, "jax-decode": jax_decode, "jax-train": jax_train, "torch-train": torch_train,
          "deepspeed-train": deepspeed_train, "jax-dispatch": jax_dispatch}[what](args)
 
 
