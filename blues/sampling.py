@@ -147,6 +147,18 @@ def kept_mask(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     return mask
 
 
+PREFILL_BUCKET = 32  # prompts are left-padded to a multiple of this (when it fits): fewer compiled prefill shapes
+
+
+def prefill_width(prompts: Sequence[Sequence[int]], max_new_tokens: int, context: int) -> int:
+    """The prefill's padded length: the longest prompt rounded up to a multiple of PREFILL_BUCKET when
+    that still leaves room for the new tokens in the context, else the longest prompt. A compiled
+    prefill then sees few shapes; padding changes no output (the cache masks it)."""
+    longest = max(len(p) for p in prompts)
+    bucket = -(-longest // PREFILL_BUCKET) * PREFILL_BUCKET
+    return bucket if bucket + max_new_tokens <= context else longest
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, width: int | None = None,
              dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
     """A batch of prompts for the decoders: (ids [B, P] right-aligned, start [B] = padding slots per

@@ -27,9 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from blues.sampling import FMIX_C1, FMIX_C2, MASK32, ROW_MUL, STEP_MUL, TOKEN_MUL, SamplingParams, left_pad
-
-PREFILL_BUCKET = 32  # prompts are left-padded to a multiple of this (when it fits): fewer recompiles
+from blues.sampling import FMIX_C1, FMIX_C2, MASK32, ROW_MUL, STEP_MUL, TOKEN_MUL, SamplingParams, left_pad, prefill_width
 
 
 # ---- the cache -----------------------------------------------------------------------------------
@@ -195,8 +193,20 @@ def _compiled(graphdef, params: SamplingParams):
         done, _, _, out_ids, cache = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, finished, out_ids, cache))
         return out_ids, done, cache
 
-    return (jax.jit(generate_all, donate_argnames="cache"), jax.jit(prefill, donate_argnames="cache"),
-            jax.jit(step, donate_argnames=("out_ids", "cache")))
+    return (jax.jit(generate_all, donate_argnames="cache", compiler_options=_loop_compiler_options()),
+            jax.jit(prefill, donate_argnames="cache"), jax.jit(step, donate_argnames=("out_ids", "cache")))
+
+
+# XLA on a GPU replays runs of kernels as CUDA graphs ("command buffers") for the command kinds its
+# flag lists; the default list leaves out loops and conditionals, so every decode step of the
+# while_loop (and the expert dispatch's switch in each layer) goes back to the host to launch its
+# ~100 kernels. Listing WHILE and CONDITIONAL too makes the loop body a graph. Applied to the
+# whole-generation function only (a compile option, not a process-wide XLA_FLAGS setting).
+GPU_LOOP_COMMAND_BUFFERS = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
+
+
+def _loop_compiler_options() -> dict | None:
+    return {"xla_gpu_enable_command_buffer": GPU_LOOP_COMMAND_BUFFERS} if jax.default_backend() == "gpu" else None
 
 
 _CACHES: dict = {}
@@ -217,10 +227,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, param
     model.eval()
     try:
         graphdef, state = nnx.split(model)
-        longest = max(len(p) for p in prompts)
-        bucket = -(-longest // PREFILL_BUCKET) * PREFILL_BUCKET
-        ids, start = left_pad(prompts, eot_id, bucket if bucket + max_new_tokens <= context else longest,
-                              dtype=np.int32)
+        ids, start = left_pad(prompts, eot_id, prefill_width(prompts, max_new_tokens, context), dtype=np.int32)
         batch = ids.shape[0]
         generate_all, prefill, step = _compiled(graphdef, dataclasses.replace(params, seed=0))
         # Reuse the last call's buffers when the batch size matches (they are donated and returned).

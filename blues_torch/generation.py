@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from blues.sampling import FMIX_C1, FMIX_C2, MASK32, ROW_MUL, STEP_MUL, TOKEN_MUL, SamplingParams, left_pad
+from blues.sampling import FMIX_C1, FMIX_C2, MASK32, ROW_MUL, STEP_MUL, TOKEN_MUL, SamplingParams, left_pad, prefill_width
 
 logger = logging.getLogger("blues")
 
@@ -191,8 +191,10 @@ class _Decoder:
         self.out = torch.full((batch, max_new), eot_id, dtype=torch.int64, device=device)  # [B, max_new]
         self.graph: torch.cuda.CUDAGraph | None = None
         # torch.compile fuses the step's many small kernels (norms, RoPE, routing, sampling) into
-        # few; the compiled step is then captured like the eager one.
+        # few; the compiled step is then captured like the eager one. The prefill is compiled too
+        # (one graph per padded prompt length: prompts are bucketed, blues.sampling.prefill_width).
         self.step_fn = torch.compile(self.decode_step, dynamic=False) if compile else self.decode_step
+        self.prefill_fn = torch.compile(self.prefill, dynamic=False) if compile else self.prefill
 
     def emit(self, logits: torch.Tensor) -> None:
         """Sample from logits [B, V], record the token at column `step`, advance (all on the device)."""
@@ -203,6 +205,10 @@ class _Decoder:
         self.out.index_copy_(1, self.step.clamp(max=self.out.shape[1] - 1).view(1), nxt[:, None])
         self.token.copy_(nxt[:, None])
         self.step += 1
+
+    def prefill(self, ids: torch.Tensor) -> None:
+        """Run the padded prompts ids [B, P] through the model into the cache and emit the first token."""
+        self.emit(self.model(ids, cache=self.cache).logits[:, -1])  # [B, V]
 
     def decode_step(self) -> None:
         logits = self.model(self.token, cache=self.cache).logits[:, -1]  # [B, V]
@@ -266,7 +272,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, param
     try:
         device = model.embed.device
         cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        ids, start = left_pad(prompts, eot_id)
+        ids, start = left_pad(prompts, eot_id, prefill_width(prompts, max_new_tokens, model.config.max_position_embeddings))
         batch, _ = ids.shape
         dec = _decoder(model, batch, max_new_tokens, params, eot_id, stop_at_eot, cuda_graphs, compile)
         dec.cache.reset(torch.from_numpy(start).to(device))
@@ -276,8 +282,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, param
         dec.finished.zero_()
         dec.out.fill_(eot_id)
 
-        logits = model(torch.from_numpy(ids).to(device), cache=dec.cache).logits[:, -1]  # prefill: [B, V]
-        dec.emit(logits)
+        dec.prefill_fn(torch.from_numpy(ids).to(device))
         done = 1
         if on_token is not None:
             on_token(0, dec.token[:, 0].cpu().numpy())
