@@ -10,6 +10,8 @@ train_jax.py run: the trainer's own tokens/s beside the train rows), deepspeed, 
 (Hugging Face Mixtral), titan-train (torchtitan), peer-decode (peer = the three), kernels
 (liger-kernel and cut-cross-entropy against Blues' kernels, bench/library_kernels.py), parity,
 all (= all of these but dense, which is measured anyway when the results lack it), report.
+Two more take their own flags and must come first: `--what data` (data preparation, bench/data.py)
+and `--what quality` (time to validation perplexity 400, whole training runs: bench/time_to_quality.py).
 `--framework` picks torch, jax or both for the sections that exist in both; `--preset` picks the
 training presets (bench: batch 8 x 2048; tiny: 64 x 256), also of the kernels section. Decoding
 runs the tiny preset, the loss and GEMM benches the bench shapes (`--decode-preset` overrides).
@@ -62,6 +64,9 @@ def parse_args(argv):
     args = p.parse_args(argv)
     what = [w.strip() for w in args.what.split(",") if w.strip()]
     unknown = [w for w in what if w not in SECTIONS + tuple(ALIASES) + ("report",)]
+    own = [w for w in what if w in ("data", "quality")]
+    if own:
+        p.error(f"--what {own[0]} takes its own flags and comes first: python -m bench --what {own[0]} ...")
     if unknown:
         p.error(f"--what: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}, peer, all, report")
     wanted = {s for w in what for s in ALIASES.get(w, [w])}
@@ -273,6 +278,10 @@ def main(argv=None) -> int:
     if argv[:2] == ["--what", "data"]:  # the data-preparation benchmark (CPU), with its own flags
         from bench import data
         return data.main(argv[2:])
+    if argv[:2] == ["--what", "quality"]:  # time to quality: whole training runs, with their own flags
+        from bench import time_to_quality
+        from blues.cli import run_main
+        return run_main(time_to_quality.main, argv[2:], prog=time_to_quality.PROG)
     args = parse_args(argv)
     from bench.report import Results, print_table
     if args.report_only:

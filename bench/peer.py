@@ -64,15 +64,18 @@ def peer_config(cfg: BluesConfig):
         bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
 
-def build_peer(cfg: BluesConfig, device):
+def build_peer(cfg: BluesConfig, device, dtype=None):
+    """The Mixtral model on `device`, its parameters in `dtype` (default bf16: the benchmark's rows;
+    time to quality trains float32 master weights under bf16 autocast, as Blues does)."""
     import torch
     from transformers import MixtralForCausalLM
-    with torch.device(device):  # initialise on the device, directly in bf16
-        model = MixtralForCausalLM._from_config(peer_config(cfg), attn_implementation="sdpa", dtype=torch.bfloat16)
+    with torch.device(device):  # initialise on the device, directly in the parameters' dtype
+        model = MixtralForCausalLM._from_config(peer_config(cfg), attn_implementation="sdpa",
+                                                dtype=dtype or torch.bfloat16)
     return model
 
 
-def _describe(model, cfg: BluesConfig) -> str:
+def describe(model, cfg: BluesConfig) -> str:
     n = sum(p.numel() for p in model.parameters())
     experts = getattr(model, "get_experts_implementation", lambda: {})()
     experts = ",".join(sorted(set(v for v in experts.values() if v))) if isinstance(experts, dict) else str(experts)
@@ -96,7 +99,7 @@ def peer_train(wl: Workload, *, steps: int, warmup: int, compile: bool = False, 
     mem.reset()
     model = build_peer(wl.config, device)
     model.train()
-    desc = _describe(model, wl.config)
+    desc = describe(model, wl.config)
     log(f"  peer: {desc}")
     ids_np, _ = random_batch(wl.config, wl.batch, wl.seq, seed)
     ids = torch.from_numpy(ids_np).long().to(device)  # [B, T]
@@ -143,7 +146,7 @@ def peer_decode(preset: str, *, quick: bool, steps: int, warmup: int, seed: int 
     torch.manual_seed(seed)
     model = build_peer(cfg, device)
     model.eval()
-    desc = _describe(model, cfg)
+    desc = describe(model, cfg)
     rows = []
     for batch in batches:
         prompts = torch.tensor(random_prompts(cfg, batch, prompt, seed + batch), device=device)  # [B, P]

@@ -34,6 +34,16 @@ SCRIPTS = {"torch": "train_torch.py", "jax": "train_jax.py"}
 QUICK_CONFIG = dict(hidden_size=32, head_dim=16, num_attention_heads=2, num_key_value_heads=1, num_layers=1,
                     max_position_embeddings=32, tot_num_experts=4, embedding_multiplier_scale=2)
 QUICK_DOCUMENTS = 40
+QUICK_VAL_FRACTION = 0.25  # of so few documents, some must fall in validation
+
+
+def quick_corpus(directory: Path) -> Path:
+    """--quick's data: the first QUICK_DOCUMENTS documents of the embedded corpus as DIRECTORY/quick_corpus.jsonl
+    (tokenizing the whole corpus on two cores takes minutes). Use it with --val_fraction QUICK_VAL_FRACTION."""
+    data = directory / "quick_corpus.jsonl"
+    data.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in load_documents()[:QUICK_DOCUMENTS]),
+                    encoding="utf-8")
+    return data
 
 
 def trainer_command(framework: str, wl: Workload, *, steps: int, out_dir: Path, data: Path | None,
@@ -47,7 +57,7 @@ def trainer_command(framework: str, wl: Workload, *, steps: int, out_dir: Path, 
     if wl.quick:
         cmd += ["--config", json.dumps(QUICK_CONFIG)]
     if data is not None:
-        cmd += ["--data", str(data), "--val_fraction", "0.25"]  # a few documents: some must fall in validation
+        cmd += ["--data", str(data), "--val_fraction", str(QUICK_VAL_FRACTION)]
     if compile:
         cmd.append("--compile")
     return cmd
@@ -74,11 +84,7 @@ def trainer_train(framework: str, wl: Workload, *, steps: int, warmup: int, out:
     out_dir = root / f"{framework}-{wl.preset}-{variant}{'-quick' if wl.quick else ''}"
     shutil.rmtree(out_dir, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
-    data = None
-    if wl.quick:  # a few real documents: tokenizing the whole corpus on two cores takes minutes
-        data = root / "quick_corpus.jsonl"
-        data.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in load_documents()[:QUICK_DOCUMENTS]),
-                        encoding="utf-8")
+    data = quick_corpus(root) if wl.quick else None
     cmd = trainer_command(framework, wl, steps=warmup + steps, out_dir=out_dir.resolve(),
                           data=data.resolve() if data else None, compile=compile)
     shown = shlex.join(["python", *cmd[1:]])

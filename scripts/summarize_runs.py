@@ -1,6 +1,6 @@
 """One table from training run directories: steps, time, throughput, best and final validation perplexity.
 
-    python scripts/summarize_runs.py RUN_DIR [RUN_DIR ...] [--bigram 599] [--json FILE] [--plot PNG]
+    python scripts/summarize_runs.py RUN_DIR [RUN_DIR ...] [--bigram 534] [--json FILE] [--plot PNG]
 
 Reads each run's `metrics.jsonl` and `run.log` (the trainer's stderr, when the caller kept it: the
 wall-clock time comes from its summary line). Best = the lowest validation perplexity of any
