@@ -12,7 +12,9 @@ layout (`deepspeed.utils.groups`, expert-parallel groups of consecutive ranks) a
   cuts a model's experts down to the rank's slice and tells its MoE layers the layout;
 - in the forward, each MoE layer routes its own tokens, all-gathers the [k, E] per-choice counts
   (so the capacity rule and the load-balancing loss see the whole global batch) and exchanges the
-  sorted rows with its experts' ranks (`ExpertExchange`, all_to_all_single both ways, with autograd);
+  sorted rows with its experts' ranks (`ExpertExchange`, all_to_all_single both ways, with autograd;
+  its split sizes are every rank's kept counts, `kept_counts` of the gathered counts, so no
+  collective exchanges them);
 - `reduce_gradients` / `clip_grad_norm_` are the gradient rules of a plain PyTorch step, and
   `tag_expert_params` / `optimizer_param_groups` what DeepSpeed's MoE optimizer split needs;
 - `gather_experts` / `slice_experts` turn a rank's tensors (weights, optimizer moments: any dict
@@ -30,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from blues.errors import UsageError
+from blues_torch.experts import kept_counts
 
 EXPERT_TENSORS = ("moe.w_in", "moe.w_out")  # the layout rows whose axis 0 is the expert axis
 
@@ -61,31 +64,85 @@ class _AllToAll(torch.autograd.Function):
         return _AllToAll.apply(grad, recv_splits, send_splits, ctx.group), None, None, None
 
 
+class _PermuteRows(torch.autograd.Function):
+    """x[perm] for a permutation `perm` with inverse `inverse`; its backward is grad[inverse], a
+    gather (autograd's own backward of x[perm] is an accumulating index_put, which sorts)."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return x[perm]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
+
+
+class HostValues:
+    """A small device tensor's values, on their way to the host while the CPU goes on queueing work.
+
+    On CUDA the copy into pinned memory is queued (non_blocking) behind the kernels that compute
+    the tensor, with an event after it; `tolist()` waits on that event only. The kernels queued
+    between the two keep the GPU busy while the CPU waits, where an immediate `.tolist()` would
+    drain the whole launch queue and leave the GPU idle until the CPU has launched the next
+    kernels. On the CPU the values are already there.
+    """
+
+    def __init__(self, values: torch.Tensor):
+        self._event = None
+        if values.is_cuda:
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            values = host
+        self._values = values
+
+    def tolist(self) -> list:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._values.tolist()
+
+
 @dataclass(frozen=True)
 class ExpertExchange:
-    """Moves expert-sorted rows to the ranks that hold their experts and the results back."""
+    """Moves one MoE layer's expert-sorted rows to the ranks that hold their experts and the
+    results back; built by `plan` from every rank's kept counts before the rows are sorted."""
 
     group: dist.ProcessGroup  # the P ranks that together hold every expert
     size: int  # P
+    recv: torch.Tensor  # [P, E/P] rows this rank receives from each rank of its group, per local expert
+    splits: HostValues  # [2, P]: rows sent to and received from each rank of the group
 
-    def __call__(self, xs: torch.Tensor, counts: torch.Tensor,
-                 experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """xs [M, d] this rank's rows sorted by expert, counts [E] rows per expert; `experts(rows,
-        local_counts)` computes this rank's E/P experts on rows sorted by local expert. -> [M, d]
-        each row's expert output, in xs's order."""
-        p = self.size
-        send = counts.view(p, -1)  # [P, E/P] rows for each rank, per its local expert
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send.contiguous(), group=self.group)  # [P, E/P] rows from each source
-        sizes = torch.stack([send.sum(1), recv.sum(1)]).tolist()  # one host sync: the split sizes
-        rows = _AllToAll.apply(xs, sizes[0], sizes[1], self.group)  # [R, d] in (source, expert) order
-        local_expert = torch.arange(send.shape[1], device=xs.device).repeat(p)  # [P * E/P]
-        order = torch.argsort(local_expert.repeat_interleave(recv.reshape(-1)), stable=True)  # [R] -> (expert, source)
-        # Within an expert, rows stay in (source rank, source row) order: the global token order, so
-        # each expert sees its rows in the order one process holding the whole batch would.
-        out = experts(rows[order], recv.sum(0))  # [R, d]
-        out = out[torch.argsort(order)]  # back to (source, expert) order
-        return _AllToAll.apply(out, sizes[1], sizes[0], self.group)  # [M, d]
+    @classmethod
+    def plan(cls, kept: torch.Tensor, group: dist.ProcessGroup, size: int, rank: int) -> ExpertExchange:
+        """kept [N, E]: every rank's kept assignments per expert, in rank order (`kept_counts`);
+        rank: this rank's index there. Its group is ranks [rank - rank % P, ... + P), and group
+        rank q holds experts [q * E/P, (q + 1) * E/P). The split sizes start for the host here."""
+        first, me = rank - rank % size, rank % size
+        send = kept[rank].view(size, -1).sum(dim=1)  # [P] rows for each rank of the group
+        recv = kept[first:first + size].view(size, size, -1)[:, me]  # [P, E/P] rows from each source, per my expert
+        return cls(group, size, recv, HostValues(torch.stack([send, recv.sum(dim=1)])))
+
+    def __call__(self, xs: torch.Tensor, experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """xs [M, d] this rank's rows sorted by expert; `experts(rows, local_counts)` computes this
+        rank's E/P experts on rows sorted by local expert. -> [M, d] each row's expert output, in xs's order."""
+        send_splits, recv_splits = self.splits.tolist()  # the layer's one host sync, its sort and gathers queued
+        rows = _AllToAll.apply(xs, send_splits, recv_splits, self.group)  # [R, d] in (source, expert) order
+        local_counts = self.recv.sum(dim=0)  # [E/P]
+        if self.size == 1:  # one source: (source, expert) order is expert order
+            out = experts(rows, local_counts)  # [R, d]
+        else:
+            local_expert = torch.arange(self.recv.shape[1], device=xs.device).repeat(self.size)  # [P * E/P]
+            blocks = local_expert.repeat_interleave(self.recv.reshape(-1), output_size=rows.shape[0])  # [R]
+            order = torch.argsort(blocks, stable=True)  # [R]: (source, expert) row of each (expert, source) row
+            inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=xs.device))  # [R]
+            # Within an expert, rows stay in (source rank, source row) order: the global token order,
+            # so each expert sees its rows in the order one process holding the whole batch would.
+            out = experts(_PermuteRows.apply(rows, order, inverse), local_counts)  # [R, d]
+            out = _PermuteRows.apply(out, inverse, order)  # back to (source, expert) order
+        return _AllToAll.apply(out, recv_splits, send_splits, self.group)  # [M, d]
 
 
 @dataclass(frozen=True)
@@ -110,9 +167,13 @@ class ParallelLayout:
         per_rank = num_experts // self.expert_parallel
         return slice(self.expert_rank * per_rank, (self.expert_rank + 1) * per_rank)
 
-    @property
-    def exchange(self) -> ExpertExchange | None:
-        return None if self.expert_group is None else ExpertExchange(self.expert_group, self.expert_parallel)
+    def exchange(self, shard_counts: torch.Tensor, capacity: int | None) -> ExpertExchange | None:
+        """One layer's exchange, from every rank's [k, E] choice counts [N, k, E] (`gather_choice_counts`)
+        and the experts' capacity (None: dropless); None when this rank holds every expert."""
+        if self.expert_group is None:
+            return None
+        kept = kept_counts(shard_counts, capacity)  # [N, E]
+        return ExpertExchange.plan(kept, self.expert_group, self.expert_parallel, self.rank)
 
     def gather_choice_counts(self, counts: torch.Tensor) -> torch.Tensor:
         """Every rank's [k, E] choice counts, in rank order: [N, k, E]."""

@@ -82,6 +82,23 @@ def capacity_keep(indices: torch.Tensor, num_experts: int, capacity: int, shard_
     return slot.gather(-1, indices[..., None])[..., 0] < capacity  # [N, k]
 
 
+def kept_counts(shard_counts: torch.Tensor, capacity: int | None) -> torch.Tensor:
+    """[S, E] int64: how many assignments each expert admits from each of S ranks, from every
+    rank's `choice_counts` [S, k, E] alone (capacity None: dropless, all of them).
+
+    The same rule as `capacity_keep`: rank s's choice-j assignments to expert e take the slots
+    [start, start + count) with start = every rank's earlier choices' count plus the lower ranks'
+    choice-j count, and the expert admits those below `capacity`. Row s equals the per-expert
+    count of rank s's kept assignments, without its tokens.
+    """
+    if capacity is None:
+        return shard_counts.sum(dim=1)  # [S, E]
+    totals = shard_counts.sum(dim=0)  # [k, E]
+    start = (totals.cumsum(dim=0) - totals) + (shard_counts.cumsum(dim=0) - shard_counts)  # [S, k, E]
+    kept = torch.minimum((capacity - start).clamp(min=0), shard_counts)  # [S, k, E]
+    return kept.sum(dim=1)  # [S, E]
+
+
 def choice_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[k, E] int64: how many of the tokens' j-th choices name each expert. indices [N, k]."""
     return (indices[..., None] == torch.arange(num_experts, device=indices.device)).sum(dim=0)  # [N, k, E] -> [k, E]
@@ -133,7 +150,6 @@ def expert_mlp(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, ke
     [E/P, d, 2F]): the sorted rows travel to their experts' ranks and back around the GEMMs.
     """
     n, k = indices.shape
-    num_experts = w_in.shape[0] * (1 if exchange is None else exchange.size)
     # Under autocast the experts run in the autocast dtype (grouped_mm is not on autocast's list,
     # so cast explicitly); accumulation of the k contributions is float32.
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
@@ -150,7 +166,6 @@ def expert_mlp(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, ke
     order = torch.argsort(expert, stable=True)  # [M] group assignments by expert
     assignment = assignment[order]  # [M] sorted row -> assignment
     token = assignment // k  # [M] sorted row -> token
-    counts = expert_counts(expert, num_experts)  # [E] rows per expert block
     m = assignment.shape[0]
     # The inverse map, assignment -> sorted row (m: refused), so that both gathers below have
     # gathers for backwards, as blues_jax/experts.py's do.
@@ -160,7 +175,10 @@ def expert_mlp(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, ke
     gate = _GatherRows.apply(weights.reshape(-1), assignment, position[:, None])  # [M]
     xs = _GatherRows.apply(x.to(dtype), token, position.view(n, k))  # [M, d]
     experts = functools.partial(sorted_experts, w_in=w_in, w_out=w_out)
-    out = experts(xs, counts) if exchange is None else exchange(xs, counts, experts)  # [M, d]
+    if exchange is None:
+        out = experts(xs, expert_counts(expert, w_in.shape[0]))  # [M, d]; [E] rows per expert block
+    else:  # the exchange holds every rank's kept counts per expert (ExpertExchange.plan)
+        out = exchange(xs, experts)  # [M, d]
     # bf16 * float32 promotes to float32 (the same products as out.float() * gate), but autograd
     # keeps the bf16 `out` for the backward rather than a float32 copy (64 MiB a layer less at bench size).
     out = out * gate[:, None]  # [M, d] float32

@@ -155,9 +155,10 @@ class MoE(nn.Module):
         else:
             counts = expert_counts(r.indices, e)  # [E]
         capacity = cfg.expert_capacity(num_tokens)
+        # With experts on other ranks the exchange's split sizes start for the host first: the CPU
+        # queues the rest of the layer's kernels before it waits for them (ExpertExchange).
+        exchange = None if layout is None else layout.exchange(shard_counts, capacity)
         keep = None if capacity is None else capacity_keep(r.indices, e, capacity, shard_counts, shard)  # [N, k]
-        exchange = None if layout is None else layout.exchange
-        y = expert_mlp(xf, r.indices, r.weights, keep, self.w_in, self.w_out, exchange)  # [N, d]
         stats = RouterStats(
             indices=r.indices.view(b, t, k),
             probs=r.probs.detach().view(b, t, e),
@@ -166,6 +167,7 @@ class MoE(nn.Module):
             counts=counts,
             dropped=(torch.zeros((), dtype=torch.int64, device=x.device) if capacity is None
                      else (counts - capacity).clamp(min=0).sum()))  # an expert refuses all beyond C
+        y = expert_mlp(xf, r.indices, r.weights, keep, self.w_in, self.w_out, exchange)  # [N, d]
         return y.view(b, t, d), stats
 
 

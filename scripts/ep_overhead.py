@@ -1,7 +1,8 @@
 """What the expert-parallel code path costs with one rank: the trainer's TrainStep (bf16 autocast,
 eager, AdamW; blues_torch/training.py) on the bench workload as one process runs it, against the same step with every MoE layer sent through the
-expert-parallel path on a process group of one (the [k, E] counts all-gather, the counts
-all-to-all and its host sync, the rows' all-to-all both ways in both passes, the regrouping).
+expert-parallel path on a process group of one: per MoE layer the [k, E] counts all-gather, the
+split sizes (derived from the gathered counts) copied to the host with one wait per layer, and the
+rows' all_to_all_single both ways in both passes (at P = 1 the rows need no regrouping by expert).
 
     python scripts/ep_overhead.py [--quick] [--steps 20] [--warmup 3]
 

@@ -26,8 +26,9 @@ import torch
 
 from blues.config import BluesConfig
 from blues.errors import UsageError
-from blues_torch.expert_parallel import build_layout, check_layout
-from blues_torch.experts import capacity_keep, choice_counts
+from blues_torch.expert_parallel import ParallelLayout, build_layout, check_layout
+from blues_torch.experts import capacity_keep, choice_counts, expert_counts, kept_counts
+from blues_torch.model import MoE
 from oracle import random_canonical
 from parity import layouts, suite
 from parity.convert import from_canonical
@@ -139,6 +140,83 @@ def test_capacity_split_over_shards_equals_whole_batch():
     counts = torch.stack([choice_counts(part, e) for part in parts])  # [S, k, E]
     split = torch.cat([capacity_keep(part, e, 5, counts, s) for s, part in enumerate(parts)])
     assert torch.equal(split, whole) and not whole.all()
+
+
+def _shard_major_kept_counts(shard_counts, capacity):
+    """A planted bug for the check below: the lower ranks' assignments, all choices, before this
+    rank's (token-major priority, not capacity_keep's choice-major one)."""
+    if capacity is None:
+        return kept_counts(shard_counts, None)
+    per_rank = shard_counts.sum(dim=1)  # [S, E]
+    start = (per_rank.cumsum(dim=0) - per_rank)[:, None] + (shard_counts.cumsum(dim=1) - shard_counts)  # [S, k, E]
+    return torch.minimum((capacity - start).clamp(min=0), shard_counts).sum(dim=1)
+
+
+def _kept_counts_match(rule, seed: int) -> bool:
+    """Whether rule(shard_counts, capacity)[s] is the per-expert count of capacity_keep's kept
+    assignments of rank s, on random batches split over 1-4 ranks, at capacities from 1 (most
+    assignments refused) to beyond every expert's load (none refused), and dropless."""
+    rng = np.random.default_rng(seed)
+    for _ in range(40):
+        e, k = int(rng.integers(2, 9)), int(rng.integers(1, 3))
+        shards, rows = int(rng.integers(1, 5)), int(rng.integers(1, 12))
+        skew = rng.random(e) ** 3  # unbalanced experts, so some overflow while others have room
+        scores = rng.random((shards * rows, e)) * skew
+        indices = torch.as_tensor(np.argsort(-scores, axis=1)[:, :k].copy())  # distinct experts per token
+        parts = indices.view(shards, rows, k)
+        counts = torch.stack([choice_counts(part, e) for part in parts])  # [S, k, E]
+        for capacity in (None, 1, int(rng.integers(1, shards * rows * k + 1)), shards * rows * k):
+            kept = rule(counts, capacity)  # [S, E]
+            for s, part in enumerate(parts):
+                keep = torch.ones_like(part, dtype=torch.bool) if capacity is None else \
+                    capacity_keep(part, e, capacity, counts, s)
+                if not torch.equal(kept[s], expert_counts(part[keep], e)):
+                    return False
+    return True
+
+
+def test_kept_counts_are_capacity_keeps_per_rank_counts():
+    """ExpertExchange's split sizes come from kept_counts: each rank's row must be exactly what its
+    capacity_keep admits; the choice-major priority matters (the planted rank-major rule fails)."""
+    assert _kept_counts_match(kept_counts, seed=0)
+    assert not _kept_counts_match(_shard_major_kept_counts, seed=0)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """The default process group as one gloo rank, for the expert-parallel path forced on at P = 1."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        world = torch.distributed.group.WORLD
+        yield ParallelLayout(world_size=1, rank=0, expert_parallel=1, batch_group=world, expert_group=world,
+                             expert_data_group=world, group_name="ep_size_1")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_one_rank_exchange_is_the_plain_layer(one_rank_group, mode):
+    """An MoE layer through ExpertExchange on a one-rank group (its P = 1 path, scripts/ep_overhead.py's
+    measurement) computes bit for bit what the layer computes alone, forward and backward: the
+    exchange only moves rows, and its split sizes are the layer's own kept counts."""
+    cfg = BluesConfig(**(BASE | MODES[mode]))
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    for w in moe.parameters():
+        torch.nn.init.normal_(w, std=0.5)
+    x = torch.randn(2, SEQ, cfg.hidden_size)
+    results = []
+    for layout in (None, one_rank_group):
+        moe.layout = layout
+        moe.zero_grad()
+        xg = x.clone().requires_grad_()
+        y, stats = moe(xg)
+        (y.square().sum() + stats.aux_loss).backward()
+        results.append((y, stats.dropped, xg.grad, *(w.grad for w in moe.parameters())))
+    if mode == "capacity":
+        assert results[0][1] > 0  # the capacity rule refused assignments
+    for plain, exchanged in zip(*results):
+        assert torch.equal(plain, exchanged)
 
 
 @pytest.mark.parametrize("world, p, experts, message", [
