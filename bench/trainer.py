@@ -36,6 +36,15 @@ QUICK_CONFIG = dict(hidden_size=32, head_dim=16, num_attention_heads=2, num_key_
 QUICK_DOCUMENTS = 40
 
 
+def quick_corpus(directory: Path) -> Path:
+    """--quick's corpus: the first documents of the embedded corpus as DIRECTORY/quick_corpus.jsonl
+    (a few real documents: tokenizing the whole corpus on two cores takes minutes)."""
+    path = directory / "quick_corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in load_documents()[:QUICK_DOCUMENTS]),
+                    encoding="utf-8")
+    return path
+
+
 def trainer_command(framework: str, wl: Workload, *, steps: int, out_dir: Path, data: Path | None,
                     compile: bool = False) -> list[str]:
     """The trainer's command line for a short run at the workload's shape (one device)."""
@@ -74,11 +83,7 @@ def trainer_train(framework: str, wl: Workload, *, steps: int, warmup: int, out:
     out_dir = root / f"{framework}-{wl.preset}-{variant}{'-quick' if wl.quick else ''}"
     shutil.rmtree(out_dir, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
-    data = None
-    if wl.quick:  # a few real documents: tokenizing the whole corpus on two cores takes minutes
-        data = root / "quick_corpus.jsonl"
-        data.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in load_documents()[:QUICK_DOCUMENTS]),
-                        encoding="utf-8")
+    data = quick_corpus(root) if wl.quick else None
     cmd = trainer_command(framework, wl, steps=warmup + steps, out_dir=out_dir.resolve(),
                           data=data.resolve() if data else None, compile=compile)
     shown = shlex.join(["python", *cmd[1:]])
