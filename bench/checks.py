@@ -279,20 +279,27 @@ def check_torch_model_paths(model, ids, tgt, device=None, *, fast_paths=None, co
     return ok, ("compiled " if compile_fn is not None else "model ") + text
 
 
+def training_compile(model):
+    """train_torch.py --compile's compile of `model` (blues_torch.training.compile_for_training: each
+    block of the training forward); returns the model, which now runs its blocks compiled."""
+    from blues_torch.training import compile_for_training
+    compile_for_training(model)
+    return model
+
+
 def check_torch_compiled_gradients(model, ids, tgt, compile_fn=None) -> tuple[bool, str]:
-    """The compiled training step (torch.compile by default) against the reference paths: the same
-    comparison as check_torch_model_paths, the fast run through the compiled model."""
-    import torch
-    return check_torch_model_paths(model, ids, tgt, compile_fn=compile_fn or torch.compile)
+    """The compiled training step (`training_compile` by default) against the reference paths: the
+    same comparison as check_torch_model_paths, the fast run through the compiled model."""
+    return check_torch_model_paths(model, ids, tgt, compile_fn=compile_fn or training_compile)
 
 
 def compiled_gradient_errors(model, ids, tgt, compile_fn=None, autocast: bool = True) -> dict[str, tuple[float, float]]:
-    """One training forward and backward, compiled (`compile_fn`, torch.compile by default) and
+    """One training forward and backward, compiled (`compile_fn`, `training_compile` by default) and
     eager, both in bf16, and the eager float32 reference, router noise off so that all take the same
     routes as far as rounding lets them: each parameter's (compiled's, eager bf16's) relative gradient
     error against the reference (compiled's 1.0 where it gave none). autocast: bf16 autocast over the
     model's float32 weights (the reference: autocast off); else the model is bf16 (DeepSpeed's mode)
-    and the reference a float32 copy of it."""
+    and the reference a float32 copy of it. The model's compiled blocks are as they were afterwards."""
     import copy
 
     import torch
@@ -301,6 +308,7 @@ def compiled_gradient_errors(model, ids, tgt, compile_fn=None, autocast: bool = 
     saved = [m.config for m in owners]
     for m in owners:
         m.config = quiet
+    saved_block, model.compiled_block = model.compiled_block, None  # the eager runs are eager
 
     def gradients(run, module, bf16_autocast):
         module.zero_grad(set_to_none=True)
@@ -315,10 +323,11 @@ def compiled_gradient_errors(model, ids, tgt, compile_fn=None, autocast: bool = 
         reference = gradients(reference_model, reference_model, False)
         del reference_model
         eager = gradients(model, model, autocast)
-        compiled = gradients((compile_fn or torch.compile)(model), model, autocast)
+        compiled = gradients((compile_fn or training_compile)(model), model, autocast)
     finally:
         for m, cfg in zip(owners, saved):
             m.config = cfg
+        model.compiled_block = saved_block
 
     def rel_to_reference(name, grads):
         return _torch_rel(grads[name], reference[name]) if name in grads else 1.0

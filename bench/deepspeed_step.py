@@ -145,13 +145,14 @@ def build_engine(wl: Workload, *, optimizer: str = "auto", compile: bool = False
                  seed: int = 0, check: bool = False, fast_norms: bool = True):
     """-> (engine, device, note, checks): train_torch.py's DeepSpeed engine for wl in this process.
 
-    overrides: keys of the config to replace (scripts/ds_variants.py); compile: `engine.compile()`,
-    from a fresh dynamo state. The memory counters are reset after the attention check (check=True).
+    overrides: keys of the config to replace (scripts/ds_variants.py); compile: the trainer's per-block
+    compile of the engine's module (blues_torch.training.compile_for_training), from a fresh dynamo
+    state. The memory counters are reset after the attention check (check=True).
     fast_norms=False: DeepSpeed's own per-gradient norm and overflow loops (blues_torch/deepspeed_norms.py)."""
     import deepspeed
     import torch
     from blues_torch import BluesModel, deepspeed_norms
-    from blues_torch.training import param_groups
+    from blues_torch.training import compile_for_training, param_groups
 
     init_single_rank()
     device = torch_device()
@@ -176,13 +177,13 @@ def build_engine(wl: Workload, *, optimizer: str = "auto", compile: bool = False
                                            model_parameters=param_groups(model, ds_cfg["optimizer"]["params"]["weight_decay"]))
     if compile:
         fresh_torch_compile()
-        engine.compile()
+        compile_for_training(engine.module)
     return engine, device, note, checks
 
 
 def deepspeed_train(wl: Workload, *, steps: int, warmup: int, optimizer: str = "auto", compile: bool = False,
                     check: bool = True, seed: int = 0, overrides: dict | None = None) -> Row:
-    """compile: the engine's own `engine.compile()`, as `train_torch.py --deepspeed ... --compile`."""
+    """compile: the engine's module compiled block by block, as `train_torch.py --deepspeed ... --compile`."""
     variant = "zero2-compile" if compile else "zero2"
     reason = deepspeed_available()
     if reason is not None:
@@ -201,7 +202,7 @@ def deepspeed_train(wl: Workload, *, steps: int, warmup: int, optimizer: str = "
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     if compile:
         fresh_torch_compile()
-    # the trainer's step over the engine (bf16 module: no autocast; --compile: the engine's own compile)
+    # the trainer's step over the engine (bf16 module: no autocast; --compile: the module's blocks compiled)
     train_step = TrainStep(engine.module, engine.optimizer, dist=Dist(False), grad_clip=GRAD_CLIP, precision="bf16",
                            gen=gen, engine=engine, compile=compile)
     losses = []

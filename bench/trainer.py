@@ -46,6 +46,15 @@ def quick_corpus(directory: Path) -> Path:
     return data
 
 
+def quick_corpus(directory: Path) -> Path:
+    """--quick's corpus: the first documents of the embedded corpus as DIRECTORY/quick_corpus.jsonl
+    (a few real documents: tokenizing the whole corpus on two cores takes minutes)."""
+    path = directory / "quick_corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in load_documents()[:QUICK_DOCUMENTS]),
+                    encoding="utf-8")
+    return path
+
+
 def trainer_command(framework: str, wl: Workload, *, steps: int, out_dir: Path, data: Path | None,
                     compile: bool = False) -> list[str]:
     """The trainer's command line for a short run at the workload's shape (one device)."""

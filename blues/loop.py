@@ -5,6 +5,8 @@
 and decides everything that does not depend on the framework: the learning rate of each step
 (blues/schedule.py), the non-finite-step guard, metrics, the progress bar, loss spikes, and when to
 evaluate and save. The framework's side (`Trainer`) takes one optimizer step, evaluates and saves.
+The process's first step and first evaluation are logged with the seconds since it started
+("first step after 12.3 s (compile included)"; scripts/time_to_first_step.py reads them).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from blues.metrics import MetricsLogger
 from blues.schedule import learning_rate
 from blues.train_args import TrainArgs
 from blues.train_loop import (BadStepGuard, GracefulStop, Progress, SpikeDetector, StepTimer, invoked_script, log,
-                              resume_command, summary_line)
+                              resume_command, seconds_since_start, summary_line)
 
 
 @dataclass
@@ -43,12 +45,16 @@ def train(trainer: Trainer, args: TrainArgs, step: int, *, guard: BadStepGuard, 
     progress = Progress(args.max_steps, step, enabled=is_main)
     timer = StepTimer()
     last_loss, val_loss = None, None
+    step_logged = eval_logged = False  # the first step and evaluation of this process
     try:
         while step < args.max_steps:
             timer.restart()
             lr = learning_rate(step, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
                                max_steps=args.max_steps)
             result = trainer.step(lr, (step + 1) in args.inject_nan)
+            if not step_logged and is_main:
+                log(f"first step after {seconds_since_start():.1f} s (compile included)")
+            step_logged = True
             loss, grad_norm = result.losses[0], result.grad_norm
             ok = guard.check(loss, grad_norm)
             if ok and not result.applied:  # the framework skipped an update the guard thought fine
@@ -79,7 +85,13 @@ def train(trainer: Trainer, args: TrainArgs, step: int, *, guard: BadStepGuard, 
                 log(f"--max_minutes {args.max_minutes:g} reached after step {step}: finishing the run here")
             last = step == args.max_steps or result.out_of_time
             if step % args.eval_every == 0 or last:
+                began = seconds_since_start()
                 val_loss = trainer.evaluate(step)
+                if not eval_logged and is_main:
+                    done = seconds_since_start()
+                    log(f"first evaluation after {done:.1f} s ({done - began:.1f} s for the evaluation itself, "
+                        f"compile included)")
+                eval_logged = True
             if step == args.stop_after and not stop:
                 stop.requested = f"--stop_after {step}"
             if stop:

@@ -223,8 +223,9 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
     p.add_argument("--inject_nan", help=argparse.SUPPRESS, metavar="STEPS")  # tests only (docstring)
     p.add_argument("--stop_after", help=argparse.SUPPRESS, type=int, metavar="N")  # tests only (docstring)
     if framework == "torch":
-        add("--compile", "run the training forward and backward under torch.compile (GPU: ~1.5x the "
-            "tokens/s of eager at the bench size, docs/performance.md; the first step compiles)",
+        add("--compile", "run the training forward and backward under torch.compile, block by block (GPU: "
+            "~1.4x the tokens/s of eager at the bench size, docs/performance.md; the first step compiles, a "
+            "repeated run loads the compiled graphs from BLUES_CACHE/inductor)",
             action="store_true")
         add("--expert_parallel", "P: split every layer's experts over groups of P ranks (tokens move by "
             "all-to-all; P divides the rank count and tot_num_experts; under torchrun or deepspeed)",

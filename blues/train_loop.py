@@ -8,6 +8,7 @@
 - `RunDir`: creates the output directory only once work starts, removes it if the run fails
   before writing its first checkpoint (a run that failed leaves nothing half-written behind).
 - `EvalAccumulator`: token-weighted validation loss and expert statistics over batches.
+- `seconds_since_start`: this process's age (the trainers' time-to-first-step lines).
 - `reuse_freed_host_memory`: keep glibc from returning big freed buffers to the OS (CPU speed).
 """
 from __future__ import annotations
@@ -291,6 +292,23 @@ class TimeBudget:
 
     def expired(self) -> bool:
         return self.seconds is not None and time.monotonic() - self.t0 >= self.seconds
+
+
+_IMPORTED = time.time()
+
+
+def seconds_since_start() -> float:
+    """Seconds since this process started: on Linux from its start time (/proc/self/stat), so the
+    interpreter's start-up and the imports count; elsewhere since this module was imported."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime: clock ticks after boot
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        if age >= 0:
+            return age
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    return time.time() - _IMPORTED
 
 
 class StepTimer:

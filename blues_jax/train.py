@@ -21,7 +21,8 @@ skips the update (inside the compiled step) and `--max_bad_steps` consecutive on
 and interrupt deterministically with `--stop_after N` (blues/train_args.py).
 
 Compiled programs are cached on disk (BLUES_CACHE/xla, or JAX_COMPILATION_CACHE_DIR), so a second run
-of the same configuration starts training within seconds.
+of the same configuration starts training within seconds; the evaluation's programs compile in the
+background after the first step (blues_jax/precompile.py), so the first evaluation does not wait for them.
 """
 from __future__ import annotations
 
@@ -51,8 +52,9 @@ from blues.train_loop import (SAMPLE_PROMPT, SAMPLE_TOKENS, BadStepGuard, BestEx
 from blues_jax.attention import resolve_attn_impl
 from blues_jax.checkpoint import Checkpointer, discard_later_checkpoints, seal_finished_saves
 from blues_jax.distributed import agree, build_mesh, enable_compilation_cache, init_distributed, sync, topology
-from blues_jax.training import (build_train_state, canonical_arrays, evaluate, make_eval_step, make_next_logits,
-                                make_train_step, put_batch, restore_state, run_dtype)
+from blues_jax.precompile import BackgroundCompile
+from blues_jax.training import (NextLogits, build_train_state, canonical_arrays, eval_step_arguments, evaluate,
+                                make_eval_step, make_train_step, put_batch, restore_state, run_dtype)
 
 SCRIPT = "train_jax.py"
 
@@ -73,8 +75,9 @@ class JaxTrainer:
         self.eval_step = make_eval_step(eval_graph, shardings)
         prompt = len(tokenizer.encode(SAMPLE_PROMPT))
         self.sample_window = min(args.seq_len, 1 << (prompt + SAMPLE_TOKENS - 1).bit_length())
-        self.next_logits = make_next_logits(sample_graph, shardings, self.sample_window)
+        self.next_logits = NextLogits(sample_graph, shardings, self.sample_window)
         self.params = self.opt_state = self.rng = None
+        self.ahead = None  # BackgroundCompile of the evaluation's programs, started after the first step
 
     def batches(self):
         """The next optimizer step's micro-batches, on the mesh: inputs and targets [G, global B, T]."""
@@ -89,6 +92,10 @@ class JaxTrainer:
         self.params, self.opt_state, self.rng, out = self.train_step(self.params, self.opt_state, self.rng, inputs,
                                                                      targets, np.float32(lr), np.bool_(inject_nan))
         losses = [float(v) for v in np.asarray(out["losses"])]  # waits for the step
+        if self.ahead is None:  # the evaluation's programs compile beside the next training steps
+            self.ahead = BackgroundCompile([
+                (self.eval_step, eval_step_arguments(self.params, self.rng, self.args, self.topo, self.shardings)),
+                (self.next_logits.last_logits, self.next_logits.arguments(self.params, self.rng))])
         # --max_minutes: process 0 decides, so that every process stops after the same step
         out_of_time = agree(self.budget.expired()) if self.budget.seconds is not None else False
         return StepResult(losses, float(out["grad_norm"]), out_of_time=out_of_time)
@@ -103,11 +110,21 @@ class JaxTrainer:
                  "data": self.train_iter.state_dict(), "bad_steps": self.guard.state_dict()}
         self.checkpointer.save(step, self.params, self.opt_state, self.rng, state)
 
+    def wait_for_compiles(self) -> None:
+        """Let the background compile finish (before the first evaluation, and before exiting)."""
+        if self.ahead is not None:
+            self.ahead.wait()
+            if self.is_main:
+                for failure in self.ahead.failures:
+                    log(f"note: compiling ahead failed ({failure}); it compiles when first called")
+            self.ahead.failures.clear()
+
     def evaluate(self, step: int) -> float:
+        self.wait_for_compiles()
         params, rng = self.params, self.rng
         acc = evaluate(self.eval_step, params, rng, self.splits.val, self.args, self.topo, self.shardings)
         self.best.update(step, acc.loss, lambda: canonical_arrays(params, self.args.model_config))
-        next_logits = self.next_logits(params, rng)
+        next_logits = self.next_logits.bind(params, rng)
         sample = dict(step=step, context=self.sample_window, seed=self.args.seed)
         if self.is_main:
             self.metrics.log_eval(step=step, val_loss=acc.loss, experts=acc.experts.summary())
@@ -173,6 +190,7 @@ def main(argv) -> int:
             result = train(trainer, args, step, guard=guard, metrics=metrics, stop=stop, is_main=is_main,
                            tokens_per_step=args.batch_size * topo["dp"] * args.seq_len * args.grad_accum)
         finally:
+            trainer.wait_for_compiles()
             checkpointer.close()  # waits for the asynchronous save in flight, then seals it
         metrics.close()
         if is_main:

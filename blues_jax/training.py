@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from blues.adamw import BETAS, EPS, decays
 from blues.canonical import flatten, from_module_arrays
@@ -174,15 +174,16 @@ def _optimizer_shardings(tx, params, param_shardings, replicated):
                                  transform_non_params=lambda _: replicated)
 
 
-def _abstract(tree, shardings):
+def abstract_arrays(tree, shardings):
+    """Abstract values (shape, dtype, sharding) of a tree of arrays placed on `shardings`."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def restore_state(path: Path, params, opt_state, rng, shardings):
     """A checkpoint's params, optimizer state and RNG streams, placed on this run's shardings."""
-    abstract = {"params": _abstract(params, shardings["params"]),
-                "opt_state": _abstract(opt_state, shardings["opt_state"]),
-                "rng": _abstract(keys_to_data(rng), shardings["rng"])}
+    abstract = {"params": abstract_arrays(params, shardings["params"]),
+                "opt_state": abstract_arrays(opt_state, shardings["opt_state"]),
+                "rng": abstract_arrays(keys_to_data(rng), shardings["rng"])}
     restored = restore_arrays(path, abstract)
     return restored["params"], restored["opt_state"], data_to_keys(restored["rng"], rng)
 
@@ -217,10 +218,22 @@ def eval_rows(batch_size: int, seq_len: int) -> int:
     return max(r for r in range(1, batch_size + 1) if batch_size % r == 0 and r <= budget)
 
 
+def eval_batch_shape(args: TrainArgs, topo: dict) -> tuple[int, int]:
+    """The global shape of one evaluation forward's inputs: `eval_rows` rows on every data-parallel shard."""
+    return topo["dp"] * eval_rows(args.batch_size, args.seq_len), args.seq_len
+
+
+def eval_step_arguments(params, rng, args: TrainArgs, topo: dict, shardings: dict) -> tuple:
+    """The evaluation step's arguments as abstract values (shapes, dtypes, shardings), to compile it ahead."""
+    batch = jax.ShapeDtypeStruct(eval_batch_shape(args, topo), jnp.int32, sharding=shardings["batch"])
+    return abstract_arrays(params, shardings["params"]), abstract_arrays(rng, shardings["rng"]), batch, batch
+
+
 def evaluate(eval_step, params, rng, val_tokens, args: TrainArgs, topo: dict, shardings: dict) -> EvalAccumulator:
     """Token-weighted validation loss and expert utilization over `--eval_batches` global batches."""
     cfg, t = args.model_config, args.seq_len
     rows = eval_rows(args.batch_size, t)
+    shape = eval_batch_shape(args, topo)
     acc = EvalAccumulator()
     for x, y in eval_batches(val_tokens, t, topo["local_batch"], args.eval_batches, rank=topo["process"],
                              world_size=topo["processes"], vocab_size=cfg.vocab_size):
@@ -230,14 +243,13 @@ def evaluate(eval_step, params, rng, val_tokens, args: TrainArgs, topo: dict, sh
         for start in range(0, args.batch_size, rows):
             xc = xs[:, start:start + rows].reshape(-1, t)  # [D * rows, T]
             yc = ys[:, start:start + rows].reshape(-1, t)
-            shape = (topo["dp"] * rows, t)
             lm_loss, counts, dropped = eval_step(params, rng, put_batch(xc, shardings["batch"], shape),
                                                  put_batch(yc, shardings["batch"], shape))
             acc.update(float(lm_loss), shape[0] * t, np.asarray(counts), np.asarray(dropped))
     return acc
 
 
-def make_next_logits(graph, shardings: dict, window: int):
+class NextLogits:
     """`bind(params, rng)` -> `next_logits(ids [1, t]) -> [V]` for blues.train_loop's sample continuations.
 
     The samples are a host loop of tiny forwards, so they run on ONE local device of each process
@@ -245,24 +257,39 @@ def make_next_logits(graph, shardings: dict, window: int):
     mesh-wide launch and all-to-all. Every call has the shape [1, window] (ids left-aligned,
     zero-padded; the causal mask keeps the padding out of position t-1), so it compiles once.
     """
-    gather = jax.jit(lambda tree: tree, out_shardings=shardings["replicated"])  # every device holds all
 
-    @jax.jit
-    def last_logits(params, rng, ids, t):
-        logits = nnx.merge(graph, params, rng)(ids).logits  # [1, window, V]
-        return jax.lax.dynamic_index_in_dim(logits[0], t - 1, axis=0, keepdims=False)  # [V]
+    def __init__(self, graph, shardings: dict, window: int):
+        self.window = window
+        self.device = shardings["replicated"].mesh.local_devices[0]
+        self.gather = jax.jit(lambda tree: tree, out_shardings=shardings["replicated"])  # every device holds all
 
-    def bind(params, rng):
-        local = jax.tree.map(lambda x: x.addressable_data(0), gather((params, rng)))  # on one local device
-        device = jax.tree.leaves(local)[0].device
+        @jax.jit
+        def last_logits(params, rng, ids, t):
+            logits = nnx.merge(graph, params, rng)(ids).logits  # [1, window, V]
+            return jax.lax.dynamic_index_in_dim(logits[0], t - 1, axis=0, keepdims=False)  # [V]
+
+        self.last_logits = last_logits
+
+    def bind(self, params, rng):
+        device, one = self.device, SingleDeviceSharding(self.device)
+
+        def on_device(x):  # this device's copy of a gathered array (the whole array: no transfer)
+            return jax.device_put(next(s.data for s in x.addressable_shards if s.device == device), one)
+
+        local = jax.tree.map(on_device, self.gather((params, rng)))
 
         def next_logits(ids: np.ndarray) -> np.ndarray:
             t = ids.shape[1]
-            buf = np.zeros((1, window), dtype=np.int32)  # [1, window]
+            buf = np.zeros((1, self.window), dtype=np.int32)  # [1, window]
             buf[:, :t] = ids
             x = jax.device_put(buf, device)
-            return np.asarray(last_logits(*local, x, jax.device_put(np.int32(t), device)), dtype=np.float32)
+            return np.asarray(self.last_logits(*local, x, jax.device_put(np.int32(t), device)), dtype=np.float32)
 
         return next_logits
 
-    return bind
+    def arguments(self, params, rng) -> tuple:
+        """`last_logits`' arguments as abstract values on the sampling device, to compile it ahead."""
+        one = SingleDeviceSharding(self.device)  # as `bind` places them
+        on_device = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one)  # noqa: E731
+        ids = jax.ShapeDtypeStruct((1, self.window), jnp.int32, sharding=one)  # [1, window]
+        return (*jax.tree.map(on_device, (params, rng)), ids, jax.ShapeDtypeStruct((), jnp.int32, sharding=one))

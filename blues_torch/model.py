@@ -199,6 +199,12 @@ class Block(nn.Module):
         return h, stats
 
 
+def _run_block(block: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               noise: torch.Tensor | None) -> tuple[torch.Tensor, RouterStats]:
+    """One block of the training forward: what BluesModel.compile_blocks hands to torch.compile."""
+    return block(h, cos, sin, noise)
+
+
 class BluesModel(nn.Module):
     """Embedding (tied LM head) -> L blocks -> final RMSNorm -> logits."""
 
@@ -218,7 +224,18 @@ class BluesModel(nn.Module):
         self.embed = nn.Parameter(torch.empty(config.padded_vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(Block(config, attn_impl=attn_impl) for _ in range(config.num_layers))
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.compiled_block = None  # compile_blocks(): runs each block of the training forward
         self.init_weights()
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """torch.compile the blocks of the training forward (train mode, no KV cache), one block at a
+        time as torchtitan does: the blocks are identical modules, so they pass the same guards and
+        share one compiled graph (forward and backward), and compile time does not grow with depth.
+        The compiled function takes the block as an argument rather than replacing its `__call__`,
+        so evaluation and decoding (eval mode, other shapes) stay eager and never recompile it. The
+        embedding, the final norm and the chunked loss (its own Triton kernel) run outside it, and
+        with gradient checkpointing the blocks run eagerly."""
+        self.compiled_block = torch.compile(_run_block, **compile_kwargs)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -270,6 +287,8 @@ class BluesModel(nn.Module):
             layer_noise = None if noise is None else noise[i]  # [N, E]
             if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
                 h, s = checkpoint(layer, h, cos, sin, layer_noise, use_reentrant=False)
+            elif self.compiled_block is not None and self.training and cache is None:
+                h, s = self.compiled_block(layer, h, cos, sin, layer_noise)
             else:
                 h, s = layer(h, cos, sin, layer_noise, cache, i)
             stats.append(s)

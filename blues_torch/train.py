@@ -11,6 +11,10 @@ Flags: `python train_torch.py --help` (shared with train_jax.py: blues/train_arg
 blues_torch/training.py, the loop blues/loop.py, checkpoints blues_torch/checkpoint.py, the DeepSpeed
 config merge blues_torch/deepspeed_config.py.
 
+`--compile` compiles each transformer block of the training forward (one graph for all of them,
+blues_torch/training.py); compiled graphs are cached on disk (BLUES_CACHE/inductor, or
+TORCHINDUCTOR_CACHE_DIR), so a second run of the same configuration loads them instead of compiling.
+
 Faults: SIGINT/SIGTERM finish the step, checkpoint and exit 0; a non-finite loss or gradient norm skips
 the update, and `--max_bad_steps` consecutive ones stop the run (exit 1) with a checkpoint. Tests use
 the hidden flags `--inject_nan STEP[,STEP]` and `--stop_after N` (blues/train_args.py). With
@@ -49,8 +53,8 @@ from blues_torch.deepspeed_config import resolve_deepspeed_config
 from blues_torch.distributed import Dist
 from blues_torch.expert_parallel import build_layout, check_layout, parallelize
 from blues_torch.state_dict_adapter import load_canonical
-from blues_torch.training import (TrainStep, autocast_for, compiled_graphs, evaluate, make_engine, make_next_logits,
-                                  make_optimizer, to_device)
+from blues_torch.training import (TrainStep, autocast_for, compile_cache_hits, compiled_graphs, evaluate, make_engine,
+                                  make_next_logits, make_optimizer, to_device, use_compile_cache)
 
 SCRIPT = "train_torch.py"
 # DeepSpeed's ZeRO calls a collective that torch deprecated; the warning is not ours to act on.
@@ -111,6 +115,7 @@ def main(argv) -> int:
     started = time.time()
     budget = TimeBudget(args.max_minutes)
     reuse_freed_host_memory()  # CPU: no page-faulting of the LM head's big buffers every step
+    compile_cache = use_compile_cache()  # before anything compiles (--compile, the loss's chunk softmax)
 
     dist = Dist(args.deepspeed is not None)
     ds_config, file_sources = None, {}
@@ -191,9 +196,10 @@ def main(argv) -> int:
         result = loop.train(trainer, args, step, guard=guard, metrics=metrics, stop=stop, is_main=dist.is_main,
                             tokens_per_step=args.batch_size * args.seq_len * args.grad_accum * dist.world_size)
         if args.compile and dist.is_main:  # recompiling every step would be a silent slowdown: say so
+            hits, misses = compile_cache_hits()
             log(f"torch.compile: {compiled_graphs()} graph(s) compiled for the training step, "
                 f"{trainer.graphs_first_step if trainer.graphs_first_step is not None else '?'} of them by the end "
-                f"of its first step")
+                f"of its first step; {hits} of {hits + misses} inductor graph(s) loaded from {compile_cache}")
         metrics.close()
         write_param_hash(model, args.out_dir, dist.rank, "final")
         if dist.is_main:

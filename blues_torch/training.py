@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir as inductor_default_cache_dir
 
 from blues.adamw import BETAS, EPS, decays
-from blues.data import eval_batches
+from blues.data import default_cache_dir, eval_batches
 from blues.train_args import TrainArgs
 from blues.train_loop import EvalAccumulator
 from blues_torch.distributed import Dist
@@ -69,21 +72,37 @@ def to_device(batch, device):
             torch.from_numpy(y).to(device, non_blocking=True).long())  # [B, T]
 
 
-def compile_for_training(train_model, engine):
-    """--compile: torch.compile the module that runs the training forward (DeepSpeed: its engine's
-    own compile). Only the training step is compiled; evaluation and sampling stay eager.
-    `fallback_random` makes compiled dropout draw the same numbers as eager from the same RNG state,
-    so the run's random streams, checkpoints and exact resume mean what they mean in eager mode."""
+def compile_for_training(model) -> None:
+    """--compile: torch.compile each transformer block of the training forward (BluesModel.compile_blocks:
+    one graph that every block shares; DeepSpeed's engine runs the same module, so no engine.compile()).
+    Evaluation and sampling stay eager. `fallback_random` makes compiled dropout draw the same numbers
+    as eager from the same RNG state, so the run's random streams, checkpoints and exact resume mean
+    what they mean in eager mode. Compiled graphs are kept on disk (use_compile_cache)."""
     torch._inductor.config.fallback_random = True
-    if engine is not None:
-        engine.compile()
-        return engine
-    return torch.compile(train_model)
+    model.compile_blocks()
+
+
+def use_compile_cache() -> Path:
+    """Keep torch.compile's on-disk caches (inductor's FX graph and AOTAutograd caches, the Triton
+    kernels it generates) in BLUES_CACHE/inductor, beside JAX's BLUES_CACHE/xla, rather than in
+    torch's /tmp/torchinductor_$USER, so a repeated or resumed run loads its compiled graphs instead
+    of compiling them. A TORCHINDUCTOR_CACHE_DIR of the user's wins. Inductor reads the variable on
+    every cache access; importing torch._dynamo writes torch's default into it, which counts as unset.
+    Returns the directory."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, "", os.path.abspath(inductor_default_cache_dir())):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str((default_cache_dir() / "inductor").absolute())
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
 def compiled_graphs() -> int:
     from torch._dynamo.utils import counters
     return counters["stats"]["unique_graphs"]
+
+
+def compile_cache_hits() -> tuple[int, int]:
+    """(hits, misses) of inductor's on-disk FX graph cache in this process so far."""
+    from torch._dynamo.utils import counters
+    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
 
 
 def autocast_for(precision: str, device, engine) -> contextlib.AbstractContextManager:
@@ -105,7 +124,7 @@ class TrainStep:
         self.layout = layout  # several plain ranks (torchrun): gradients reduced by expert_parallel's rules
         self.forward = engine if engine is not None else model
         if compile:
-            self.forward = compile_for_training(self.forward, engine)
+            compile_for_training(model)
         self.max_norm = grad_clip if grad_clip > 0 else float("inf")
         self.precision = precision
         self.params = list(model.parameters())

@@ -32,7 +32,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", nargs="+", default=["tiny", "bench"])
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    p.add_argument("--compile", action="store_true", help="each engine through engine.compile()")
+    p.add_argument("--compile", action="store_true",
+                   help="each engine's module compiled block by block, as train_torch.py --compile")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     args = p.parse_args()

@@ -105,7 +105,7 @@ def report(step, iters: int) -> None:
 
 def whole_steps(preset: str, iters: int) -> None:
     """The same tables for whole training steps: plain PyTorch compiled (float32 weights, autocast) and
-    the DeepSpeed engine through engine.compile() (bf16 module), as scripts/profile_gpu.py runs them."""
+    the DeepSpeed engine with its module compiled (bf16 module), as scripts/profile_gpu.py runs them."""
     from bench import deepspeed_step
     from bench.train_step import random_batch, train_workload
     from scripts.profile_gpu import _plain_step
@@ -118,7 +118,7 @@ def whole_steps(preset: str, iters: int) -> None:
     forward, backward, update = _plain_step(wl, ids, tgt, compile=True)
     engine = deepspeed_step.build_engine(wl, compile=True)[0]
     paths = {"PyTorch, torch.compile": lambda: (backward(forward()), update()),
-             "DeepSpeed ZeRO-2, engine.compile()": lambda: (engine.backward(engine(ids, tgt).loss), engine.step())}
+             "DeepSpeed ZeRO-2, compiled": lambda: (engine.backward(engine(ids, tgt).loss), engine.step())}
     for name, step in paths.items():
         for _ in range(3):
             step()

@@ -22,7 +22,7 @@ the top kernels by GPU time.
 op and source line it came from, the ops fused), which the kernel names alone do not say.
 
 `deepspeed-train`: the compiled PyTorch step, the DeepSpeed engine eager (with DeepSpeed's own
-per-gradient norm loops, then blues_torch/deepspeed_norms.py's) and through `engine.compile()`,
+per-gradient norm loops, then blues_torch/deepspeed_norms.py's) and compiled (the trainer's per-block compile),
 each timed by phase (forward, backward, optimizer step; synchronised between phases, medians) and
 whole (unsynchronised); then the compiled engine's GPU kernels and, by Python's profiler, the host
 time of its backward and step by DeepSpeed function: where the engine's own cost goes.
@@ -58,7 +58,7 @@ from blues.config import BluesConfig  # noqa: E402
 from blues_torch import BluesModel  # noqa: E402
 from blues_torch.distributed import Dist  # noqa: E402
 from blues_torch.generation import _decoder, generate  # noqa: E402
-from blues_torch.training import TrainStep, make_optimizer  # noqa: E402
+from blues_torch.training import TrainStep, compile_for_training, make_optimizer  # noqa: E402
 
 GIB, MIB = 2 ** 30, 2 ** 20
 
@@ -486,7 +486,9 @@ def _plain_step(wl, ids, tgt, compile: bool, loss_chunk_size: int | None = None)
     opt = make_optimizer(model, lr=LR, weight_decay=WEIGHT_DECAY, device=ids.device)
     if compile:
         fresh_torch_compile()
-    run = torch.compile(model) if compile else model
+    if compile:
+        compile_for_training(model)  # the trainer's --compile: each block compiled
+    run = model
     params = list(model.parameters())
 
     def forward():
@@ -547,9 +549,9 @@ def deepspeed_train(args) -> None:
         engine, _, note, _ = deepspeed_step.build_engine(wl, compile=compile, fast_norms=fast_norms)
         step = (lambda: engine(ids, tgt).loss, engine.backward, engine.step)
         norms = "" if fast_norms else ", own norms"
-        report(f"DeepSpeed ZeRO-2, {'engine.compile()' if compile else 'eager'}{norms}", _phases(*step, args.steps))
+        report(f"DeepSpeed ZeRO-2, {'compiled' if compile else 'eager'}{norms}", _phases(*step, args.steps))
         if compile:
-            tables.append(("DeepSpeed ZeRO-2, engine.compile()", _profile_steps(_whole(*step), args.steps)))
+            tables.append(("DeepSpeed ZeRO-2, compiled", _profile_steps(_whole(*step), args.steps)))
         else:
             del engine, step
             gc.collect()
@@ -576,7 +578,7 @@ def deepspeed_train(args) -> None:
                 engine.step()
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(args.top)
-        print(f"\n== host time in DeepSpeed's {phase} (engine.compile(), cProfile, {args.steps} calls; "
+        print(f"\n== host time in DeepSpeed's {phase} (compiled, cProfile, {args.steps} calls; "
               "synchronize = waiting for the GPU)")
         print("\n".join(line for line in out.getvalue().splitlines()[3:] if line.strip()))
 

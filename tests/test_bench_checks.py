@@ -116,9 +116,10 @@ def test_torch_model_check_catches(torch_inputs, bug):
 
 
 def test_torch_compiled_check_passes_and_catches_a_lost_path(torch_inputs):
-    """The compiled step through dynamo and AOTAutograd (aot_eager: no C++ build on a CPU) passes;
-    a "compiler" whose step keeps the forward but loses every gradient path but the embedding's (what
-    torch 2.11 did to the layers) fails on the gradients."""
+    """The compiled step through dynamo and AOTAutograd (aot_eager: no C++ build on a CPU), the whole
+    model and block by block as train_torch.py --compile runs it, passes; a "compiler" whose step
+    keeps the forward but loses every gradient path but the embedding's (what torch 2.11 did to the
+    layers) fails on the gradients."""
     import types
 
     import torch
@@ -126,6 +127,14 @@ def test_torch_compiled_check_passes_and_catches_a_lost_path(torch_inputs):
     ok, text = checks.check_torch_compiled_gradients(model, ids, tgt,
                                                      compile_fn=lambda m: torch.compile(m, backend="aot_eager"))
     assert ok and text.startswith("compiled ") and "layer " in text, text
+
+    def per_block(m):  # train_torch.py --compile's form (checks.training_compile), on aot_eager
+        m.compile_blocks(backend="aot_eager")
+        return m
+
+    ok, text = checks.check_torch_compiled_gradients(model, ids, tgt, compile_fn=per_block)
+    assert ok and text.startswith("compiled ") and "layer " in text, text
+    assert model.compiled_block is None  # the check compiled its own copy
 
     def losing_compiler(m):
         def step(ids, tgt):

@@ -549,3 +549,39 @@ def test_greedy_argmax_is_first_maximum():
     for b, v in ((1, 1), (2, 127), (3, 128), (2, 129), (4, 1000), (2, 200019)):
         x = torch.randint(-2, 3, (b, v), generator=g).float()  # ties everywhere, within and across blocks
         assert torch.equal(greedy_argmax(x), x.argmax(-1)), (b, v)
+
+
+def test_compile_blocks_shares_one_graph_and_leaves_eval_eager():
+    """--compile's per-block compile: three blocks run one compiled `_run_block` entry (the blocks pass
+    the same guards: no per-layer recompile, compile time independent of depth), the training forward
+    and backward equal eager's, and eval mode never enters the compiled function. aot_eager: dynamo and
+    AOTAutograd without inductor's C++ build; the same ops, so only reordering-level differences."""
+    import torch._dynamo
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from blues_torch import model as tm
+
+    config = small_config(num_layers=3, router_noise_std=0.3)
+    torch.manual_seed(0)
+    eager, compiled = BluesModel(config).train(), BluesModel(config).train()
+    compiled.load_state_dict(eager.state_dict())
+    ids, targets = random_ids(config, 2, 10), random_ids(config, 2, 10, seed=1)
+    torch._dynamo.reset()
+    compiled.compile_blocks(backend="aot_eager")
+    losses = []
+    for model in (eager, compiled):
+        out = model(ids, targets, generator=torch.Generator().manual_seed(7))
+        out.loss.backward()
+        losses.append(out.loss.detach())
+    assert len(_debug_get_cache_entry_list(tm._run_block.__code__)) == 1
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        assert q.grad is not None, name
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+    calls = []
+    compiled.compiled_block = lambda *args: calls.append(args)  # eval mode must not reach it
+    compiled.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, eager.eval()(ids).logits, rtol=0, atol=0)
+    assert calls == []
