@@ -193,20 +193,8 @@ def _compiled(graphdef, params: SamplingParams):
         done, _, _, out_ids, cache = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, finished, out_ids, cache))
         return out_ids, done, cache
 
-    return (jax.jit(generate_all, donate_argnames="cache", compiler_options=_loop_compiler_options()),
-            jax.jit(prefill, donate_argnames="cache"), jax.jit(step, donate_argnames=("out_ids", "cache")))
-
-
-# XLA on a GPU replays runs of kernels as CUDA graphs ("command buffers") for the command kinds its
-# flag lists; the default list leaves out loops and conditionals, so every decode step of the
-# while_loop (and the expert dispatch's switch in each layer) goes back to the host to launch its
-# ~100 kernels. Listing WHILE and CONDITIONAL too makes the loop body a graph. Applied to the
-# whole-generation function only (a compile option, not a process-wide XLA_FLAGS setting).
-GPU_LOOP_COMMAND_BUFFERS = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
-
-
-def _loop_compiler_options() -> dict | None:
-    return {"xla_gpu_enable_command_buffer": GPU_LOOP_COMMAND_BUFFERS} if jax.default_backend() == "gpu" else None
+    return (jax.jit(generate_all, donate_argnames="cache"), jax.jit(prefill, donate_argnames="cache"),
+            jax.jit(step, donate_argnames=("out_ids", "cache")))
 
 
 _CACHES: dict = {}
