@@ -66,7 +66,7 @@ from blues.cli import ArgumentParser, run_main
 from blues.config import BluesConfig
 from blues.data import prepare_data
 from blues.errors import UsageError
-from blues.metrics import eval_records, read_metrics, train_records
+from blues.metrics import eval_records, parse_records, read_metrics, train_records
 from blues.train_args import DEFAULTS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -175,13 +175,7 @@ class MetricsTail:
         self.offset += len(data)
         lines = (self.partial + data).split(b"\n")
         self.partial = lines.pop()  # b"" after a complete last line
-        records = []
-        for line in lines:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return records
+        return parse_records(lines)
 
 
 def _kill(proc: subprocess.Popen) -> None:

@@ -42,11 +42,17 @@ def _clean(value):
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """Every complete record of a metrics.jsonl (a half-written last line is ignored)."""
-    records = []
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         return []
+    return parse_records(lines)
+
+
+def parse_records(lines) -> list[dict]:
+    """The JSON records among metrics.jsonl lines (str or bytes); a line that does not parse (a
+    half-written one) is skipped."""
+    records = []
     for line in lines:
         try:
             records.append(json.loads(line))
