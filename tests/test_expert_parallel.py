@@ -184,14 +184,20 @@ def test_kept_counts_are_capacity_keeps_per_rank_counts():
 
 @pytest.fixture
 def one_rank_group(tmp_path):
-    """The default process group as one gloo rank, for the expert-parallel path forced on at P = 1."""
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    """The default process group as one gloo rank, for the expert-parallel path forced on at P = 1.
+    An earlier test in this process may have left one (the bench's in-process DeepSpeed engine
+    initialises a one-rank group and keeps it): that one serves, and stays."""
+    owned = not torch.distributed.is_initialized()
+    if owned:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert torch.distributed.get_world_size() == 1
     try:
         world = torch.distributed.group.WORLD
         yield ParallelLayout(world_size=1, rank=0, expert_parallel=1, batch_group=world, expert_group=world,
                              expert_data_group=world, group_name="ep_size_1")
     finally:
-        torch.distributed.destroy_process_group()
+        if owned:
+            torch.distributed.destroy_process_group()
 
 
 @pytest.mark.parametrize("mode", list(MODES))
