@@ -91,7 +91,7 @@ def test_report_rows_table_vs_peer_and_merge(tmp_path):
     assert "train bench torch eager: 2.50x the peer's tokens/s (>= 2.5x: met), 0.50x its memory (<= 0.6x: met)" in table
     compact = res.table(compact=True)
     assert "| pass |" in compact and "attn ok" not in compact
-    # DeepSpeed is held to plain PyTorch like for like: eager engine vs eager, engine.compile() vs torch.compile
+    # DeepSpeed is held to plain PyTorch like for like: eager engine vs eager, compiled engine vs compiled
     res.add(Row(framework="torch", workload="train bench", variant="compile", tokens_per_s=200e3))
     res.add(Row(framework="torch+deepspeed", workload="train bench", variant="zero2", tokens_per_s=95e3))
     res.add(Row(framework="torch+deepspeed", workload="train bench", variant="zero2-compile", tokens_per_s=150e3))
