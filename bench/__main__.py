@@ -56,6 +56,9 @@ def parse_args(argv):
                    help="DeepSpeed's FusedAdam (deepspeed), its torch_adam switch (torch), or FusedAdam only if prebuilt (auto)")
     p.add_argument("--dense", default="auto", choices=("auto", "always", "never"),
                    help="measure the dense bf16 matmul rate (auto: if the results lack it for a framework used)")
+    p.add_argument("--jax-scan", default="off", choices=("on", "off", "both"),
+                   help="JAX blocks as one lax.scan (on; train_jax.py --scan_layers on), unrolled (off, the "
+                        "default), or both rows")
     p.add_argument("--jax-remat", action="store_true", help="train JAX with rematerialised blocks")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--table", default="full", choices=("full", "compact", "none"),
@@ -179,8 +182,9 @@ def run_sections(args, results) -> Runner:
                     r.run("torch", wl.name, train_step.torch_train, wl, steps=args.steps, warmup=args.warmup,
                           compile=compile, seed=args.seed)
             if "jax" in fws:
-                r.run("jax", wl.name, train_step.jax_train, wl, steps=args.steps, warmup=args.warmup,
-                      remat=args.jax_remat, seed=args.seed)
+                for scan in {"on": (True,), "off": (False,), "both": (True, False)}[args.jax_scan]:
+                    r.run("jax", wl.name, train_step.jax_train, wl, steps=args.steps, warmup=args.warmup,
+                          remat=args.jax_remat, scan_layers=scan, seed=args.seed)
     if "trainer" in args.sections:
         from bench import trainer, train_step
         for preset in args.presets:

@@ -402,8 +402,10 @@ def jax_check_model(config: BluesConfig, ids, attn_impl: str = "auto", seed: int
     from flax import nnx
     from blues_jax import BluesModel
     quiet = dataclasses.replace(config, router_noise_std=0.0, dropout=0.0)
+    # Unrolled blocks: the checks record each block's values as it runs, which a scan's body would
+    # hide (tests/test_jax_model.py holds the scan to the unrolled blocks).
     model = BluesModel(quiet, rngs=nnx.Rngs(seed), attn_impl=attn_impl, dtype=jnp.bfloat16,
-                       loss_chunk_size=loss_chunk_size)
+                       loss_chunk_size=loss_chunk_size, scan_layers=False)
     with jax_compute_dtype(model, jnp.float32):
         scales = jax_scale_branches(model, jnp.asarray(ids))
     for layer, (s_attn, s_moe) in zip(model.layers, scales):

@@ -181,7 +181,8 @@ def _train_row(framework, wl, variant, times, reading, checks, dense_framework, 
 
 # ==== JAX =============================================================================================
 
-def make_jax_train_step(config: BluesConfig, *, seed: int = 0, attn_impl: str = "auto", remat: bool = False):
+def make_jax_train_step(config: BluesConfig, *, seed: int = 0, attn_impl: str = "auto", remat: bool = False,
+                        scan_layers: bool = False):
     """blues_jax/training.py's step and state on a one-device mesh, bf16 compute, the bench's optimizer
     settings: (state, step, batch sharding); `step(*state, inputs [1, B, T], targets [1, B, T], lr,
     inject_nan)` -> (*state, metrics), the state (params, opt_state, rng) donated."""
@@ -193,7 +194,7 @@ def make_jax_train_step(config: BluesConfig, *, seed: int = 0, attn_impl: str = 
     mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
     graphs, tx, shardings, params, opt_state, rng = training.build_train_state(
         config, mesh, seed=seed, dtype=jnp.bfloat16, lr=LR, weight_decay=WEIGHT_DECAY, attn_impl=attn_impl,
-        remat=remat)
+        remat=remat, scan_layers=scan_layers)
     step = training.make_train_step(graphs[0], tx, shardings, grad_accum=1, grad_clip=GRAD_CLIP,
                                     weight_decay=WEIGHT_DECAY)
     return (params, opt_state, rng), step, shardings["micro_batches"]
@@ -209,7 +210,7 @@ def jax_step_inputs(config: BluesConfig, batch: int, seq: int, sharding, seed: i
 
 
 def jax_train(wl: Workload, *, steps: int, warmup: int, attn_impl: str = "auto", remat: bool = False,
-              check: bool = True, seed: int = 0) -> Row:
+              scan_layers: bool = False, check: bool = True, seed: int = 0) -> Row:
     import jax
 
     mem = PeakMemory("jax")
@@ -219,7 +220,8 @@ def jax_train(wl: Workload, *, steps: int, warmup: int, attn_impl: str = "auto",
               ] if check else []
     if checks:
         log(f"  checks: {'; '.join(c[1] for c in checks)}")
-    state, step_fn, sharding = make_jax_train_step(wl.config, seed=seed, attn_impl=attn_impl, remat=remat)
+    state, step_fn, sharding = make_jax_train_step(wl.config, seed=seed, attn_impl=attn_impl, remat=remat,
+                                                   scan_layers=scan_layers)
     inputs = jax_step_inputs(wl.config, wl.batch, wl.seq, sharding, seed)
     t0 = time.perf_counter()
     compiled = step_fn.lower(*state, *inputs).compile()
@@ -241,7 +243,8 @@ def jax_train(wl: Workload, *, steps: int, warmup: int, attn_impl: str = "auto",
     notes = f"{jax.default_backend()}; attn {_jax_backend(wl.config, attn_impl)}; compile {compile_s:.0f} s"
     if planned is not None:
         notes += f"; XLA plan {planned / 1024 ** 3:.2f} GiB"
-    return _train_row("jax", wl, "remat" if remat else "jit", times, reading, checks, "jax", notes)
+    variant = ("scan" if scan_layers else "jit") + (" remat" if remat else "")
+    return _train_row("jax", wl, variant, times, reading, checks, "jax", notes)
 
 
 def _jax_backend(config, attn_impl) -> str:

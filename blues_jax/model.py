@@ -184,11 +184,16 @@ def _run_block(block: Block, h, cos, sin, noise_key):
 _run_block_remat = nnx.remat(_run_block)  # recompute a block's activations in the backward pass
 
 
+def _stack(trees):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
 class BluesModel(nnx.Module):
     """Embedding (tied LM head) -> L blocks -> final RMSNorm -> logits."""
 
     def __init__(self, config: BluesConfig, *, rngs: nnx.Rngs, attn_impl: str = "auto",
-                 loss_chunk_size: int | None = None, remat: bool = False, dtype: jnp.dtype = jnp.float32):
+                 loss_chunk_size: int | None = None, remat: bool = False, scan_layers: bool = False,
+                 dtype: jnp.dtype = jnp.float32):
         if attn_impl not in ATTN_IMPLS:
             raise ConfigError(f"attn_impl '{attn_impl}' is unknown; choose one of {', '.join(ATTN_IMPLS)}")
         if loss_chunk_size is None:  # the config's width-aware default
@@ -198,6 +203,7 @@ class BluesModel(nnx.Module):
         self.config = config
         self.loss_chunk_size = loss_chunk_size
         self.remat = remat
+        self.scan_layers = scan_layers
         self.dtype = dtype
         self.deterministic = False  # training mode, like a fresh torch module; model.eval() flips it
         self.mesh: Mesh | None = None  # set by sharding.shard_model
@@ -232,21 +238,25 @@ class BluesModel(nnx.Module):
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)  # [T, Dh] or [B, T, Dh], float32
         noise_keys = self._router_noise_keys()  # [L] keys or None
 
-        run = _run_block_remat if self.remat else _run_block
-        stats: list[RouterStats] = []
-        for i, layer in enumerate(self.layers):
-            key = None if noise_keys is None else noise_keys[i]
-            if cache is None:
-                h, s = run(layer, h, cos, sin, key)
-            else:  # decoding (no remat: nothing is differentiated)
-                h, s = layer(h, cos, sin, key, cache, i)
-            stats.append(s)
+        if cache is None and self.scan_layers:
+            h, stats = self._scan_blocks(h, cos, sin, noise_keys)
+        else:
+            run = _run_block_remat if self.remat else _run_block
+            per_layer: list[RouterStats] = []
+            for i, layer in enumerate(self.layers):
+                key = None if noise_keys is None else noise_keys[i]
+                if cache is None:
+                    h, s = run(layer, h, cos, sin, key)
+                else:  # decoding
+                    h, s = layer(h, cos, sin, key, cache, i)
+                per_layer.append(s)
+            stats = _stack(per_layer)  # each field [L, ...]
         if cache is not None:
             cache.advance(t)
         h = self.final_norm(h)  # [B, T, d] float32
 
-        aux_loss = jnp.mean(jnp.stack([s.aux_loss for s in stats]))
-        z_loss = jnp.mean(jnp.stack([s.z_loss for s in stats]))
+        aux_loss = jnp.mean(stats.aux_loss)
+        z_loss = jnp.mean(stats.z_loss)
         head_in = h.astype(self.dtype)  # the LM-head GEMM runs in the compute dtype, logits float32
         if targets is not None and not self.deterministic:
             # Training never materialises [B, T, Vp] logits: the loss is computed chunk by chunk.
@@ -265,7 +275,27 @@ class BluesModel(nnx.Module):
 
         return BluesOutput(
             logits=logits, loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, z_loss=z_loss,
-            expert_indices=jnp.stack([s.indices for s in stats]),  # [L, B, T, k]
-            router_probs=jnp.stack([s.probs for s in stats]),  # [L, B, T, E]
-            expert_counts=jnp.stack([s.counts for s in stats]),  # [L, E]
-            dropped=jnp.stack([s.dropped for s in stats]))  # [L]
+            expert_indices=stats.indices,  # [L, B, T, k]
+            router_probs=stats.probs,  # [L, B, T, E]
+            expert_counts=stats.counts,  # [L, E]
+            dropped=stats.dropped)  # [L]
+
+    def _scan_blocks(self, h, cos, sin, noise_keys):
+        """The blocks as one `lax.scan` over their stacked parameters: XLA compiles one block, not L.
+        The parameters stay one array per layer (the layout table's); the stacking is part of the
+        step, and its gradient is the unstacking. The blocks' other state (dropout's key stream)
+        comes out of the scan and goes back into each block."""
+        run = _run_block_remat if self.remat else _run_block
+        graph = nnx.split(self.layers[0], nnx.Param, ...)[0]
+        params, rest = zip(*(nnx.split(layer, nnx.Param, ...)[1:] for layer in self.layers))
+
+        def body(h, xs):
+            p, r, key = xs
+            block = nnx.merge(graph, p, r)
+            h, s = run(block, h, cos, sin, key)
+            return h, (s, nnx.split(block, nnx.Param, ...)[2])
+
+        h, (stats, rest) = jax.lax.scan(body, h, (_stack(params), _stack(rest), noise_keys))
+        for i, layer in enumerate(self.layers):
+            nnx.update(layer, jax.tree.map(lambda x: x[i], rest))
+        return h, stats

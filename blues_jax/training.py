@@ -18,6 +18,7 @@ like their parameters) and donated state buffers.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import jax
@@ -36,7 +37,7 @@ from blues.train_loop import EvalAccumulator
 from blues_jax import BluesModel
 from blues_jax.checkpoint import data_to_keys, keys_to_data, restore_arrays
 from blues_jax.distributed import gather_to_host
-from blues_jax.sharding import BATCH_AXES, param_shardings, shard_model
+from blues_jax.sharding import BATCH_AXES, mesh_is_trivial, param_shardings, shard_model
 from blues_jax.state_dict_adapter import load_canonical
 
 # Evaluation materialises [rows, T, V] float32 logits; rows are chosen so one forward holds at
@@ -114,7 +115,7 @@ def make_train_step(graph, tx, shardings: dict, *, grad_accum: int, grad_clip: f
 # ---- the model and its state ------------------------------------------------------------------------
 
 def create_model(config: BluesConfig, mesh, *, seed: int, dtype, attn_impl: str = "auto", remat: bool = False,
-                 init_arrays: dict | None = None):
+                 scan_layers: bool = False, init_arrays: dict | None = None):
     """The model, initialised by one compiled program straight into its shardings (not op by op on
     one device), then placed on the mesh by blues_jax.sharding; `init_arrays` (canonical weights,
     --init_from) replace the random ones. The seed fixes the weights and the router-noise and dropout
@@ -124,23 +125,39 @@ def create_model(config: BluesConfig, mesh, *, seed: int, dtype, attn_impl: str 
         key = jax.random.key(seed)
         rngs = nnx.Rngs(params=jax.random.fold_in(key, 0), noise=jax.random.fold_in(key, 1),
                         dropout=jax.random.fold_in(key, 2))
-        return BluesModel(config, rngs=rngs, attn_impl=attn_impl, remat=remat, dtype=dtype)
+        return BluesModel(config, rngs=rngs, attn_impl=attn_impl, remat=remat, scan_layers=scan_layers, dtype=dtype)
 
     graph, abstract = nnx.split(nnx.eval_shape(make))
-    state = jax.jit(lambda: nnx.state(make()), out_shardings=param_shardings(abstract, mesh))()
+    with threefry_kernel(mesh_is_trivial(mesh)):
+        state = jax.jit(lambda: nnx.state(make()), out_shardings=param_shardings(abstract, mesh))()
     model = nnx.merge(graph, state)
     if init_arrays is not None:
         load_canonical(model, init_arrays)  # checked against the config in load_init_weights
     return shard_model(model, mesh)
 
 
+@contextlib.contextmanager
+def threefry_kernel(on: bool):
+    """Draw threefry bits with JAX's GPU kernel instead of XLA's inlined form: the same bits, and the
+    bench model's initialisation (~100 draws) compiles in seconds instead of ~29 s on an H200. The
+    kernel is one custom call that XLA cannot partition, so a mesh of several devices keeps the
+    inlined form (each device draws only its shards). No effect off GPU."""
+    before = jax.config.jax_threefry_gpu_kernel_lowering
+    jax.config.update("jax_threefry_gpu_kernel_lowering", on or before)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_threefry_gpu_kernel_lowering", before)
+
+
 def build_train_state(config: BluesConfig, mesh, *, seed: int, dtype, lr: float, weight_decay: float,
-                      attn_impl: str = "auto", remat: bool = False, init_arrays: dict | None = None):
+                      attn_impl: str = "auto", remat: bool = False, scan_layers: bool = False,
+                      init_arrays: dict | None = None):
     """The model split into graphs (train, eval, one-device sampling) and state (params, RNG streams),
     the optimizer, every sharding the compiled steps use, and a fresh optimizer state:
     ((train_graph, eval_graph, sample_graph), tx, shardings, params, opt_state, rng)."""
     model = create_model(config, mesh, seed=seed, dtype=dtype, attn_impl=attn_impl, remat=remat,
-                         init_arrays=init_arrays)
+                         scan_layers=scan_layers, init_arrays=init_arrays)
     model.train()
     train_graph, params, rng, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
     assert not jax.tree.leaves(rest), "the model holds state that is neither a parameter nor an RNG stream"

@@ -10,6 +10,7 @@
 #   dense        dense bf16 8192^3 rate, torch and JAX (the MFU denominator)
 #   torch-train  PyTorch training, tiny then bench preset (eager)
 #   jax-train    JAX training, tiny then bench preset
+#   jax-scan     (named only) JAX training with the blocks unrolled and scanned, tiny then bench
 #   peer-train   Hugging Face Mixtral training, tiny then bench
 #   deepspeed    DeepSpeed ZeRO-2 bf16 training, tiny then bench (skips with a line if not importable)
 #   torch-misc   PyTorch loss (chunked vs plain) and grouped GEMM
@@ -96,6 +97,7 @@ for s in $SECTIONS; do
     dense)        run dense        60  --what dense --framework both --out "$OUT" --table none ${QUICK[@]+"${QUICK[@]}"} ;;
     torch-train)  run torch-train  150 --what train --framework torch --preset both "${COMMON[@]}" ;;
     jax-train)    run jax-train    240 --what train --framework jax --preset both "${COMMON[@]}" ;;
+    jax-scan)     run jax-scan     300 --what train --framework jax --preset both --jax-scan both "${COMMON[@]}" ;;
     peer-train)   run peer-train   150 --what peer-train --preset both "${COMMON[@]}" ;;
     deepspeed)    run deepspeed    150 --what deepspeed --framework torch --preset both "${COMMON[@]}" ;;
     torch-misc)   run torch-misc   90  --what loss,gemm --framework torch "${COMMON[@]}" ;;

@@ -45,7 +45,7 @@ from blues.config import PRESETS  # noqa: E402
 from blues.errors import UsageError  # noqa: E402
 from blues.train_args import parse_args as parse_train_args  # noqa: E402
 
-FRAMEWORKS = ("torch", "jax")
+FRAMEWORKS = {"torch": "PyTorch `--compile`", "jax": "JAX", "jax-scan": "JAX `--scan_layers on`"}
 RUNS = ("cold", "repeated")
 # Set by this script for both runs; a user's own value of these would point a run at other caches.
 UNSET = ("TORCHINDUCTOR_CACHE_DIR", "JAX_COMPILATION_CACHE_DIR", "TRITON_CACHE_DIR", "CUDA_CACHE_PATH")
@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="scripts/time_to_first_step.py", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="bench", choices=sorted(PRESETS), help="model preset (default: bench)")
-    p.add_argument("--frameworks", default="torch,jax", help="comma-separated: torch, jax (default: both)")
+    p.add_argument("--frameworks", default="torch,jax",
+                   help="comma-separated: torch, jax, jax-scan (train_jax.py --scan_layers on); default: torch,jax")
     p.add_argument("--steps", type=int, default=10, help="steps timed for tokens/s after the warm-up (default: 10)")
     p.add_argument("--warmup", type=int, default=3, help="steps before the timed ones (default: 3)")
     p.add_argument("--out", default="runs/time_to_first_step", help="caches, logs and the table (default: %(default)s)")
@@ -171,10 +172,12 @@ def measure(framework: str, args, out: Path) -> list[Result]:
     caches.mkdir(parents=True)
     data = quick_corpus(caches) if args.quick else None
     run_dir = (out / "run" / framework).resolve()
-    cmd = trainer_command(framework, wl, steps=args.warmup + args.steps, out_dir=run_dir,
-                          data=data.resolve() if data else None, compile=framework == "torch")
+    trainer = framework.split("-")[0]
+    cmd = trainer_command(trainer, wl, steps=args.warmup + args.steps, out_dir=run_dir,
+                          data=data.resolve() if data else None, compile=trainer == "torch")
+    cmd += ["--scan_layers", "on"] if framework == "jax-scan" else []
     env = cache_env(caches.resolve())
-    prepare_tokens(cmd, framework, Path(env["BLUES_CACHE"]))
+    prepare_tokens(cmd, trainer, Path(env["BLUES_CACHE"]))
     print(f"{framework}: python {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     results = []
     for run in RUNS:
@@ -196,7 +199,7 @@ def table(results: list[Result], args) -> str:
              "| framework | run | first step s | first evaluation s | evaluation s | tokens/s | process s | notes |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in results:
-        name = "PyTorch `--compile`" if r.framework == "torch" else "JAX"
+        name = FRAMEWORKS[r.framework]
         lines.append(f"| {name} | {r.run} | {_num(r.first_step_s, '.1f')} | {_num(r.first_eval_s, '.1f')} | "
                      f"{_num(r.eval_s, '.1f')} | {_num(r.tokens_per_s, ',.0f')} | {_num(r.process_s, '.1f')} | "
                      f"{r.error or r.notes} |")

@@ -344,3 +344,22 @@ def test_bf16_frameworks_agree_by_kl_gpu():
     pt, pj = log_softmax(lt.astype(np.float64)), log_softmax(lj.astype(np.float64))
     kl = (np.exp(pt) * (pt - pj)).sum(-1)
     assert kl.mean() < 1e-2, kl.mean()  # MaxText's bf16 checker works at this scale
+
+
+@needs_jax_gpu
+def test_threefry_kernel_init_draws_the_same_weights_gpu(monkeypatch):
+    """create_model draws its weights through JAX's threefry GPU kernel (a faster compile) on a
+    one-device mesh: they must be bit for bit those of XLA's inlined threefry, which meshes of
+    several devices use, so a seed means the same model on any mesh."""
+    from flax import nnx
+    from blues_jax.sharding import make_mesh
+    from blues_jax.training import create_model
+    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+    weights = {}
+    for kernel in (False, True):
+        monkeypatch.setattr("blues_jax.training.mesh_is_trivial", lambda _mesh, kernel=kernel: kernel)
+        model = create_model(BluesConfig.preset("tiny"), mesh, seed=7, dtype=jnp.bfloat16)
+        weights[kernel] = [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+    assert len(weights[True]) == len(weights[False]) > 10
+    for a, b in zip(weights[False], weights[True]):
+        np.testing.assert_array_equal(a, b)

@@ -549,6 +549,30 @@ def test_remat_same_grads():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
+def test_scanned_layers_are_the_unrolled_layers():
+    """lax.scan over the stacked blocks computes what the Python loop over them does: the loss, every
+    gradient, and the dropout streams each block carries on to the next call (a scan that did not
+    write them back would replay the first call's masks)."""
+    cfg = dataclasses.replace(BASE, num_layers=3, router_noise_std=0.3, dropout=0.1, capacity_factor=1.0)
+    ids = _ids(cfg)
+    runs = []
+    for scan in (False, True):
+        model = BluesModel(cfg, rngs=nnx.Rngs(0), scan_layers=scan)  # same init and streams
+        first = _loss_and_grads(model, ids, ids)
+        runs.append((first, _loss_and_grads(model, ids, ids), nnx.state(model, nnx.RngState)))
+    (unrolled, unrolled_next, unrolled_rng), (scanned, scanned_next, scanned_rng) = runs
+    for a, b in ((unrolled, scanned), (unrolled_next, scanned_next)):
+        assert float(a[0]) == pytest.approx(float(b[0]), rel=1e-6)
+        np.testing.assert_array_equal(np.asarray(a[1].expert_indices), np.asarray(b[1].expert_indices))
+        for ga, gb in zip(jax.tree.leaves(a[2]), jax.tree.leaves(b[2])):
+            np.testing.assert_allclose(np.asarray(ga), np.asarray(gb), atol=1e-6)
+    assert float(unrolled[0]) != float(unrolled_next[0])  # the streams moved: the second call differs
+    for ra, rb in zip(jax.tree.leaves(unrolled_rng), jax.tree.leaves(scanned_rng)):
+        if jnp.issubdtype(ra.dtype, jax.dtypes.prng_key):
+            ra, rb = jax.random.key_data(ra), jax.random.key_data(rb)
+        np.testing.assert_array_equal(np.asarray(ra), np.asarray(rb))
+
+
 def test_bf16_runs():
     cfg = BASE
     ids = _ids(cfg)

@@ -45,5 +45,5 @@ def test_quick_jax_cold_then_repeated(tmp_path):
 def test_bad_frameworks_is_one_line(tmp_path):
     proc = run_script("--frameworks", "torch,tf", "--out", str(tmp_path), timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "time_to_first_step.py: error: --frameworks: tf: choose from torch, jax"
+    assert proc.stderr.strip() == "time_to_first_step.py: error: --frameworks: tf: choose from torch, jax, jax-scan"
     assert not any(tmp_path.iterdir())

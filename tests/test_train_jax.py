@@ -113,6 +113,21 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(env, straight, tmp_pat
                                                      read_arrays=arrays)
 
 
+def test_scanned_layers_continue_an_unrolled_run(env, straight, tmp_path):
+    """--scan_layers on trains the same model with the same checkpoints: the unrolled reference run's
+    step-3 checkpoint resumed with scanned blocks repeats steps 4-6 (router noise and dropout on).
+    The scan's backward adds some gradients in another order, so 1e-5 relative, not bitwise."""
+    out = tmp_path / "scanned"
+    train(env, out, "--max_steps", "6", "--eval_every", "3", "--save_every", "3",
+          "--resume", str(step_dir(straight["out"], 3)), "--scan_layers", "on")
+    ref = {r["step"]: r for r in train_records(read_metrics(straight["out"] / "metrics.jsonl"))}
+    got = {r["step"]: r for r in train_records(read_metrics(out / "metrics.jsonl")) if r["step"] > 3}
+    assert sorted(got) == [4, 5, 6]
+    for step, r in got.items():
+        assert r["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5), step
+        assert r["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=1e-4), step
+
+
 def test_restore_onto_a_different_mesh(env, tmp_path):
     """Saved on mesh data=8, resumed on data=2,expert=4: the arrays are resharded on restore and the
     run continues. The losses agree to float32 summation order only (on the second mesh the expert
