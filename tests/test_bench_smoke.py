@@ -158,3 +158,21 @@ def test_quick_peer_deepspeed_parity(tmp_path):
     assert_rows_ok(proc, rows, expected)
     ds = next(r for r in rows if r["framework"] == "torch+deepspeed")
     assert ds["skipped"] or ds["check_ok"]
+
+
+def test_data_bench_reports_the_fastest_of_repeated_runs(capsys):
+    """`python -m bench --what data --repeat N`: each worker count's fastest run is its row (the run
+    least disturbed on a shared machine), with the number of runs and the slowest, and the speed-up
+    is fastest against fastest."""
+    from bench.data import print_table
+
+    def row(workers, seconds):
+        return {"what": "tokenize", "corpus_gb": 0.36, "workers": workers, "seconds": seconds, "wall": seconds + 1,
+                "tokens": 100, "tokens_per_s": 100 / seconds, "per_worker": 100 / seconds / workers,
+                "peak_rss_gib": 0.5, "rss_x_file": 1.5}
+
+    print_table([row(1, 30.0), row(2, 20.0), row(1, 25.0), row(2, 21.0), row(1, 28.0), row(2, 16.0)], cpus=2)
+    out = capsys.readouterr().out
+    assert "| tokenize | 0.36 GB | 1 | 25.0 (26.0, 3 runs up to 30.0) |" in out
+    assert "| tokenize | 0.36 GB | 2 | 16.0 (17.0, 3 runs up to 21.0) |" in out
+    assert "speed-up 1 -> 2 workers: 1.56x" in out
