@@ -57,7 +57,7 @@ def parse_args(argv):
     p.add_argument("--dense", default="auto", choices=("auto", "always", "never"),
                    help="measure the dense bf16 matmul rate (auto: if the results lack it for a framework used)")
     p.add_argument("--jax-scan", default="off", choices=("on", "off", "both"),
-                   help="JAX blocks as one lax.scan (on; train_jax.py --scan_layers on), unrolled (off, the "
+                   help="JAX blocks as one lax.scan (on; train_jax.py --scan_layers), unrolled (off, the "
                         "default), or both rows")
     p.add_argument("--jax-remat", action="store_true", help="train JAX with rematerialised blocks")
     p.add_argument("--seed", type=int, default=0)

@@ -85,7 +85,7 @@ DEFAULTS: dict[str, Any] = dict(
     expert_parallel=1,  # P: ranks sharing out each layer's experts
     # jax only
     mesh=None,
-    scan_layers="off",  # on: one compiled block scanned over the layers
+    scan_layers=False,  # one compiled block scanned over the layers
     coordinator=None,  # multi-process: HOST:PORT of process 0 (jax.distributed.initialize)
     num_processes=None,
     process_id=None,
@@ -132,7 +132,7 @@ class TrainArgs:
     compile: bool = False
     expert_parallel: int = 1
     mesh: dict[str, int] | None = None
-    scan_layers: str = "off"
+    scan_layers: bool = False
     init_from: str | None = None
     coordinator: str | None = None
     num_processes: int | None = None
@@ -239,9 +239,8 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
         group = p.add_argument_group("devices")
         add("--mesh", "device mesh, e.g. data=2,expert=4 (default: all devices on 'data')", metavar="SPEC")
         group = p.add_argument_group("compilation")
-        add("--scan_layers", "on: the blocks run as one lax.scan, so XLA compiles one block instead of "
-            "num_layers: a shorter first step, slower steps (docs/performance.md, 'Time to first step')",
-            choices=("on", "off"))
+        add("--scan_layers", "run the blocks as one lax.scan, so XLA compiles one block instead of num_layers: "
+            "a shorter first step, slower steps (docs/performance.md, 'Time to first step')", action="store_true")
         group = p.add_argument_group("multi-process (all three, or none: then SLURM/Open MPI/... are detected)")
         add("--coordinator", "HOST:PORT of process 0, reachable from every process", metavar="HOST:PORT")
         add("--num_processes", "total number of processes", type=int, metavar="N")

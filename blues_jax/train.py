@@ -149,7 +149,7 @@ def main(argv) -> int:
     enable_compilation_cache()
     graphs, tx, shardings, params, opt_state, rng = build_train_state(
         args.model_config, mesh, seed=args.seed, dtype=run_dtype(args.precision), lr=args.lr,
-        weight_decay=args.weight_decay, attn_impl=args.attn_impl, scan_layers=args.scan_layers == "on",
+        weight_decay=args.weight_decay, attn_impl=args.attn_impl, scan_layers=args.scan_layers,
         init_arrays=run["init_arrays"])
     guard = BadStepGuard(args.max_bad_steps)
     step = 0

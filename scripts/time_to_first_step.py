@@ -45,7 +45,7 @@ from blues.config import PRESETS  # noqa: E402
 from blues.errors import UsageError  # noqa: E402
 from blues.train_args import parse_args as parse_train_args  # noqa: E402
 
-FRAMEWORKS = {"torch": "PyTorch `--compile`", "jax": "JAX", "jax-scan": "JAX `--scan_layers on`"}
+FRAMEWORKS = {"torch": "PyTorch `--compile`", "jax": "JAX", "jax-scan": "JAX `--scan_layers`"}
 RUNS = ("cold", "repeated")
 # Set by this script for both runs; a user's own value of these would point a run at other caches.
 UNSET = ("TORCHINDUCTOR_CACHE_DIR", "JAX_COMPILATION_CACHE_DIR", "TRITON_CACHE_DIR", "CUDA_CACHE_PATH")
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="bench", choices=sorted(PRESETS), help="model preset (default: bench)")
     p.add_argument("--frameworks", default="torch,jax",
-                   help="comma-separated: torch, jax, jax-scan (train_jax.py --scan_layers on); default: torch,jax")
+                   help="comma-separated: torch, jax, jax-scan (train_jax.py --scan_layers); default: torch,jax")
     p.add_argument("--steps", type=int, default=10, help="steps timed for tokens/s after the warm-up (default: 10)")
     p.add_argument("--warmup", type=int, default=3, help="steps before the timed ones (default: 3)")
     p.add_argument("--out", default="runs/time_to_first_step", help="caches, logs and the table (default: %(default)s)")
@@ -175,7 +175,7 @@ def measure(framework: str, args, out: Path) -> list[Result]:
     trainer = framework.split("-")[0]
     cmd = trainer_command(trainer, wl, steps=args.warmup + args.steps, out_dir=run_dir,
                           data=data.resolve() if data else None, compile=trainer == "torch")
-    cmd += ["--scan_layers", "on"] if framework == "jax-scan" else []
+    cmd += ["--scan_layers"] if framework == "jax-scan" else []
     env = cache_env(caches.resolve())
     prepare_tokens(cmd, trainer, Path(env["BLUES_CACHE"]))
     print(f"{framework}: python {' '.join(cmd[1:])}", file=sys.stderr, flush=True)

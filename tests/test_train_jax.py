@@ -114,12 +114,12 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(env, straight, tmp_pat
 
 
 def test_scanned_layers_continue_an_unrolled_run(env, straight, tmp_path):
-    """--scan_layers on trains the same model with the same checkpoints: the unrolled reference run's
+    """--scan_layers trains the same model with the same checkpoints: the unrolled reference run's
     step-3 checkpoint resumed with scanned blocks repeats steps 4-6 (router noise and dropout on).
     The scan's backward adds some gradients in another order, so 1e-5 relative, not bitwise."""
     out = tmp_path / "scanned"
     train(env, out, "--max_steps", "6", "--eval_every", "3", "--save_every", "3",
-          "--resume", str(step_dir(straight["out"], 3)), "--scan_layers", "on")
+          "--resume", str(step_dir(straight["out"], 3)), "--scan_layers")
     ref = {r["step"]: r for r in train_records(read_metrics(straight["out"] / "metrics.jsonl"))}
     got = {r["step"]: r for r in train_records(read_metrics(out / "metrics.jsonl")) if r["step"] > 3}
     assert sorted(got) == [4, 5, 6]
