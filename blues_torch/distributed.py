@@ -59,6 +59,14 @@ class Dist:
         tdist.broadcast_object_list(box, src=0)
         return box[0]
 
+    @torch.no_grad()
+    def broadcast_tensors(self, tensors) -> None:
+        """Overwrite each tensor in place with rank 0's values."""
+        if self.world_size == 1:
+            return
+        for t in tensors:
+            tdist.broadcast(t, src=0)
+
     def gather(self, obj) -> list:
         """Every rank's `obj`, in rank order, on rank 0 (an empty list elsewhere)."""
         if self.world_size == 1:

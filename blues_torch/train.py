@@ -146,8 +146,13 @@ def main(argv) -> int:
                                    rank=dist.rank, world_size=dist.world_size, vocab_size=cfg.vocab_size)
 
         layout = build_layout(args.expert_parallel, cfg.tot_num_experts, deepspeed=ds_config is not None)
-        torch.manual_seed(args.seed)  # identical initial weights on every rank
-        model = BluesModel(cfg, attn_impl=args.attn_impl).to(dist.device)
+        # The weights are drawn on the device (the CPU generator is serial: 19.6 s for the bench
+        # preset's on a 2-core CPU); rank 0's are every rank's, as a GPU's random stream may depend on
+        # its kernel launch shape.
+        torch.manual_seed(args.seed)
+        with torch.device(dist.device):
+            model = BluesModel(cfg, attn_impl=args.attn_impl)
+        dist.broadcast_tensors(model.parameters())
         if init_arrays is not None:  # --init_from: canonical weights instead of the random init
             load_canonical(model, init_arrays)
         parallelize(model, layout)  # keep this rank's experts only (P > 1)

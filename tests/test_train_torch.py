@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -240,3 +241,37 @@ def test_resume_refusals(env, straight, tmp_path):
 
 def test_bad_flag_exit_status_from_the_real_process(env, tmp_path):
     bad_flag_exit_status_from_the_real_process(SCRIPT, env, tmp_path)
+
+
+# ---- several ranks -----------------------------------------------------------------------------
+
+def _broadcast_rank(rank: int, port: int, out: str) -> None:
+    import torch
+    import torch.distributed as tdist
+
+    from blues_torch.distributed import Dist
+
+    # torchrun's environment: Dist joins the gloo group from it
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    dist = Dist(deepspeed_enabled=False)
+    try:
+        tensors = [torch.full((3,), 10.0 + rank), torch.full((2, 2), 20.0 + rank)]  # different on each rank
+        dist.broadcast_tensors(tensors)
+        torch.save([t.tolist() for t in tensors], f"{out}.{rank}")
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_broadcast_tensors_gives_every_rank_rank_0s_values(tmp_path):
+    """The trainer draws its weights on each rank's device and then takes rank 0's (train.py): a
+    missing or wrong-source broadcast leaves rank 1's own values."""
+    import torch
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_broadcast_rank, args=(port, str(tmp_path / "out")), nprocs=2)
+    got = [torch.load(tmp_path / f"out.{r}") for r in (0, 1)]
+    assert got[0] == got[1] == [[10.0] * 3, [[20.0, 20.0], [20.0, 20.0]]]
