@@ -12,8 +12,8 @@
 - `sample`: the sampling specification of `blues/sampling.py`.
 - `score`: per-token NLL and routing of a batch of windows, for perplexity.
 
-The model reads the cache through `cache.positions(t)`, `cache.update(layer, k, v)` and
-`cache.advance(t)`, exactly as in torch. Inside a trace these calls replace the Python object's
+The model reads the cache through `cache.positions(t)`, `cache.qkv[layer]`, `cache.update(layer, k,
+v)` and `cache.advance(t)`, exactly as in torch. Inside a trace these calls replace the Python object's
 arrays (functional updates: `dynamic_update_slice`), and the caller returns the object as a pytree.
 """
 from __future__ import annotations
@@ -36,19 +36,20 @@ from blues.sampling import FMIX_C1, FMIX_C2, MASK32, ROW_MUL, STEP_MUL, TOKEN_MU
 class KVCache:
     """Per-layer key/value buffers for a left-padded batch (see the module doc)."""
 
-    def __init__(self, k: list[jax.Array], v: list[jax.Array], index: jax.Array, start: jax.Array):
+    def __init__(self, k: list[jax.Array], v: list[jax.Array], index: jax.Array, start: jax.Array,
+                 qkv: list[jax.Array]):
         self.k, self.v = list(k), list(v)  # L x [B, S, K, Dh]
         self.index = index  # int32 []: slots written so far (the same for every row)
         self.start = start  # int32 [B]: first real (non-padding) slot of each row
+        self.qkv = list(qkv)  # L x [d, (H + 2K) Dh]: the layer's q, k, v weights side by side (load_qkv)
         self._mask: jax.Array | None = None  # [B, t, S] of the step in progress
 
     def tree_flatten(self):
-        return (tuple(self.k), tuple(self.v), self.index, self.start), None
+        return (tuple(self.k), tuple(self.v), self.index, self.start, tuple(self.qkv)), None
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        k, v, index, start = children
-        return cls(k, v, index, start)
+        return cls(*children)
 
     @classmethod
     def allocate(cls, config, batch: int, length: int, *, dtype=jnp.float32) -> "KVCache":
@@ -56,7 +57,16 @@ class KVCache:
         # Zeros: masked slots get probability exactly 0, and 0 * NaN would still be NaN.
         k = [jnp.zeros(shape, dtype) for _ in range(config.num_layers)]
         v = [jnp.zeros(shape, dtype) for _ in range(config.num_layers)]
-        return cls(k, v, jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32))
+        width = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+        qkv = [jnp.zeros((config.hidden_size, width), dtype) for _ in range(config.num_layers)]
+        return cls(k, v, jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32), qkv)
+
+    def load_qkv(self, model) -> None:
+        """Copy each layer's q, k and v weights side by side, so that a step projects with one GEMM
+        instead of three (at decode sizes each GEMM costs its launch, not its arithmetic); the
+        prefill does it, and the decode loop carries the copy."""
+        self.qkv = [jnp.concatenate([layer.attn.q[...], layer.attn.k[...], layer.attn.v[...]], axis=1)
+                    .astype(buf.dtype) for buf, layer in zip(self.qkv, model.layers)]
 
     @property
     def length(self) -> int:
@@ -164,6 +174,7 @@ def _compiled(graphdef, params: SamplingParams):
         model = nnx.merge(graphdef, state)
         b = ids.shape[0]
         cache.index, cache.start = jnp.zeros((), jnp.int32), start
+        cache.load_qkv(model)
         logits = model(ids, cache=cache).logits[:, -1]  # [B, V]
         out_ids = jnp.full((b, cache.length), eot_id, jnp.int32)  # [B, S]: room for any budget
         tok, finished, out_ids = _emit(logits, 0, jnp.zeros((b,), bool), out_ids, rows, seed,

@@ -99,16 +99,20 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache=None, layer: int = 0) -> jax.Array:
         # x [B, T, d]; cos/sin [T, Dh] (or [B, T, Dh] with a cache), the rotary angles of these T positions.
         b, t, _ = x.shape
+        h, kv, dh = self.n_heads, self.n_kv_heads, self.head_dim
         x = x.astype(self.dtype)
-        q = (x @ self.q[...].astype(self.dtype)).reshape(b, t, self.n_heads, self.head_dim)  # [B, T, H, Dh]
-        k = (x @ self.k[...].astype(self.dtype)).reshape(b, t, self.n_kv_heads, self.head_dim)  # [B, T, K, Dh]
-        v = (x @ self.v[...].astype(self.dtype)).reshape(b, t, self.n_kv_heads, self.head_dim)  # [B, T, K, Dh]
+        if cache is None:
+            q, k, v = (x @ w[...].astype(self.dtype) for w in (self.q, self.k, self.v))
+        else:  # decoding: one GEMM over the cache's copy of [q | k | v] (generation.py)
+            q, k, v = jnp.split(x @ cache.qkv[layer].astype(self.dtype), [h * dh, (h + kv) * dh], axis=-1)
+        q = q.reshape(b, t, h, dh)  # [B, T, H, Dh]
+        k, v = k.reshape(b, t, kv, dh), v.reshape(b, t, kv, dh)  # [B, T, K, Dh] each
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask = None
         if cache is not None:  # decoding: store k, v and attend over every cached slot (generation.py)
             k, v, mask = cache.update(layer, k, v)  # [B, S, K, Dh] each, mask [B, T, S]
         out = attention(q, k, v, softcap=self.softcap, impl=self.attn_impl, mask=mask)  # [B, T, H, Dh]
-        return out.reshape(b, t, self.n_heads * self.head_dim) @ self.o[...].astype(self.dtype)  # [B, T, d]
+        return out.reshape(b, t, h * dh) @ self.o[...].astype(self.dtype)  # [B, T, d]
 
 
 class MoE(nnx.Module):

@@ -14,8 +14,9 @@
 - `sample`: the sampling specification of `blues/sampling.py`, on the device.
 - `score`: per-token NLL and routing of a batch of windows, for perplexity (`generate.py`).
 
-The model reads the cache through three calls (mirrored in blues_jax/generation.py):
+The model reads the cache through three calls and one field (mirrored in blues_jax/generation.py):
 `cache.positions(t)` (RoPE positions of the t new tokens, [B, t]; also prepares the step's mask),
+`cache.qkv[layer]` (the layer's q, k, v weights side by side, `load_qkv`: one projection GEMM),
 `cache.update(layer, k, v)` (store k/v, return the layer's whole buffers and the [B, t, S] mask)
 and `cache.advance(t)` after the last layer.
 """
@@ -41,10 +42,12 @@ STOP_CHECK_EVERY = 16  # decode steps between host reads of "have all rows emitt
 class KVCache:
     """Per-layer key/value buffers for a left-padded batch (see the module doc)."""
 
-    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], index: torch.Tensor, start: torch.Tensor):
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], index: torch.Tensor, start: torch.Tensor,
+                 qkv: list[torch.Tensor]):
         self.k, self.v = k, v  # L x [B, S, K, Dh]
         self.index = index  # int64 []: slots written so far (the same for every row)
         self.start = start  # int64 [B]: first real (non-padding) slot of each row
+        self.qkv = qkv  # L x [d, (H + 2K) Dh]: the layer's q, k, v weights side by side (load_qkv)
         self._mask: torch.Tensor | None = None  # [B, t, S] of the step in progress
 
     @classmethod
@@ -53,8 +56,18 @@ class KVCache:
         # Zeros, not empty: masked slots get probability exactly 0, and 0 * NaN would still be NaN.
         k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        width = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+        qkv = [torch.zeros(config.hidden_size, width, device=device, dtype=dtype) for _ in range(config.num_layers)]
         return cls(k, v, torch.zeros((), dtype=torch.int64, device=device),
-                   torch.zeros(batch, dtype=torch.int64, device=device))
+                   torch.zeros(batch, dtype=torch.int64, device=device), qkv)
+
+    def load_qkv(self, model) -> None:
+        """Copy each layer's q, k and v weights side by side, so that a step projects with one GEMM
+        instead of three (at decode sizes each GEMM costs its launch, not its arithmetic). In place:
+        a captured graph keeps reading the same buffers; every `generate` calls it, so the copy
+        follows the model's weights as training goes on."""
+        for buf, layer in zip(self.qkv, model.layers):
+            torch.cat([layer.attn.q, layer.attn.k, layer.attn.v], dim=1, out=buf)
 
     @property
     def length(self) -> int:
@@ -276,6 +289,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, param
         batch, _ = ids.shape
         dec = _decoder(model, batch, max_new_tokens, params, eot_id, stop_at_eot, cuda_graphs, compile)
         dec.cache.reset(torch.from_numpy(start).to(device))
+        dec.cache.load_qkv(model)
         dec.step.zero_()
         dec.rows.copy_(torch.arange(batch, device=device) + row_offset)
         dec.seed.fill_(params.seed & 0xFFFFFFFF)

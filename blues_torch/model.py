@@ -110,15 +110,19 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, layer: int = 0) -> torch.Tensor:
         # x [B, T, d]; cos/sin [T, Dh] (or [B, T, Dh] with a cache), the rotary angles of these T positions.
         b, t, _ = x.shape
-        q = (x @ self.q).view(b, t, self.n_heads, self.head_dim)  # [B, T, H, Dh]
-        k = (x @ self.k).view(b, t, self.n_kv_heads, self.head_dim)  # [B, T, K, Dh]
-        v = (x @ self.v).view(b, t, self.n_kv_heads, self.head_dim)  # [B, T, K, Dh]
+        h, kv, dh = self.n_heads, self.n_kv_heads, self.head_dim
+        if cache is None:
+            q, k, v = x @ self.q, x @ self.k, x @ self.v
+        else:  # decoding: one GEMM over the cache's copy of [q | k | v] (generation.py)
+            q, k, v = (x @ cache.qkv[layer]).split([h * dh, kv * dh, kv * dh], dim=-1)
+        q = q.view(b, t, h, dh)  # [B, T, H, Dh]
+        k, v = k.view(b, t, kv, dh), v.view(b, t, kv, dh)  # [B, T, K, Dh] each
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask = None
         if cache is not None:  # decoding: store k, v and attend over every cached slot (generation.py)
             k, v, mask = cache.update(layer, k, v)  # [B, S, K, Dh] each, mask [B, T, S]
         out = attention(q, k, v, softcap=self.softcap, impl=self.attn_impl, mask=mask)  # [B, T, H, Dh]
-        return out.reshape(b, t, self.n_heads * self.head_dim) @ self.o  # [B, T, d]
+        return out.reshape(b, t, h * dh) @ self.o  # [B, T, d]
 
 
 class MoE(nn.Module):

@@ -9,7 +9,6 @@ blues_torch.generation with compile=True, under changes that leave the function 
 - `cdt`: inductor's coordinate-descent tuning of its Triton kernels (`options=` of torch.compile);
 - `ref-attn`: attention through the reference's einsum/softmax (one query over the cache), which
   inductor fuses, instead of SDPA's kernel;
-- `qkv`: q, k and v from one GEMM of their concatenated weights in decode steps;
 - `max-autotune`: inductor's Triton GEMM templates with fused epilogues (autotuned).
 Per variant and batch (1, 64): tokens/s over whole generate calls (median of --calls after two
 warm-up calls), the captured step's kernels and GPU time per token (torch.profiler over replays),
@@ -19,7 +18,6 @@ near-tie, so this is reported, not asserted). JAX variants run in child processe
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 import subprocess
@@ -31,22 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.decode import NEW_TOKENS, PROMPT, _greedy, decode_config, random_prompts  # noqa: E402
 
-TORCH_VARIANTS = ("base", "cdt", "ref-attn", "ref-attn+cdt", "qkv", "qkv+ref-attn+cdt", "max-autotune")
+TORCH_VARIANTS = ("base", "cdt", "ref-attn", "ref-attn+cdt", "max-autotune")
 JAX_VARIANTS = ("cudnn", "xla")
-
-
-def _packed_attention(self, x, cos, sin, cache=None, layer=0):
-    """blues_torch.model.Attention.forward with q, k, v from one GEMM of the packed weights."""
-    from blues_torch.attention import apply_rope, attention
-
-    b, t, _ = x.shape
-    h, kv, dh = self.n_heads, self.n_kv_heads, self.head_dim
-    q, k, v = (x @ self.qkv_packed).split([h * dh, kv * dh, kv * dh], dim=-1)
-    q, k, v = q.view(b, t, h, dh), k.view(b, t, kv, dh), v.view(b, t, kv, dh)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k, v, mask = cache.update(layer, k, v)
-    out = attention(q, k, v, softcap=self.softcap, impl=self.attn_impl, mask=mask)
-    return out.reshape(b, t, h * dh) @ self.o
 
 
 def _torch_variant(name: str, calls: int, steps: int, base_tokens: dict) -> list[str]:
@@ -67,11 +51,6 @@ def _torch_variant(name: str, calls: int, steps: int, base_tokens: dict) -> list
     if "ref-attn" in name:
         for layer in model.layers:
             layer.attn.attn_impl = "reference"
-    if "qkv" in name:  # one GEMM for q, k and v in decode steps (a copy of the weights, concatenated)
-        for layer in model.layers:
-            a = layer.attn
-            a.qkv_packed = torch.cat([a.q, a.k, a.v], dim=1).detach()  # [d, (H + 2K) Dh]
-            a.forward = functools.partial(_packed_attention, a)
     options = {}
     if "cdt" in name:
         options["coordinate_descent_tuning"] = True

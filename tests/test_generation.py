@@ -38,7 +38,7 @@ from blues_jax import generation as jgen
 from blues_torch import generation as tgen
 from oracle import random_canonical
 from parity import generate as pgen
-from parity.convert import from_canonical, to_canonical
+from parity.convert import from_canonical, load_canonical, to_canonical
 from blues.safetensors_io import read_safetensors, save_export
 
 torch.set_num_threads(1)  # two cores shared with other test runs
@@ -241,6 +241,7 @@ def cached_steps(framework, model, prompts, steps):
         cache = tgen.KVCache.allocate(cfg, len(prompts), cfg.max_position_embeddings, device="cpu")
         cache.reset(torch.from_numpy(start))
         with torch.no_grad():
+            cache.load_qkv(model)
             logits = model(torch.from_numpy(ids), cache=cache).logits[:, -1]
             out = [logits.numpy()]
             for _ in range(steps):
@@ -250,6 +251,7 @@ def cached_steps(framework, model, prompts, steps):
     graphdef, state = nnx.split(model)
     cache = jgen.KVCache.allocate(cfg, len(prompts), cfg.max_position_embeddings)
     cache.start = jnp.asarray(start, jnp.int32)
+    cache.load_qkv(model)
     logits, cache = _jax_cached_call(graphdef, state, jnp.asarray(ids), cache)
     out = [np.asarray(logits)]
     for _ in range(steps):
@@ -304,6 +306,27 @@ def test_greedy_ids_identical_across_frameworks(small_models):
     ids_j = jgen.generate(jm, PROMPTS, 32, greedy, eot_id=0, stop_at_eot=False)
     assert ids_t == ids_j
     assert all(len(r) == 32 for r in ids_t)
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_generation_follows_weights_changed_between_calls(framework):
+    """A later generate call of the same model (its decoder and cache reused) projects with the
+    current q, k, v weights, as the trainers' samples need while training changes them: the cache's
+    packed copy is reloaded every call. Each greedy token must be the full forward's argmax of the
+    current model (no cache involved); a copy kept from the first call fails this."""
+    cfg = small_config()
+    before, after = random_canonical(cfg, seed=1), random_canonical(cfg, seed=5)
+    gen = {"torch": tgen, "jax": jgen}[framework]
+    greedy = SamplingParams(temperature=0.0)
+    model = from_canonical(before, cfg, framework)
+    gen.generate(model, PROMPTS, 8, greedy, eot_id=0, stop_at_eot=False)
+    changed = {name: a for name, a in after.items() if name.rsplit(".", 1)[-1] in ("q", "k", "v")}
+    assert changed, "no attention projections among the canonical names"
+    load_canonical(model, before | changed)
+    for prompt, tokens in zip(PROMPTS, gen.generate(model, PROMPTS, 8, greedy, eot_id=0, stop_at_eot=False)):
+        seq = np.asarray([prompt + tokens[:-1]])  # [1, P + 7]
+        predicted = gen.plain_logits(model, seq)[0, len(prompt) - 1:].argmax(-1)  # [8]
+        assert predicted.tolist() == tokens
 
 
 def test_generation_stops_at_endoftext(small_models):
