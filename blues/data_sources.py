@@ -5,14 +5,15 @@
 characters, so memory stays bounded however large the file is. Formats, by the name's suffix
 (before an optional `.gz` / `.zst`; compression itself is recognised by its magic bytes):
 
-- `.csv`, `.tsv`: pandas' C reader in adaptive row chunks; the `Text` column, or `text_column`;
+- `.csv`, `.tsv`: pyarrow's streaming CSV reader (C++), in blocks of about `BATCH_CHARS` bytes;
+  the `Text` column, or `text_column`;
 - `.jsonl` / `.ndjson`: one JSON object per line (stdlib `json`), its `text` field, or `text_column`;
 - `.parquet`: pyarrow record batches of the `Text`/`text` column, or `text_column`;
 - `.txt`: the whole file is one document.
 
 A column or field matched only case-insensitively is used with a one-line note. Every problem is
-a `DataError` naming the file (and the line or record where there is one). `zstandard` and
-`pyarrow` are imported only when a zstd or Parquet file is read, so CSV users need neither.
+a `DataError` naming the file (and the line or record where there is one). `pyarrow` and
+`zstandard` are imported when a file needs them, so importing this module stays cheap.
 """
 from __future__ import annotations
 
@@ -28,9 +29,12 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Iterator, Sequence
 
 from blues.errors import DataError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger("blues.data")
 
@@ -209,41 +213,79 @@ def pick_column(path: Path, names: Sequence[str], wanted: str, hint: bool, kind:
 # ---- readers: each yields (documents, raw bytes consumed so far) --------------------------------
 
 def _read_delimited(src: Source, column: str | None, hint: bool) -> Iterator[tuple[list[str], int]]:
-    import pandas as pd
+    import pyarrow as pa
 
     wanted = column or DEFAULT_COLUMN[src.format]
-    with open_stream(src.path) as (raw, stream):
-        _check_text(src.path, stream, f"a header line with a '{wanted}' column and rows")
+    name, block, rows, n_docs = None, BATCH_CHARS, 0, 0
+    while True:  # a record longer than a block: read again with larger blocks, past the rows done
         try:
-            reader = pd.read_csv(stream, sep="\t" if src.format == "tsv" else ",", dtype=str,
-                                 keep_default_na=False, iterator=True, encoding="utf-8-sig")
-            rows, name, n_rows, n_docs = 256, None, 0, 0
-            while True:
-                try:
-                    chunk = reader.get_chunk(rows)
-                except StopIteration:
-                    break
-                if name is None:
-                    name = pick_column(src.path, chunk.columns, wanted, hint)
-                texts = chunk[name].tolist()
-                n_rows += len(texts)
+            if name is None:
+                name = pick_column(src.path, _csv_names(src, wanted, block), wanted, hint)
+            for texts, pos in _csv_column(src, name, block, skip=rows):
+                texts = _utf8(src, texts, rows).to_pylist()
+                rows += len(texts)
                 docs = [t for t in texts if t.strip()]
                 n_docs += len(docs)
-                chars = sum(map(len, texts)) or 1  # rows of the next chunk: about BATCH_CHARS characters
-                rows = max(16, min(1 << 20, int(len(texts) * BATCH_CHARS / chars)))
-                yield docs, raw.tell()
-        except pd.errors.EmptyDataError:
-            raise DataError(f"data file {src.path} is empty; it needs a header line with a '{wanted}' column "
-                            f"and rows") from None
-        except (pd.errors.ParserError, ValueError) as e:
-            if isinstance(e, UnicodeDecodeError):
-                raise
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise InputError(f"data file {src.path} is not a valid {src.format.upper()} file: {reason}") from None
-    if n_rows == 0:
+                yield docs, pos
+            break
+        except pa.ArrowInvalid as e:
+            if "straddling" not in str(e):
+                reason = (str(e).replace("CSV parse error: ", "").strip().splitlines() or [type(e).__name__])[0]
+                raise InputError(f"data file {src.path} is not a valid {src.format.upper()} file: {reason}") from None
+            block *= 4
+    if rows == 0:
         raise DataError(f"data file {src.path} has a header but no rows")
     if n_docs == 0:
-        raise DataError(f"data file {src.path} has only blank texts in its '{name}' column ({n_rows} rows)")
+        raise DataError(f"data file {src.path} has only blank texts in its '{name}' column ({rows} rows)")
+
+
+def _csv_options(src: Source, block: int) -> dict:
+    import pyarrow.csv as pcsv
+
+    # One thread: a parse error then names its row ("Row #N", the header being row 1).
+    return {"read_options": pcsv.ReadOptions(block_size=block, use_threads=False),
+            "parse_options": pcsv.ParseOptions(delimiter="\t" if src.format == "tsv" else ",",
+                                               newlines_in_values=True)}
+
+
+def _csv_names(src: Source, wanted: str, block: int) -> list[str]:
+    import pyarrow.csv as pcsv
+
+    with open_stream(src.path) as (raw, stream):
+        _check_text(src.path, stream, f"a header line with a '{wanted}' column and rows")
+        return pcsv.open_csv(stream, **_csv_options(src, block)).schema.names
+
+
+def _csv_column(src: Source, name: str, block: int, skip: int) -> Iterator[tuple["pa.Array", int]]:
+    """Column `name` as UTF-8 bytes in record batches of about `block` bytes of the file, less the
+    first `skip` rows, with the raw bytes consumed so far."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    convert = pcsv.ConvertOptions(include_columns=[name], column_types={name: pa.large_binary()})
+    seen = 0
+    with open_stream(src.path) as (raw, stream):
+        for batch in pcsv.open_csv(stream, convert_options=convert, **_csv_options(src, block)):
+            texts = batch.column(0).slice(max(0, skip - seen))
+            seen += batch.num_rows
+            if len(texts):
+                yield texts, raw.tell()
+
+
+def _utf8(src: Source, texts: "pa.Array", rows_before: int) -> "pa.Array":
+    """A batch of CSV fields as strings; a field that is not UTF-8 is an error naming its row."""
+    import pyarrow as pa
+
+    try:
+        return texts.cast(pa.large_string())
+    except pa.ArrowInvalid:
+        for i, value in enumerate(texts.to_pylist()):
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"data file {src.path} is not UTF-8 text (byte 0x{value[e.start]:02x} in row "
+                                f"{rows_before + i + 2}); re-save it as UTF-8") from None
+        raise
 
 
 def _read_jsonl(src: Source, column: str | None, hint: bool) -> Iterator[tuple[list[str], int]]:

@@ -109,6 +109,23 @@ def test_every_format_reads_the_same_documents(tmp_path, fmt, compression):
         assert load_documents(tmp_path) == KEPT
 
 
+def test_csv_records_longer_than_a_block(tmp_path, monkeypatch):
+    """The CSV reader reads in blocks of about BATCH_CHARS bytes; a record longer than that (here
+    one in the middle and one first) is read all the same, every document once, in order."""
+    monkeypatch.setattr(ds, "BATCH_CHARS", 2_000)
+    docs = sentences(200, words=20)
+    docs[120] = "\n".join(sentences(60, words=20, seed=1))  # ~7 KB, with newlines inside the field
+    docs[0] = "x" * 30_000
+    assert load_documents(write_csv(tmp_path / "long.csv", docs)) == docs
+
+
+def test_blank_texts_are_what_python_calls_whitespace(tmp_path):
+    docs = ["kept", "\u3000\x1c\x85 \t", "", "\u200b", "also kept"]  # U+200B is no whitespace to Python
+    for fmt in ("csv", "parquet", "jsonl"):
+        (path,) = _write_format(tmp_path, fmt, docs)
+        assert load_documents(path) == [d for d in docs if d.strip()] == ["kept", "\u200b", "also kept"]
+
+
 def test_directories_and_globs(tmp_path):
     (tmp_path / "shards" / "deep").mkdir(parents=True)
     write_csv(tmp_path / "shards" / "b.csv", ["b"])
@@ -192,8 +209,8 @@ def test_only_blank_texts(tmp_path):
 
 def test_not_utf8(tmp_path):
     p = tmp_path / "latin1.csv"
-    p.write_bytes("Text\ncaf\xe9\n".encode("latin-1"))
-    with pytest.raises(DataError, match=r"latin1\.csv is not UTF-8 text \(byte 0xe9\); re-save it as UTF-8"):
+    p.write_bytes("Text\nfine\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.csv is not UTF-8 text \(byte 0xe9 in row 3\); re-save it as UTF-8"):
         load_documents(p)
 
 
@@ -217,7 +234,7 @@ def test_damaged_compressed_file(tmp_path, compression):
 def test_malformed_csv(tmp_path):
     p = tmp_path / "bad.csv"
     p.write_text('Text,Other\n"unterminated quote,1\n')
-    with pytest.raises(ds.InputError, match=r"bad\.csv is not a valid CSV file: .*EOF inside string"):
+    with pytest.raises(ds.InputError, match=r"bad\.csv is not a valid CSV file: Row #2: Expected 2 columns, got 1"):
         load_documents(p)
 
 
@@ -226,15 +243,17 @@ def _assert_no_cache_entry(cache: Path) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
-def test_malformed_record_deep_in_a_big_file(tmp_path, fmt):
+def test_malformed_record_deep_in_a_big_file(tmp_path, fmt, monkeypatch):
     """One line naming the file and the line, exit status 2, no cache entry; the batches before the
     bad record were tokenized already (the file streams), and all of that is thrown away."""
-    n, bad = 60_000, 54_321  # ~5 MB: the reader is many chunks in when it meets the bad record
+    monkeypatch.setattr(bd, "BATCH_CHARS", 200_000)
+    monkeypatch.setattr(ds, "BATCH_CHARS", 200_000)
+    n, bad = 60_000, 54_321  # ~5 MB: the reader is many batches in when it meets the bad record
     docs = sentences(n, words=12)
     if fmt == "csv":
         lines = ["Text,Other"] + [f"{d},{i}" for i, d in enumerate(docs)]
         lines[bad] = "one,two,three"
-        want = rf"data file .*big\.csv is not a valid CSV file: .*Expected 2 fields in line {bad + 1}, saw 3"
+        want = rf"data file .*big\.csv is not a valid CSV file: Row #{bad + 1}: Expected 2 columns, got 3"
     else:
         lines = [json.dumps({"text": d}) for d in docs]
         lines[bad] = '{"text": "cut'
@@ -256,8 +275,8 @@ def test_malformed_record_from_the_command_line(tmp_path):
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        "data.py: error: data file bad.tsv is not a valid TSV file: Error tokenizing data. C error: Expected 2 "
-        "fields in line 3, saw 3"]
+        "data.py: error: data file bad.tsv is not a valid TSV file: Row #3: Expected 2 columns, got 3: "
+        "not\tfine\tat all"]
     _assert_no_cache_entry(tmp_path / "c")
 
 
