@@ -3,9 +3,9 @@
 Data files of any size and format (`blues.data_sources`: CSV/TSV, JSONL, Parquet, plain text;
 gzip or zstd; files, directories, globs) are streamed in bounded batches; every document is
 encoded with `o200k_base`, followed by `<|endoftext|>`, assigned to the train or validation split
-by a hash of its text, and appended to that split's uint32 token file as it goes, by one process
-or a pool of them (`blues.data_tokenize`); `prepare_data` does this once and caches the result
-(`python -m blues.data prepare` does it ahead of training). Each stream is cut into consecutive,
+by a hash of its text, by one process or a pool of them (`blues.data_tokenize`), and appended to
+that split's uint32 token file as it goes, by a writer thread; `prepare_data` does this once and
+caches the result (`python -m blues.data prepare` does it ahead of training). Each stream is cut into consecutive,
 non-overlapping windows of `seq_len + 1` tokens (inputs = w[:-1], targets = w[1:]);
 `BatchIterator` serves shuffled batches of windows, sharded by data-parallel rank and resumable
 exactly; `eval_batches` serves a fixed sequence for evaluation.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -22,14 +23,15 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from blues.data_sources import BATCH_CHARS, Source, expand_inputs, read_documents
-from blues.data_tokenize import TOKEN_DTYPE, default_workers, encode_batches
+from blues.data_tokenize import TOKEN_DTYPE, Encoded, default_workers, encode_batches, in_order
 from blues.errors import ConfigError, DataError
 from blues.hashing import sha256_file
 
@@ -43,6 +45,9 @@ CACHE_FORMAT = 2  # bump when the cache layout or the tokenization recipe change
 # Without an explicit worker count, inputs smaller than this are tokenized in this process:
 # starting a pool (each worker builds the tokenizer, ~1.5 s) costs more than it saves.
 SMALL_INPUT_BYTES = 16 << 20
+# Encoded batches (~2 MB of tokens each) waiting for the thread that writes and hashes the token
+# files, at most: the reading thread never runs further ahead than this.
+WRITE_AHEAD = 4
 
 PathLike = str | os.PathLike
 
@@ -212,6 +217,29 @@ def _split_problem(names: str, n_train: int, n_val: int, val_fraction: float) ->
     return None
 
 
+def _append_tokens(outs: dict, hashes: dict, enc: Encoded) -> Encoded:
+    for s, arr in (("train", enc.train), ("val", enc.val)):
+        buf = memoryview(arr).cast("B")
+        outs[s].write(buf)
+        hashes[s].update(buf)
+    return enc
+
+
+def _write_all(encoded: Iterable[Encoded], outs: dict, hashes: dict) -> tuple[dict, dict]:
+    """Append every batch's tokens to the split files `outs` and their sha256 `hashes`, in order, on
+    one writer thread (file writes and hashlib release the GIL: this thread goes on reading and
+    dispatching meanwhile), with at most WRITE_AHEAD batches waiting for it; a failed write is
+    raised here. Returns the tokens and documents written per split."""
+    tokens, docs = dict.fromkeys(outs, 0), dict.fromkeys(outs, 0)
+    with ThreadPoolExecutor(1, thread_name_prefix="blues-token-writer") as writer:
+        append = functools.partial(_append_tokens, outs, hashes)
+        for enc in in_order(writer, append, encoded, limit=WRITE_AHEAD):
+            for s, arr, n in (("train", enc.train, enc.n_train_docs), ("val", enc.val, enc.n_val_docs)):
+                tokens[s] += len(arr)
+                docs[s] += n
+    return tokens, docs
+
+
 def _tokenize_to_cache(sources: Sequence[Source], tokenizer, cache_dir: Path, key: str, *, names: str,
                        text_column: str | None, workers: int, val_fraction: float, split_seed: int,
                        show_progress: bool) -> dict:
@@ -222,22 +250,14 @@ def _tokenize_to_cache(sources: Sequence[Source], tokenizer, cache_dir: Path, ke
     finals = {s: cache_dir / f"{key}.{s}.u32" for s in ("train", "val")}
     tmps = {s: _atomic_path(p) for s, p in finals.items()}
     hashes = {s: hashlib.sha256() for s in finals}
-    tokens = {s: 0 for s in finals}
-    docs = {s: 0 for s in finals}
     total = sum(src.size for src in sources)
     try:
         with open(tmps["train"], "wb") as f_train, open(tmps["val"], "wb") as f_val, \
                 tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"tokenizing {short_name}",
-                     disable=not _show_bar(show_progress)) as bar:
-            outs = {"train": f_train, "val": f_val}
-            for enc in encode_batches(_batches(sources, text_column, bar), tokenizer, workers=workers,
-                                      val_fraction=val_fraction, split_seed=split_seed):
-                for s, arr, n in (("train", enc.train, enc.n_train_docs), ("val", enc.val, enc.n_val_docs)):
-                    buf = memoryview(arr).cast("B")
-                    outs[s].write(buf)
-                    hashes[s].update(buf)
-                    tokens[s] += len(arr)
-                    docs[s] += n
+                     disable=not _show_bar(show_progress)) as bar, \
+                contextlib.closing(encode_batches(_batches(sources, text_column, bar), tokenizer, workers=workers,
+                                                  val_fraction=val_fraction, split_seed=split_seed)) as encoded:
+            tokens, docs = _write_all(encoded, {"train": f_train, "val": f_val}, hashes)
         problem = _split_problem(names, docs["train"], docs["val"], val_fraction)
         if problem:
             raise DataError(problem)

@@ -253,7 +253,8 @@ def _csv_names(src: Source, wanted: str, block: int) -> list[str]:
 
     with open_stream(src.path) as (raw, stream):
         _check_text(src.path, stream, f"a header line with a '{wanted}' column and rows")
-        return pcsv.open_csv(stream, **_csv_options(src, block)).schema.names
+        with pcsv.open_csv(stream, **_csv_options(src, block)) as reader:
+            return reader.schema.names
 
 
 def _csv_column(src: Source, name: str, block: int, skip: int) -> Iterator[tuple["pa.Array", int]]:
@@ -264,8 +265,11 @@ def _csv_column(src: Source, name: str, block: int, skip: int) -> Iterator[tuple
 
     convert = pcsv.ConvertOptions(include_columns=[name], column_types={name: pa.large_binary()})
     seen = 0
-    with open_stream(src.path) as (raw, stream):
-        for batch in pcsv.open_csv(stream, convert_options=convert, **_csv_options(src, block)):
+    # The reader is closed with the file, also on an error: one left to the interpreter's final garbage
+    # collection can abort its exit ("terminate called without an active exception").
+    with open_stream(src.path) as (raw, stream), \
+            pcsv.open_csv(stream, convert_options=convert, **_csv_options(src, block)) as reader:
+        for batch in reader:
             texts = batch.column(0).slice(max(0, skip - seen))
             seen += batch.num_rows
             if len(texts):

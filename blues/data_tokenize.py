@@ -5,18 +5,19 @@ Each document goes to the validation split when a keyed hash of its text falls b
 reordering files moves no other document between the splits, and a duplicated document lands in
 one split only. `encode_batch` encodes a batch (each document + `<|endoftext|>`) and splits it;
 `encode_batches` maps it over batches with `workers` processes, keeping at most two batches per
-worker in flight (bounded memory) and yielding the results in input order, so the output is the
-same for any number of workers.
+worker in flight (bounded memory) and yielding the results in input order (`in_order`), so the
+output is the same for any number of workers.
 """
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -103,14 +104,22 @@ def encode_batches(batches: Iterable[list[str]], tokenizer, *, workers: int, val
     # spawn, not fork: the trainers call this with JAX/torch threads running.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_init_worker, initargs=(tokenizer.fingerprint,)) as pool:
-        pending: collections.deque = collections.deque()
-        try:
-            for texts in batches:
-                pending.append(pool.submit(_work, texts, val_fraction, split_seed))
-                while len(pending) >= 2 * workers:
-                    yield pending.popleft().result()
-            while pending:
+        work = functools.partial(_work, val_fraction=val_fraction, split_seed=split_seed)
+        yield from in_order(pool, work, batches, limit=2 * workers)
+
+
+def in_order(executor: Executor, fn: Callable, items: Iterable, *, limit: int) -> Iterator:
+    """fn(item) for each item, run on `executor`, the results yielded in input order, with at most
+    `limit` calls submitted and not yet collected (bounded memory). The first failure is raised here;
+    calls not yet started then, or when the caller stops early, are cancelled."""
+    pending: collections.deque = collections.deque()
+    try:
+        for item in items:
+            pending.append(executor.submit(fn, item))
+            if len(pending) >= limit:
                 yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()

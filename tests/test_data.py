@@ -422,22 +422,40 @@ def test_failed_tokenization_leaves_no_files(tmp_path):
     _assert_no_cache_entry(tmp_path / "c")
 
 
-def test_disk_full_leaves_nothing_half_written(tmp_path, monkeypatch):
-    p = write_csv(tmp_path / "d.csv", sentences(30))
-    real_open = open
+@pytest.mark.parametrize("good_writes, workers", [(0, 1), (5, 2)])
+def test_disk_full_leaves_nothing_half_written(tmp_path, monkeypatch, good_writes, workers):
+    """A token-file write fails (disk full) on the writer thread, at the first write or mid-stream
+    with batches queued for it and the pool busy: the one-line error, no cache entry, and the
+    reading stops within the few batches in flight instead of running on to the end of the file."""
+    monkeypatch.setattr(bd, "BATCH_CHARS", 2_000)
+    monkeypatch.setattr(ds, "BATCH_CHARS", 2_000)
+    p = write_csv(tmp_path / "d.csv", sentences(1000))  # ~140 batches
+    real_open, real_batches = open, bd._batches
+    writes, batches_read = [], []
 
     class FullDisk(io.FileIO):
         def write(self, b):
-            raise OSError(errno.ENOSPC, "No space left on device")
+            writes.append(len(b))
+            if len(writes) > good_writes:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(b)
 
     def open_full(path, mode="r", *args, **kwargs):  # the token files' writes fail, as on a full disk
         return FullDisk(path, "wb") if str(path).endswith(".tmp") and "w" in mode else real_open(path, mode, *args, **kwargs)
 
+    def counted_batches(*args):
+        for batch in real_batches(*args):
+            batches_read.append(len(batch))
+            yield batch
+
     monkeypatch.setattr(bd, "open", open_full, raising=False)
+    monkeypatch.setattr(bd, "_batches", counted_batches)
     with pytest.raises(DataError, match=r"^no space left on device while writing the token cache in .*c; "
                                         r"nothing was kept: free space or set BLUES_CACHE to a larger disk$"):
-        prepare_data(p, seq_len=8, cache_dir=tmp_path / "c", val_fraction=0.2)
+        prepare_data(p, seq_len=8, cache_dir=tmp_path / "c", val_fraction=0.2, workers=workers)
     _assert_no_cache_entry(tmp_path / "c")
+    failed_batch = good_writes // 2 + 1  # two writes (train, val) per batch
+    assert len(batches_read) <= failed_batch + bd.WRITE_AHEAD + 2 * workers + 1, len(batches_read)
 
 
 def test_kill_during_tokenization_leaves_no_usable_cache(tmp_path):
