@@ -5,8 +5,8 @@ gzip or zstd; files, directories, globs) are streamed in bounded batches; every 
 encoded with `o200k_base`, followed by `<|endoftext|>`, assigned to the train or validation split
 by a hash of its text, by one process or a pool of them (`blues.data_tokenize`), and appended to
 that split's uint32 token file as it goes, by a writer thread; `prepare_data` does this once and
-caches the result (`python -m blues.data prepare` does it ahead of training). Each stream is cut into consecutive,
-non-overlapping windows of `seq_len + 1` tokens (inputs = w[:-1], targets = w[1:]);
+caches the result (`python -m blues.data prepare` does it ahead of training). Each stream is cut
+into consecutive, non-overlapping windows of `seq_len + 1` tokens (inputs = w[:-1], targets = w[1:]);
 `BatchIterator` serves shuffled batches of windows, sharded by data-parallel rank and resumable
 exactly; `eval_batches` serves a fixed sequence for evaluation.
 """
