@@ -1,12 +1,14 @@
-"""Compiling jitted programs ahead, in a background thread, while training runs.
+"""Compiling jitted programs ahead, in a background thread, while other work runs.
 
-train_jax.py evaluates with two programs besides its training step: the evaluation forward and the
-one-device forward of the sample continuations. Compiled at the first evaluation, they would stop
-training for as long as XLA takes on them (tens of seconds at `bench` on a GPU); compiled here,
-beside the first training steps (XLA compiles without holding the GIL), the first evaluation finds
-them ready: `jit(f).lower(*abstract).compile()` fills the jitted function's own cache, so the real
-call with arrays of those shapes, dtypes and shardings runs the executable directly (and the
-persistent compilation cache keeps it for the next run as usual).
+train_jax.py compiles its training step here from the train state's shapes while the weights are
+drawn (blues_jax.training.plan_train_state), so that tracing, lowering and compiling (or loading
+from the persistent cache) overlap the initialisation. It evaluates with two more programs: the
+evaluation forward and the one-device forward of the sample continuations. Compiled at the first
+evaluation, they would stop training for as long as XLA takes on them (tens of seconds at `bench`
+on a GPU); compiled here, beside the first training steps (XLA compiles without holding the GIL),
+the first evaluation finds them ready. `jit(f).lower(*abstract).compile()` fills the jitted
+function's own cache, so the real call with arrays of those shapes, dtypes and shardings runs the
+executable directly (and the persistent compilation cache keeps it for the next run as usual).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ class BackgroundCompile:
 
     A failure here (out of memory during autotuning, say) is dropped: the real call compiles the
     program again in the foreground and reports what is wrong there. `wait()` before the first real
-    call, so that a program is never compiled twice at once, and before the process exits.
+    call, so that a program is never compiled twice at once, and before the process exits (leaving
+    a `with` block waits too).
     """
 
     def __init__(self, jobs: Sequence[tuple[Callable, tuple]]):
@@ -37,3 +40,9 @@ class BackgroundCompile:
 
     def wait(self) -> None:
         self._thread.join()
+
+    def __enter__(self) -> "BackgroundCompile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wait()

@@ -21,8 +21,9 @@ skips the update (inside the compiled step) and `--max_bad_steps` consecutive on
 and interrupt deterministically with `--stop_after N` (blues/train_args.py).
 
 Compiled programs are cached on disk (BLUES_CACHE/xla, or JAX_COMPILATION_CACHE_DIR), so a second run
-of the same configuration starts training within seconds; the evaluation's programs compile in the
-background after the first step (blues_jax/precompile.py), so the first evaluation does not wait for them.
+of the same configuration starts training within seconds. The training step compiles in a background
+thread while the weights are drawn, and the evaluation's programs after the first step
+(blues_jax/precompile.py), so the first evaluation does not wait for them.
 """
 from __future__ import annotations
 
@@ -53,8 +54,9 @@ from blues_jax.attention import resolve_attn_impl
 from blues_jax.checkpoint import Checkpointer, discard_later_checkpoints, seal_finished_saves
 from blues_jax.distributed import agree, build_mesh, enable_compilation_cache, init_distributed, sync, topology
 from blues_jax.precompile import BackgroundCompile
-from blues_jax.training import (NextLogits, build_train_state, canonical_arrays, eval_step_arguments, evaluate,
-                                make_eval_step, make_train_step, put_batch, restore_state, run_dtype)
+from blues_jax.training import (NextLogits, TrainPlan, canonical_arrays, eval_step_arguments, evaluate,
+                                init_train_state, make_eval_step, make_train_step, micro_batch_shape,
+                                plan_train_state, put_batch, restore_state, run_dtype, train_step_arguments)
 
 SCRIPT = "train_jax.py"
 
@@ -62,33 +64,35 @@ SCRIPT = "train_jax.py"
 class JaxTrainer:
     """blues.loop's Trainer for JAX: the compiled step, evaluation and checkpoints, holding the state."""
 
-    def __init__(self, args, topo, shardings, graphs, tx, train_iter, splits, tokenizer,
-                 checkpointer, guard, metrics, budget, best):
-        self.args, self.topo, self.shardings = args, topo, shardings
+    def __init__(self, args, topo, plan: TrainPlan, train_step, step_compile: BackgroundCompile, train_iter, splits,
+                 tokenizer, checkpointer, guard, metrics, budget, best):
+        self.args, self.topo, self.shardings = args, topo, plan.shardings
         self.budget, self.best = budget, best  # --max_minutes, --save_best
         self.train_iter, self.splits, self.tokenizer = train_iter, splits, tokenizer
         self.checkpointer, self.guard, self.metrics = checkpointer, guard, metrics
         self.is_main = topo["process"] == 0
-        train_graph, eval_graph, sample_graph = graphs
-        self.train_step = make_train_step(train_graph, tx, shardings, grad_accum=args.grad_accum,
-                                          grad_clip=args.grad_clip, weight_decay=args.weight_decay)
-        self.eval_step = make_eval_step(eval_graph, shardings)
+        _, eval_graph, sample_graph = plan.graphs
+        self.train_step = train_step
+        self.step_compile = step_compile  # the training step's, under way since start-up; None once joined
+        self.eval_step = make_eval_step(eval_graph, self.shardings)
         prompt = len(tokenizer.encode(SAMPLE_PROMPT))
         self.sample_window = min(args.seq_len, 1 << (prompt + SAMPLE_TOKENS - 1).bit_length())
-        self.next_logits = NextLogits(sample_graph, shardings, self.sample_window)
+        self.next_logits = NextLogits(sample_graph, self.shardings, self.sample_window)
         self.params = self.opt_state = self.rng = None
         self.ahead = None  # BackgroundCompile of the evaluation's programs, started after the first step
 
     def batches(self):
         """The next optimizer step's micro-batches, on the mesh: inputs and targets [G, global B, T]."""
-        g, t = self.args.grad_accum, self.args.seq_len
-        xs, ys = zip(*(next(self.train_iter) for _ in range(g)))  # G x [local B, T]
-        shape = (g, self.args.batch_size * self.topo["dp"], t)
+        shape = micro_batch_shape(self.args, self.topo)
+        xs, ys = zip(*(next(self.train_iter) for _ in range(shape[0])))  # G x [local B, T]
         sharding = self.shardings["micro_batches"]
         return put_batch(np.stack(xs), sharding, shape), put_batch(np.stack(ys), sharding, shape)
 
     def step(self, lr: float, inject_nan: bool) -> StepResult:
         inputs, targets = self.batches()
+        if self.step_compile is not None:
+            self._join(self.step_compile)
+            self.step_compile = None
         self.params, self.opt_state, self.rng, out = self.train_step(self.params, self.opt_state, self.rng, inputs,
                                                                      targets, np.float32(lr), np.bool_(inject_nan))
         losses = [float(v) for v in np.asarray(out["losses"])]  # waits for the step
@@ -111,13 +115,16 @@ class JaxTrainer:
         self.checkpointer.save(step, self.params, self.opt_state, self.rng, state)
 
     def wait_for_compiles(self) -> None:
-        """Let the background compile finish (before the first evaluation, and before exiting)."""
+        """Let the evaluation's background compile finish (before the first evaluation, and before exiting)."""
         if self.ahead is not None:
-            self.ahead.wait()
-            if self.is_main:
-                for failure in self.ahead.failures:
-                    log(f"note: compiling ahead failed ({failure}); it compiles when first called")
-            self.ahead.failures.clear()
+            self._join(self.ahead)
+
+    def _join(self, compiling: BackgroundCompile) -> None:
+        compiling.wait()
+        if self.is_main:
+            for failure in compiling.failures:
+                log(f"note: compiling ahead failed ({failure}); it compiles when first called")
+        compiling.failures.clear()
 
     def evaluate(self, step: int) -> float:
         self.wait_for_compiles()
@@ -144,17 +151,27 @@ def main(argv) -> int:
     init_distributed(args)
     run_dir = RunDir(args.out_dir, is_main=jax.process_index() == 0)  # did it exist? (before any process makes it)
     run = prepare(args)  # everything that can be refused is checked before the run directory exists
+    enable_compilation_cache()
+    plan = plan_train_state(args.model_config, run["mesh"], seed=args.seed, dtype=run_dtype(args.precision), lr=args.lr,
+                            weight_decay=args.weight_decay, attn_impl=args.attn_impl, scan_layers=args.scan_layers)
+    train_step = make_train_step(plan.graphs[0], plan.tx, plan.shardings, grad_accum=args.grad_accum,
+                                 grad_clip=args.grad_clip, weight_decay=args.weight_decay)
+    # the training step traces, lowers and compiles (or loads from the cache) while the weights are drawn
+    with BackgroundCompile([(train_step, train_step_arguments(plan, args, run["topo"]))]) as step_compile:
+        return train_run(argv, args, run, plan, train_step, step_compile, budget=budget, run_dir=run_dir,
+                         started=started)
+
+
+def train_run(argv, args: TrainArgs, run: dict, plan: TrainPlan, train_step, step_compile: BackgroundCompile, *,
+              budget: TimeBudget, run_dir: RunDir, started: float) -> int:
+    """The run after start-up: the train state, the run directory, the loop, the end of the run."""
     mesh, topo, resume_path, state = run["mesh"], run["topo"], run["resume_path"], run["state"]
     is_main = topo["process"] == 0
-    enable_compilation_cache()
-    graphs, tx, shardings, params, opt_state, rng = build_train_state(
-        args.model_config, mesh, seed=args.seed, dtype=run_dtype(args.precision), lr=args.lr,
-        weight_decay=args.weight_decay, attn_impl=args.attn_impl, scan_layers=args.scan_layers,
-        init_arrays=run["init_arrays"])
+    params, opt_state, rng = init_train_state(plan, mesh, run["init_arrays"])
     guard = BadStepGuard(args.max_bad_steps)
     step = 0
     if state is not None:  # resume: every array onto this run's mesh, then the host-side state
-        params, opt_state, rng = restore_state(resume_path, params, opt_state, rng, shardings)
+        params, opt_state, rng = restore_state(resume_path, params, opt_state, rng, plan.shardings)
         step = int(state["step"])
         run["train_iter"].load_state_dict(state["data"])
         guard.load_state_dict(state["bad_steps"])
@@ -183,8 +200,8 @@ def main(argv) -> int:
         first_step = step
         best = BestExport(args.out_dir, args.model_config, enabled=args.save_best, is_main=is_main,
                           resuming=resume_path is not None)
-        trainer = JaxTrainer(args, topo, shardings, graphs, tx, run["train_iter"], run["splits"], run["tokenizer"],
-                             checkpointer, guard, metrics, budget, best)
+        trainer = JaxTrainer(args, topo, plan, train_step, step_compile, run["train_iter"], run["splits"],
+                             run["tokenizer"], checkpointer, guard, metrics, budget, best)
         trainer.params, trainer.opt_state, trainer.rng = params, opt_state, rng
         del params, opt_state, rng  # donated to the first step: the trainer holds the only references
         try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -114,12 +115,10 @@ def make_train_step(graph, tx, shardings: dict, *, grad_accum: int, grad_clip: f
 
 # ---- the model and its state ------------------------------------------------------------------------
 
-def create_model(config: BluesConfig, mesh, *, seed: int, dtype, attn_impl: str = "auto", remat: bool = False,
-                 scan_layers: bool = False, init_arrays: dict | None = None):
-    """The model, initialised by one compiled program straight into its shardings (not op by op on
-    one device), then placed on the mesh by blues_jax.sharding; `init_arrays` (canonical weights,
-    --init_from) replace the random ones. The seed fixes the weights and the router-noise and dropout
-    streams, whatever the mesh (threefry keys are sharding-invariant)."""
+def model_factory(config: BluesConfig, *, seed: int, dtype, attn_impl: str = "auto", remat: bool = False,
+                  scan_layers: bool = False) -> Callable[[], BluesModel]:
+    """The function that builds the model with its random weights. The seed fixes the weights and the
+    router-noise and dropout streams, whatever the mesh (threefry keys are sharding-invariant)."""
 
     def make():
         key = jax.random.key(seed)
@@ -127,13 +126,35 @@ def create_model(config: BluesConfig, mesh, *, seed: int, dtype, attn_impl: str 
                         dropout=jax.random.fold_in(key, 2))
         return BluesModel(config, rngs=rngs, attn_impl=attn_impl, remat=remat, scan_layers=scan_layers, dtype=dtype)
 
+    return make
+
+
+def lower_init(make: Callable[[], BluesModel], mesh) -> tuple[nnx.GraphDef, nnx.State, jax.stages.Lowered]:
+    """The model's graph, its abstract state and its initialisation: one program that draws every
+    weight straight into its sharding (not op by op on one device), lowered but not yet compiled.
+    The threefry flag (`threefry_kernel`) is process-wide and read while lowering, so it is set
+    only here."""
     graph, abstract = nnx.split(nnx.eval_shape(make))
     with threefry_kernel(mesh_is_trivial(mesh)):
-        state = jax.jit(lambda: nnx.state(make()), out_shardings=param_shardings(abstract, mesh))()
-    model = nnx.merge(graph, state)
+        init = jax.jit(lambda: nnx.state(make()), out_shardings=param_shardings(abstract, mesh)).lower()
+    return graph, abstract, init
+
+
+def materialise(graph: nnx.GraphDef, init: jax.stages.Lowered, mesh, init_arrays: dict | None = None):
+    """Compile and run the initialisation; `init_arrays` (canonical weights, --init_from) replace the
+    random ones; the model is placed on the mesh by blues_jax.sharding."""
+    model = nnx.merge(graph, init.compile()())
     if init_arrays is not None:
         load_canonical(model, init_arrays)  # checked against the config in load_init_weights
     return shard_model(model, mesh)
+
+
+def create_model(config: BluesConfig, mesh, *, seed: int, dtype, attn_impl: str = "auto", remat: bool = False,
+                 scan_layers: bool = False, init_arrays: dict | None = None):
+    """The model, initialised by one compiled program (`lower_init`) and placed on the mesh."""
+    make = model_factory(config, seed=seed, dtype=dtype, attn_impl=attn_impl, remat=remat, scan_layers=scan_layers)
+    graph, _, init = lower_init(make, mesh)
+    return materialise(graph, init, mesh, init_arrays)
 
 
 @contextlib.contextmanager
@@ -150,33 +171,70 @@ def threefry_kernel(on: bool):
         jax.config.update("jax_threefry_gpu_kernel_lowering", before)
 
 
-def build_train_state(config: BluesConfig, mesh, *, seed: int, dtype, lr: float, weight_decay: float,
-                      attn_impl: str = "auto", remat: bool = False, scan_layers: bool = False,
-                      init_arrays: dict | None = None):
-    """The model split into graphs (train, eval, one-device sampling) and state (params, RNG streams),
-    the optimizer, every sharding the compiled steps use, and a fresh optimizer state:
-    ((train_graph, eval_graph, sample_graph), tx, shardings, params, opt_state, rng)."""
-    model = create_model(config, mesh, seed=seed, dtype=dtype, attn_impl=attn_impl, remat=remat,
-                         scan_layers=scan_layers, init_arrays=init_arrays)
+class TrainPlan(NamedTuple):
+    """Everything the compiled steps need, known before any weight exists: the model's graphs (train,
+    eval, one-device sampling), the optimizer, every sharding, the train state as abstract arrays
+    (shapes, dtypes, shardings) and the lowered initialisation (`materialise` runs it)."""
+    graphs: tuple
+    tx: optax.GradientTransformation
+    shardings: dict
+    abstract: tuple  # (params, opt_state, rng)
+    init: tuple  # (graph, lowered initialisation)
+
+
+def plan_train_state(config: BluesConfig, mesh, *, seed: int, dtype, lr: float, weight_decay: float,
+                     attn_impl: str = "auto", remat: bool = False, scan_layers: bool = False) -> TrainPlan:
+    """The train state's TrainPlan, from the model's shapes alone (nothing is computed on a device):
+    the training step can compile from it while the weights are drawn."""
+    make = model_factory(config, seed=seed, dtype=dtype, attn_impl=attn_impl, remat=remat, scan_layers=scan_layers)
+    graph, abstract_state, init = lower_init(make, mesh)
+    model = nnx.merge(graph, abstract_state)
+    model.set_attributes(mesh=mesh, raise_if_not_found=False)  # as shard_model leaves the real one
+    graphs, params, rng = split_model(model)
+    replicated = NamedSharding(mesh, P())
+    shardings = {"params": nnx.to_pure_dict(param_shardings(params, mesh)),
+                 "rng": jax.tree.map(lambda x: replicated, nnx.to_pure_dict(rng)),
+                 "batch": NamedSharding(mesh, P(BATCH_AXES, None)),  # [B, T]
+                 "micro_batches": NamedSharding(mesh, P(None, BATCH_AXES, None)),  # [G, B, T]
+                 "replicated": replicated}
+    params, rng = nnx.to_pure_dict(params), nnx.to_pure_dict(rng)
+    tx = make_optimizer(params, lr=lr, weight_decay=weight_decay)
+    shardings["opt_state"] = _optimizer_shardings(tx, params, shardings["params"], replicated)
+    abstract = (abstract_arrays(params, shardings["params"]),
+                abstract_arrays(jax.eval_shape(tx.init, params), shardings["opt_state"]),
+                abstract_arrays(rng, shardings["rng"]))
+    return TrainPlan(graphs, tx, shardings, abstract, (graph, init))
+
+
+def split_model(model) -> tuple[tuple, nnx.State, nnx.State]:
+    """((train_graph, eval_graph, sample_graph), params, rng): the graphs in train mode, in eval mode,
+    and in eval mode on one device (the samples: no mesh). Leaves the model in that last form."""
     model.train()
     train_graph, params, rng, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
     assert not jax.tree.leaves(rest), "the model holds state that is neither a parameter nor an RNG stream"
     model.eval()
     eval_graph = nnx.split(model, nnx.Param, nnx.RngState)[0]
     model.set_attributes(mesh=None, raise_if_not_found=False)
-    sample_graph = nnx.split(model, nnx.Param, nnx.RngState)[0]  # eval mode on one device (the samples)
-    params, rng = nnx.to_pure_dict(params), nnx.to_pure_dict(rng)
+    sample_graph = nnx.split(model, nnx.Param, nnx.RngState)[0]
+    return (train_graph, eval_graph, sample_graph), params, rng
 
-    tx = make_optimizer(params, lr=lr, weight_decay=weight_decay)
-    replicated = NamedSharding(mesh, P())
-    shardings = {"params": jax.tree.map(lambda x: x.sharding, params),
-                 "rng": jax.tree.map(lambda x: replicated, rng),
-                 "batch": NamedSharding(mesh, P(BATCH_AXES, None)),  # [B, T]
-                 "micro_batches": NamedSharding(mesh, P(None, BATCH_AXES, None)),  # [G, B, T]
-                 "replicated": replicated}
-    shardings["opt_state"] = _optimizer_shardings(tx, params, shardings["params"], replicated)
-    opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
-    return (train_graph, eval_graph, sample_graph), tx, shardings, params, opt_state, rng
+
+def init_train_state(plan: TrainPlan, mesh, init_arrays: dict | None = None):
+    """The plan's train state on the mesh: (params, opt_state, rng), a fresh optimizer state."""
+    _, params, rng = split_model(materialise(*plan.init, mesh, init_arrays))
+    params, rng = nnx.to_pure_dict(params), nnx.to_pure_dict(rng)
+    opt_state = jax.jit(plan.tx.init, out_shardings=plan.shardings["opt_state"])(params)
+    return params, opt_state, rng
+
+
+def build_train_state(config: BluesConfig, mesh, *, seed: int, dtype, lr: float, weight_decay: float,
+                      attn_impl: str = "auto", remat: bool = False, scan_layers: bool = False,
+                      init_arrays: dict | None = None):
+    """`plan_train_state` and `init_train_state` in one:
+    ((train_graph, eval_graph, sample_graph), tx, shardings, params, opt_state, rng)."""
+    plan = plan_train_state(config, mesh, seed=seed, dtype=dtype, lr=lr, weight_decay=weight_decay,
+                            attn_impl=attn_impl, remat=remat, scan_layers=scan_layers)
+    return (plan.graphs, plan.tx, plan.shardings, *init_train_state(plan, mesh, init_arrays))
 
 
 def run_dtype(precision: str):
@@ -192,8 +250,10 @@ def _optimizer_shardings(tx, params, param_shardings, replicated):
 
 
 def abstract_arrays(tree, shardings):
-    """Abstract values (shape, dtype, sharding) of a tree of arrays placed on `shardings`."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    """Abstract values (shape, dtype, weak type, sharding) of a tree of arrays placed on `shardings`."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s,
+                                                          weak_type=getattr(x, "weak_type", False)),
+                        tree, shardings)
 
 
 def restore_state(path: Path, params, opt_state, rng, shardings):
@@ -238,6 +298,18 @@ def eval_rows(batch_size: int, seq_len: int) -> int:
 def eval_batch_shape(args: TrainArgs, topo: dict) -> tuple[int, int]:
     """The global shape of one evaluation forward's inputs: `eval_rows` rows on every data-parallel shard."""
     return topo["dp"] * eval_rows(args.batch_size, args.seq_len), args.seq_len
+
+
+def micro_batch_shape(args: TrainArgs, topo: dict) -> tuple[int, int, int]:
+    """The global shape of one training step's inputs (and targets): [G, global B, T]."""
+    return args.grad_accum, args.batch_size * topo["dp"], args.seq_len
+
+
+def train_step_arguments(plan: TrainPlan, args: TrainArgs, topo: dict) -> tuple:
+    """The training step's arguments as abstract values, to compile it ahead: the train state, the
+    micro-batches and the host scalars lr and inject_nan (NumPy float32 and bool, as passed)."""
+    batch = jax.ShapeDtypeStruct(micro_batch_shape(args, topo), jnp.int32, sharding=plan.shardings["micro_batches"])
+    return (*plan.abstract, batch, batch, jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.bool_))
 
 
 def eval_step_arguments(params, rng, args: TrainArgs, topo: dict, shardings: dict) -> tuple:

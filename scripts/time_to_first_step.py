@@ -20,8 +20,10 @@ Columns: "first step" and "first evaluation" are the seconds from process start 
 the median of metrics.jsonl's steps after the warm-up (the repeated run's is the steady figure: in
 JAX's cold run those steps share the GPU with the evaluation's background compile); "process" is the
 whole run, checkpoint included. JAX runs log their compiles (JAX_LOG_COMPILES=1): the notes add up XLA compile time,
-tracing and lowering, and count persistent-cache hits. Each run's output is kept in OUT/logs/; its
-run directory is removed (a bench checkpoint is ~17 GB).
+tracing and lowering, and count persistent-cache hits. Each run's output is kept in OUT/logs/, every
+line of its stderr prefixed with the seconds since the process started ("[  12.34] "), so the log
+shows where the time before the first step went; its run directory is removed (a bench checkpoint
+is ~17 GB).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -133,19 +136,44 @@ def notes_for(framework: str, stderr: str) -> str:
             f"the cache; tracing and lowering {trace:.1f} s")
 
 
+def run_timed(cmd: list[str], env: dict, timeout: float) -> tuple[subprocess.CompletedProcess, str]:
+    """CMD to completion: (the process with its stdout and stderr, stderr with each line prefixed by
+    the seconds since the start). Raises subprocess.TimeoutExpired after TIMEOUT seconds."""
+    began = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stdout: list[bytes] = []
+    reader = threading.Thread(target=lambda: stdout.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    killed = threading.Event()
+    timer = threading.Timer(timeout, lambda: (killed.set(), proc.kill()))
+    timer.start()
+    stderr, timed = [], []
+    for raw in proc.stderr:  # lines end at "\n" only: a progress bar's "\r" updates stay on their line
+        line = raw.decode("utf-8", errors="replace")
+        stderr.append(line)
+        timed.append(f"[{time.perf_counter() - began:8.2f}] {line}")
+    proc.wait()
+    timer.cancel()
+    reader.join()
+    if killed.is_set():
+        raise subprocess.TimeoutExpired(cmd, timeout)
+    text = b"".join(stdout).decode("utf-8", errors="replace")
+    return subprocess.CompletedProcess(cmd, proc.returncode, text, "".join(stderr)), "".join(timed)
+
+
 def run_once(framework: str, run: str, cmd: list[str], env: dict, out: Path, run_dir: Path, warmup: int,
              timeout: float) -> Result:
     result = Result(framework, run)
     shutil.rmtree(run_dir, ignore_errors=True)
     began = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        proc, timed_stderr = run_timed(cmd, env, timeout)
     except subprocess.TimeoutExpired:
         result.error = f"timed out after {timeout:g} s"
         return result
     result.process_s = time.perf_counter() - began
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    (out / "logs" / f"{framework}-{run}.log").write_text(proc.stderr + proc.stdout, encoding="utf-8")
+    (out / "logs" / f"{framework}-{run}.log").write_text(timed_stderr + proc.stdout, encoding="utf-8")
     try:
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1][:300]

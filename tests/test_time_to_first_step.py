@@ -24,7 +24,7 @@ def run_script(*argv, timeout=600):
 def test_quick_jax_cold_then_repeated(tmp_path):
     """Both runs of the real trainer finish and report their first step and evaluation; the repeated
     run loads compiled programs from the persistent cache the cold run filled, the cold run from none
-    (its cache directories start empty). ~45 s on the 2-core box."""
+    (its cache directories start empty); the logs carry each line's time. ~45 s on the 2-core box."""
     proc = run_script("--quick", "--frameworks", "jax", "--steps", "1", "--warmup", "1", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     cold, repeated = json.loads((tmp_path / "time_to_first_step.json").read_text())
@@ -39,7 +39,12 @@ def test_quick_jax_cold_then_repeated(tmp_path):
     table = (tmp_path / "time_to_first_step.md").read_text()
     assert table in proc.stdout + "\n"
     assert "| JAX | cold |" in table and "| JAX | repeated |" in table
-    assert (tmp_path / "logs" / "jax-cold.log").exists() and not (tmp_path / "run" / "jax").exists()
+    assert not (tmp_path / "run" / "jax").exists()
+    with open(tmp_path / "logs" / "jax-repeated.log", encoding="utf-8", newline="") as f:  # keep a "\r" in its line
+        log = f.read()  # stderr lines timed from the process start
+    step_at = float(re.search(r"^\[ *([0-9.]+)\] .*first step after [0-9.]+ s", log, re.M)[1])
+    assert repeated["first_step_s"] - 0.05 <= step_at < repeated["process_s"], (step_at, repeated)  # .1f rounding
+    assert re.search(r"^\[ *[0-9.]+\] .*Persistent compilation cache hit", log, re.M)
 
 
 def test_bad_frameworks_is_one_line(tmp_path):

@@ -9,7 +9,10 @@ pays the compile time. The bad-input table calls `train_jax.main` in this proces
 refused before anything compiles.
 """
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,7 @@ from trainer_checks import (bad_flag_exit_status_from_the_real_process, bad_inpu
                             save_best_exports_the_best_evaluation, step_dir, straight_run, train_process,
                             trainer_env)
 
+REPO = Path(__file__).resolve().parent.parent
 SCRIPT = "train_jax.py"
 # Router noise (the default 0.05) and dropout on: exact resume must restore both RNG streams.
 CONFIG = json.dumps({"hidden_size": 32, "head_dim": 16, "num_attention_heads": 2, "num_key_value_heads": 1,
@@ -218,3 +222,14 @@ def test_resume_refusals(env, straight, tmp_path):
 
 def test_bad_flag_exit_status_from_the_real_process(env, tmp_path):
     bad_flag_exit_status_from_the_real_process(SCRIPT, env, tmp_path)
+
+
+def test_blues_compilation_cache_keeps_every_program(tmp_path):
+    """BLUES_CACHE/xla keeps programs that compile in well under JAX's default second (the optimizer's
+    initialisation, conversions, gathers), so a repeated run loads them instead of compiling each."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT"))}
+    code = ("import jax; from blues_jax.distributed import enable_compilation_cache; enable_compilation_cache(); "
+            "jax.jit(lambda x: x + 1)(1.0)")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(environ, BLUES_CACHE=str(tmp_path)), check=True,
+                   timeout=120)
+    assert [p.name for p in (tmp_path / "xla").glob("jit__lambda-*")], list((tmp_path / "xla").iterdir())

@@ -4,13 +4,16 @@
 - make_optimizer's optax AdamW is torch.optim.AdamW with the same param groups (decay on
   matrices only), betas, eps and per-step learning rate: same bias correction, decoupled decay;
 - the compiled step's gradient accumulation (G micro-batches of B) equals one batch of G*B when the
-  loss is a mean over tokens (router noise, dropout and the non-linear balancing loss off).
+  loss is a mean over tokens (router noise, dropout and the non-linear balancing loss off);
+- the step compiled ahead from TrainPlan's abstract state (train_jax.py does so while the weights
+  are drawn) is the program the first real call runs: no second trace or compile.
 
 The optimizer comparison is float32 against float32, the same formula with its operations in a
 different order (torch computes lr/bias_correction in float64 on the host), so agreement is to a
 few ulps: 1e-6 relative on the parameters after 6 steps.
 """
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -113,3 +116,51 @@ def test_gradient_accumulation_equals_one_big_batch():
     assert n2 == pytest.approx(n1, rel=1e-5)
     for k in p1:
         np.testing.assert_allclose(p2[k], p1[k], rtol=1e-5, atol=1e-6, err_msg=str(k))
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_step_compiled_ahead_is_the_one_the_first_step_runs():
+    """The train state init_train_state makes, passed as JaxTrainer.step passes it with its batches
+    and host scalars, has exactly train_step_arguments' shapes, dtypes, weak types and shardings:
+    the first call traces and compiles nothing (a mismatch would trace, lower and load the step a
+    second time on the critical path)."""
+    import jax
+
+    from blues_jax.distributed import topology
+    from blues_jax.precompile import BackgroundCompile
+    from blues_jax.sharding import make_mesh
+
+    fields = {"hidden_size": 32, "head_dim": 16, "num_attention_heads": 2, "num_key_value_heads": 1,
+              "num_layers": 1, "max_position_embeddings": 8, "tot_num_experts": 4, "embedding_multiplier_scale": 2}
+    args = parse_args(["--config", json.dumps(fields), "--grad_accum", "2", "--batch_size", "2"], "jax")
+    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+    topo = topology(mesh, args.batch_size)
+    plan = training.plan_train_state(args.model_config, mesh, seed=args.seed, dtype=training.run_dtype("bf16"),
+                                     lr=args.lr, weight_decay=args.weight_decay)
+    step = training.make_train_step(plan.graphs[0], plan.tx, plan.shardings, grad_accum=args.grad_accum,
+                                    grad_clip=args.grad_clip, weight_decay=args.weight_decay)
+    records, jax_logger, logged = _Records(), logging.getLogger("jax"), jax.config.jax_log_compiles
+    jax_logger.addHandler(records)
+    jax.config.update("jax_log_compiles", True)  # process-wide: the background thread's compile logs too
+    try:
+        with BackgroundCompile([(step, training.train_step_arguments(plan, args, topo))]) as ahead:
+            params, opt_state, rng = training.init_train_state(plan, mesh)
+        assert not ahead.failures
+        assert any("Finished tracing step" in m for m in records.messages)  # the ahead compile logs
+        shape = training.micro_batch_shape(args, topo)
+        batch = training.put_batch(np.zeros(shape, np.int32), plan.shardings["micro_batches"], shape)
+        records.messages.clear()
+        out = step(params, opt_state, rng, batch, batch, np.float32(1e-2), np.bool_(False))[3]
+    finally:
+        jax.config.update("jax_log_compiles", logged)
+        jax_logger.removeHandler(records)
+    assert np.isfinite(np.asarray(out["losses"])).all()
+    assert not [m for m in records.messages if "step" in m], records.messages
