@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import deepspeed_step  # noqa: E402
-from bench.train_step import train_workload  # noqa: E402
+from bench.train_step import torch_train, train_workload  # noqa: E402
 
 # Each variant changes ds_config.json in one respect (or two, named), so its effect is its own.
 VARIANTS = {
@@ -25,6 +25,8 @@ VARIANTS = {
     "overlap off, 5e8 buckets": {"zero_optimization": {"overlap_comm": False, "reduce_bucket_size": 5e8,
                                                        "allgather_bucket_size": 5e8}},
     "no overflow check": {"bf16": {"enabled": True, "check_grad_overflow": False}},
+    # float32 module and gradients under torch.autocast (as plain PyTorch trains), no bf16 master copy
+    "torch_autocast": {"bf16": {"enabled": False}, "torch_autocast": {"enabled": True, "dtype": "bfloat16"}},
 }
 
 
@@ -34,10 +36,17 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--compile", action="store_true",
                    help="each engine's module compiled block by block, as train_torch.py --compile")
+    p.add_argument("--plain", action="store_true",
+                   help="first, the same step without DeepSpeed (bench/train_step.py's torch row) as the reference")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     args = p.parse_args()
     print(f"{'variant':<26} {'preset':<6} {'tokens/s':>10}")
+    if args.plain:
+        for preset in args.presets:
+            row = torch_train(train_workload(preset, False), steps=args.steps, warmup=args.warmup, compile=args.compile,
+                              check=False)
+            print(f"{'plain PyTorch (no engine)':<26} {preset:<6} {row.tokens_per_s:>10,.0f}", flush=True)
     for name in args.variants:
         for preset in args.presets:
             row = deepspeed_step.deepspeed_train(train_workload(preset, False), steps=args.steps, warmup=args.warmup,

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Round 10 on the H200 (docs/performance.md, issue 26), one part per device call.
+# A: DeepSpeed ZeRO-2 compiled at `bench` with ds_config.json and with DeepSpeed's torch_autocast
+#    (float32 module, no bf16 master copy), beside plain compiled PyTorch in the same process;
+#    PyTorch's time to first step, cold and repeated, with timestamped logs.
+# B: JAX's time to first step, cold and repeated (the step compiling beside the initialisation).
+#   bash scripts/round10_gpu.sh A|B   (writes $OUT/logs/*.txt and $OUT/ttfs*/)
+set -uo pipefail
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+mkdir -p "$OUT/logs"
+case "$1" in
+A)
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/logs/a0_gpu.txt"
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export TORCH_CUDA_ARCH_LIST=9.0 PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+  timeout 280 python3 scripts/ds_variants.py --compile --plain --presets bench --steps 12 --warmup 3 \
+    --variants ds_config.json torch_autocast > "$OUT/logs/a1_ds.txt" 2>&1
+  timeout 250 python3 scripts/time_to_first_step.py --frameworks torch --steps 4 --warmup 1 --out /tmp/ttfs \
+    > "$OUT/logs/a2_ttfs_torch.txt" 2>&1
+  cp /tmp/ttfs/logs/*.log "$OUT/logs/" 2>/dev/null
+  ;;
+B)
+  timeout 560 python3 scripts/time_to_first_step.py --frameworks jax --steps 4 --warmup 1 --out /tmp/ttfs \
+    > "$OUT/logs/b1_ttfs_jax.txt" 2>&1
+  cp /tmp/ttfs/logs/*.log "$OUT/logs/" 2>/dev/null
+  ;;
+esac
