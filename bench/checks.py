@@ -386,7 +386,8 @@ def jax_scale_branches(model, ids) -> list[tuple[float, float]]:
 
     def run(state):
         attn, moe = [], []
-        with recording(jm.Attention, "__call__", attn, rms), recording(jm.MoE, "__call__", moe, lambda out: rms(out[0])):
+        with jm.blocks_traced_inline(), recording(jm.Attention, "__call__", attn, rms), \
+                recording(jm.MoE, "__call__", moe, lambda out: rms(out[0])):
             nnx.merge(graphdef, state)(ids)
         return attn, moe
 
@@ -443,6 +444,7 @@ def jax_probe(model, ids, tgt, mode: str, *, fast_paths=None) -> Probe:
         stack.enter_context(paths(model, mode, fast_paths, jax_reference_paths))
         if mode == "float32":
             stack.enter_context(jax_compute_dtype(model, jnp.float32))
+        stack.enter_context(jm.blocks_traced_inline())  # each layer's values from this trace
         stack.enter_context(recording(jm, "_run_block", layers, lambda out: out[0]))
         graphdef, state = nnx.split(model)
 

@@ -15,6 +15,8 @@ noise comes from the "noise" stream (`BluesModel.noise`), dropout from each bloc
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from typing import NamedTuple
 
@@ -188,6 +190,33 @@ def _run_block(block: Block, h, cos, sin, noise_key):
 _run_block_remat = nnx.remat(_run_block)  # recompute a block's activations in the backward pass
 
 
+@functools.partial(jax.jit, static_argnames=("graph", "remat"))
+def _block_call(graph: nnx.GraphDef, params: nnx.State, rest: nnx.State, h, cos, sin, noise_key, *, remat: bool):
+    """One block as a pure function of its state: (h [B, T, d], RouterStats, the block's other state
+    (dropout's key stream) after the call). Jitted, so that the L calls of an unrolled forward share one
+    trace: inside the model's jit each call is a nested jit whose jaxpr (and its derivatives, and its
+    lowering) JAX caches by the arguments' shapes, so tracing and lowering cost one block, not L. XLA
+    inlines the L calls before optimising, so the compiled program is the unrolled one."""
+    block = nnx.merge(graph, params, rest)
+    h, stats = (_run_block_remat if remat else _run_block)(block, h, cos, sin, noise_key)
+    return h, stats, nnx.split(block, nnx.Param, ...)[2]
+
+
+@contextlib.contextmanager
+def blocks_traced_inline():
+    """Inside, each block is traced where it is called, as plain code (`_block_call` without its jit):
+    for tools that record values from inside the blocks while the model is traced (the parity
+    suite, the benchmark's checks). With the shared trace they would record the inner trace's
+    values, and only once."""
+    global _block_call
+    shared = _block_call
+    _block_call = shared.__wrapped__
+    try:
+        yield
+    finally:
+        _block_call = shared
+
+
 def _stack(trees):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
@@ -245,12 +274,15 @@ class BluesModel(nnx.Module):
         if cache is None and self.scan_layers:
             h, stats = self._scan_blocks(h, cos, sin, noise_keys)
         else:
-            run = _run_block_remat if self.remat else _run_block
+            graph = nnx.split(self.layers[0], nnx.Param, ...)[0]  # every block's: they are built alike
             per_layer: list[RouterStats] = []
             for i, layer in enumerate(self.layers):
                 key = None if noise_keys is None else noise_keys[i]
                 if cache is None:
-                    h, s = run(layer, h, cos, sin, key)
+                    _, params, rest = nnx.split(layer, nnx.Param, ...)
+                    h, s, rest = _block_call(graph, params, rest, h, cos, sin, key, remat=self.remat)
+                    if layer.dropout.rate > 0 and not layer.dropout.deterministic:
+                        nnx.update(layer, rest)  # dropout's key stream, the one state a block advances
                 else:  # decoding
                     h, s = layer(h, cos, sin, key, cache, i)
                 per_layer.append(s)

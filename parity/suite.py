@@ -76,9 +76,10 @@ def _capture_jax_blocks(blocks: list, moe_in: list):
     """Record every blues_jax Block's output and MoE input while inside (at trace time under jit).
 
     NNX has no forward hooks; wrapping the classes' __call__ for the duration of one trace is the
-    smallest equivalent, and it is undone on exit whatever happens.
+    smallest equivalent, and it is undone on exit whatever happens. The blocks are traced inline
+    meanwhile (`blocks_traced_inline`), so each layer's values are recorded from the model's trace.
     """
-    from blues_jax.model import Block, MoE
+    from blues_jax.model import Block, MoE, blocks_traced_inline
 
     block_call, moe_call = Block.__call__, MoE.__call__
 
@@ -93,7 +94,8 @@ def _capture_jax_blocks(blocks: list, moe_in: list):
 
     Block.__call__, MoE.__call__ = block, moe
     try:
-        yield
+        with blocks_traced_inline():
+            yield
     finally:
         Block.__call__, MoE.__call__ = block_call, moe_call
 

@@ -573,6 +573,26 @@ def test_scanned_layers_are_the_unrolled_layers():
         np.testing.assert_array_equal(np.asarray(ra), np.asarray(rb))
 
 
+def test_unrolled_blocks_share_one_trace():
+    """The unrolled forward traces one block, not L: each block is a nested jit call
+    (blues_jax.model._block_call) whose jaxpr JAX caches by the arguments' shapes, so the forward's
+    L calls hold one jaxpr and the backward's L calls another (and lowering reuses them). Were the
+    blocks traced one by one, tracing and lowering the bench step would take ~4x longer (CPU: 9.7 s
+    against 2.3 s at the bench depth). Training mode, with dropout's key stream passed through."""
+    cfg = dataclasses.replace(BASE, num_layers=3, router_noise_std=0.3, dropout=0.1)
+    graph, params, rng = nnx.split(BluesModel(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    params, rng = nnx.to_pure_dict(params), nnx.to_pure_dict(rng)  # arrays, as the training step passes them
+    ids = _ids(cfg)
+
+    def loss(params, rng):
+        return nnx.merge(graph, params, rng)(ids, ids).loss
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(params, rng).jaxpr
+    calls = [e.params["jaxpr"] for e in jaxpr.eqns if e.params.get("name") == "_block_call"]
+    assert len(calls) == 2 * cfg.num_layers  # forward and backward
+    assert len({id(j) for j in calls}) == 2
+
+
 def test_bf16_runs():
     cfg = BASE
     ids = _ids(cfg)
