@@ -4,8 +4,9 @@ The engine is built in this process with a single-rank process group (RANK 0 of 
 set in the environment before `deepspeed.init_distributed`), so no launcher, ssh or hostfile is
 needed. The config is the project's `ds_config.json` (when present; else the same settings
 written here) with the bench's batch size, ZeRO stage 2 and bf16 forced, exactly as train_torch.py
-merges its flags into it; the optimizer is the config's AdamW built by DeepSpeed from the
-param groups of train_torch.py (decay on matrices only), and each timed step is
+merges its flags into it (bf16 in the mode the config chooses: blues_torch/deepspeed_config.py); the
+optimizer is the config's AdamW built by DeepSpeed from the param groups of train_torch.py (decay on
+matrices only), and each timed step is
 blues_torch/training.py's `TrainStep` over that engine, the step train_torch.py runs.
 
 The project's ds_config.json selects `optimizer.params.torch_adam` (DeepSpeed's own switch to
@@ -15,7 +16,9 @@ bench keeps that choice (`--ds-optimizer auto`; also used whenever FusedAdam is 
 says which optimizer ran in the row; `--ds-optimizer deepspeed` forces FusedAdam.
 
 DeepSpeed's bf16 mode casts the module to bf16 and keeps fp32 master weights and optimizer state
-in the ZeRO optimizer; gradients are clipped by global norm inside `engine.step()`.
+in the ZeRO optimizer; a config enabling `torch_autocast` keeps the module and gradients float32 and
+runs the engine's forward under bf16 autocast instead. The row's note names the mode that ran.
+Gradients are clipped by global norm inside `engine.step()`.
 
 DeepSpeed and torch are imported inside the functions: `python -m bench` loads this module for any
 section, and DeepSpeed is optional (a missing or broken install becomes a skipped row).
@@ -66,8 +69,11 @@ def fused_adam_prebuilt() -> bool:
         return False
 
 
-def ds_config_for(wl: Workload, optimizer: str) -> tuple[dict, str]:
-    """The project's ds_config.json with the bench's settings written in; -> (config, note)."""
+def ds_config_for(wl: Workload, optimizer: str, overrides: dict | None = None) -> tuple[dict, str]:
+    """The project's ds_config.json, `overrides` (keys of the config to replace) written over it, with
+    the bench's settings written in; -> (config, note)."""
+    from blues_torch.deepspeed_config import write_precision
+
     path = REPO / "ds_config.json"
     if path.exists():
         cfg = json.loads(path.read_text())
@@ -75,12 +81,15 @@ def ds_config_for(wl: Workload, optimizer: str) -> tuple[dict, str]:
     else:
         cfg = copy.deepcopy(DEFAULT_DS_CONFIG)
         source = "built-in ZeRO-2 config (no ds_config.json)"
+    if overrides:
+        cfg = _merge(cfg, overrides)
+        source += f"; overrides {json.dumps(overrides)}"
     cfg.pop("scheduler", None)
     cfg["train_micro_batch_size_per_gpu"] = wl.batch
     cfg["gradient_accumulation_steps"] = 1
     cfg["train_batch_size"] = wl.batch
     cfg.setdefault("zero_optimization", {})["stage"] = 2
-    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": True}
+    write_precision(cfg, "bf16", source)
     cfg.pop("fp16", None)
     if cfg.get("gradient_clipping") in (None, "auto"):  # "auto": the trainer's value, here the bench's
         cfg["gradient_clipping"] = GRAD_CLIP
@@ -164,10 +173,7 @@ def build_engine(wl: Workload, *, optimizer: str = "auto", compile: bool = False
         model = BluesModel(wl.config)
     model.train()
     checks = [check_torch_attention(wl.config, wl.batch, wl.seq, device)] if check else []
-    ds_cfg, note = ds_config_for(wl, optimizer)
-    if overrides:
-        ds_cfg = _merge(ds_cfg, overrides)
-        note += f"; overrides {json.dumps(overrides)}"
+    ds_cfg, note = ds_config_for(wl, optimizer, overrides)
     log(f"  deepspeed config: {note}")
     if fast_norms:
         deepspeed_norms.install()  # ZeRO's per-gradient norm/overflow loops cost ~60 ms of host time a step
@@ -190,7 +196,7 @@ def deepspeed_train(wl: Workload, *, steps: int, warmup: int, optimizer: str = "
         return Row(framework="torch+deepspeed", workload=wl.name, variant=variant, skipped=reason, config=wl.describe())
     import torch
     from blues_torch.distributed import Dist
-    from blues_torch.training import TrainStep
+    from blues_torch.training import PRECISION_MODES, TrainStep, precision_mode
 
     mem = PeakMemory("torch", torch_device())
     mem.reset()
@@ -202,7 +208,8 @@ def deepspeed_train(wl: Workload, *, steps: int, warmup: int, optimizer: str = "
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     if compile:
         fresh_torch_compile()
-    # the trainer's step over the engine (bf16 module: no autocast; --compile: the module's blocks compiled)
+    # the trainer's step over the engine (its forward applies torch_autocast when the config enables it;
+    # --compile: the module's blocks compiled)
     train_step = TrainStep(engine.module, engine.optimizer, dist=Dist(False), grad_clip=GRAD_CLIP, precision="bf16",
                            gen=gen, engine=engine, compile=compile)
     losses = []
@@ -217,6 +224,7 @@ def deepspeed_train(wl: Workload, *, steps: int, warmup: int, optimizer: str = "
     reading = mem.read()
     checks.append(loss_check(losses))
     param_dtype = next(engine.module.parameters()).dtype
+    mode = PRECISION_MODES[precision_mode("bf16", engine)]
     del engine, train_step, losses
     return _train_row("torch+deepspeed", wl, variant, times, reading, checks, "torch",
-                      f"{device.type}; module {str(param_dtype).replace('torch.', '')}; {note}")
+                      f"{device.type}; module {str(param_dtype).replace('torch.', '')}; {mode}; {note}")

@@ -15,9 +15,9 @@ Checkpoints are layout-free: under expert parallelism each rank's expert slices 
 AdamW moments) are gathered into the canonical full [E, ...] tensors before rank 0 writes, and each
 rank cuts its own slice out on load (blues_torch/expert_parallel.py), so a run saved by one process
 resumes under torchrun with any --expert_parallel, and back. A DeepSpeed checkpoint resumes from
-DeepSpeed's own files in the layout (ranks, --expert_parallel) that saved it, and from the
-layout-free files in any other layout, with or without DeepSpeed; a plain one resumes under DeepSpeed
-the same way.
+DeepSpeed's own files in the layout (ranks, --expert_parallel) and module dtype (bf16 in DeepSpeed's
+bf16 mode; float32 in fp32 and torch_autocast) that saved it, and from the layout-free files in any
+other layout or dtype, with or without DeepSpeed; a plain one resumes under DeepSpeed the same way.
 """
 from __future__ import annotations
 
@@ -168,6 +168,7 @@ class Checkpointer:
 
     def trainer_state(self, step: int, data_state: dict, guard: BadStepGuard) -> dict:
         return {"step": step, "framework": "torch", "deepspeed": self.engine is not None,
+                "module_dtype": module_dtype(self.model),
                 "model_config": self.args.model_config.to_dict(), "train_args": self.args.to_dict(),
                 "world_size": self.dist.world_size, "data": data_state, "bad_steps": guard.state_dict(),
                 "host_rng": host_rng_state()}
@@ -225,7 +226,8 @@ class Checkpointer:
         DeepSpeed's own files in the layout that saved them, else the layout-free ones."""
         if self.engine is None:
             self._load_plain(path, state)
-        elif same_deepspeed_layout(state, self.args, self.dist):
+        elif (same_deepspeed_layout(state, self.args, self.dist)
+              and saved_module_dtype(state) == module_dtype(self.model)):
             self._load_deepspeed(path, state)
         else:
             self._load_into_deepspeed(path, state)
@@ -301,6 +303,19 @@ def same_deepspeed_layout(state: dict, args: TrainArgs, dist: Dist) -> bool:
     return (bool(state.get("deepspeed")) and args.deepspeed is not None
             and (int(state["world_size"]), int(state["train_args"].get("expert_parallel", 1)))
             == (dist.world_size, args.expert_parallel))
+
+
+def module_dtype(model) -> str:
+    """"float32" or "bfloat16": the dtype of the module's parameters."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def saved_module_dtype(state: dict) -> str:
+    """The module dtype a checkpoint's run trained; without the `module_dtype` entry, the one its flags
+    imply (DeepSpeed bf16 without torch_autocast: a bf16 module)."""
+    if "module_dtype" in state:
+        return state["module_dtype"]
+    return "bfloat16" if state.get("deepspeed") and state["train_args"].get("precision") == "bf16" else "float32"
 
 
 def check_resumable(path: Path, args: TrainArgs, dist: Dist) -> dict:

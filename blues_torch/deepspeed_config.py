@@ -4,7 +4,14 @@ A flag given on the command line overrides the JSON and is written into the conf
 `deepspeed.initialize`; a flag not given takes the JSON's value, and a field set to "auto" (or absent)
 takes the trainer's value (batch_size <-> train_micro_batch_size_per_gpu, grad_accum <->
 gradient_accumulation_steps, lr / weight_decay <-> optimizer.params, grad_clip <-> gradient_clipping,
-precision <-> bf16.enabled). The returned sources say which settings the file decided.
+precision <-> bf16.enabled or torch_autocast.enabled). The returned sources say which settings the file
+decided.
+
+bf16 has two DeepSpeed modes, chosen by the file: `bf16.enabled` casts the module to bf16 and keeps
+float32 master weights in the ZeRO optimizer; `torch_autocast` (`{"enabled": true, "dtype": "bfloat16"}`)
+keeps the module and its gradients float32 and runs the engine's forward under torch.autocast, as
+the plain trainer's bf16 does. A file enabling torch_autocast asks for bf16 in that mode;
+`--precision fp32` turns it off.
 """
 from __future__ import annotations
 
@@ -36,6 +43,38 @@ def _ds_set(cfg: dict, path: tuple[str, ...], value) -> None:
     for key in path[:-1]:
         cfg = cfg.setdefault(key, {})
     cfg[path[-1]] = value
+
+
+# DeepSpeed's names of bfloat16 for torch_autocast.dtype (deepspeed/runtime/config.py, DtypeEnum)
+_BF16_NAMES = ("bfloat16", "bf16", "torch.bfloat16")
+
+
+def wants_torch_autocast(cfg: dict, where: str) -> bool:
+    """Whether the config enables DeepSpeed's torch_autocast: refused (ConfigError naming the field)
+    unless its dtype is bfloat16 and bf16.enabled is not true beside it."""
+    enabled = _ds_get(cfg, ("torch_autocast", "enabled"))
+    if enabled in (None, False):
+        return False
+    if enabled is not True:
+        raise ConfigError(f"{where}: field 'torch_autocast.enabled' must be true or false, got {enabled!r}")
+    dtype = _ds_get(cfg, ("torch_autocast", "dtype"))
+    if dtype not in _BF16_NAMES:
+        raise ConfigError(f"{where}: field 'torch_autocast.dtype' must be \"bfloat16\" (Blues trains in bf16 or "
+                          f"fp32), got {dtype!r}")
+    if _ds_get(cfg, ("bf16", "enabled")) is True:
+        raise ConfigError(f"{where}: field 'bf16.enabled' must be false (or \"auto\") when torch_autocast is "
+                          f"enabled: choose one bf16 mode (torch_autocast: a float32 module under autocast; bf16: a "
+                          f"bf16 module with float32 master weights)")
+    return True
+
+
+def write_precision(cfg: dict, precision: str, where: str) -> None:
+    """Write `precision` ("bf16" or "fp32") into cfg in the bf16 mode the config chose: torch_autocast
+    when it enables it, else DeepSpeed's bf16 (a bf16 module); fp32 turns both off."""
+    autocast = wants_torch_autocast(cfg, where)
+    _ds_set(cfg, ("bf16", "enabled"), precision == "bf16" and not autocast)
+    if autocast:
+        _ds_set(cfg, ("torch_autocast", "enabled"), precision == "bf16")
 
 
 def resolve_deepspeed_config(args: TrainArgs, world_size: int) -> tuple[dict, TrainArgs, dict[str, str]]:
@@ -70,10 +109,12 @@ def resolve_deepspeed_config(args: TrainArgs, world_size: int) -> tuple[dict, Tr
                               f"or \"auto\", got {value!r}")
         values[flag], sources[flag] = want(value), name
     bf16_json = _ds_get(cfg, ("bf16", "enabled"))
-    if "precision" in args.explicit or bf16_json in (None, "auto"):
+    file_precision = ("bf16" if wants_torch_autocast(cfg, where) else None if bf16_json in (None, "auto")
+                      else "bf16" if bf16_json is True else "fp32")
+    if "precision" in args.explicit or file_precision is None:
         precision = args.precision
     else:
-        precision, sources["precision"] = ("bf16" if bf16_json is True else "fp32"), name
+        precision, sources["precision"] = file_precision, name
     try:
         check_numbers({**{k: getattr(args, k) for k in ("max_steps", "eval_every", "eval_batches", "save_every",
                                                         "keep_checkpoints", "max_bad_steps", "warmup_steps",
@@ -83,8 +124,8 @@ def resolve_deepspeed_config(args: TrainArgs, world_size: int) -> tuple[dict, Tr
 
     for flag, field_path in _DS_FIELDS.items():
         _ds_set(cfg, field_path, values[flag])
-    _ds_set(cfg, ("bf16", "enabled"), precision == "bf16")
-    if precision == "bf16":
+    write_precision(cfg, precision, where)
+    if _ds_get(cfg, ("bf16", "enabled")):
         _ds_set(cfg, ("bf16", "check_grad_overflow"), True)  # non-finite grads skip the step
     cfg["train_batch_size"] = values["batch_size"] * values["grad_accum"] * world_size
     cfg["optimizer"]["params"].setdefault("betas", list(BETAS))

@@ -53,8 +53,9 @@ from blues_torch.deepspeed_config import resolve_deepspeed_config
 from blues_torch.distributed import Dist
 from blues_torch.expert_parallel import build_layout, check_layout, parallelize
 from blues_torch.state_dict_adapter import load_canonical
-from blues_torch.training import (TrainStep, autocast_for, compile_cache_hits, compiled_graphs, evaluate, make_engine,
-                                  make_next_logits, make_optimizer, to_device, use_compile_cache)
+from blues_torch.training import (PRECISION_MODES, TrainStep, autocast_for, compile_cache_hits, compiled_graphs,
+                                  evaluate, make_engine, make_next_logits, make_optimizer, precision_mode, to_device,
+                                  use_compile_cache)
 
 SCRIPT = "train_torch.py"
 # DeepSpeed's ZeRO calls a collective that torch deprecated; the warning is not ours to act on.
@@ -176,9 +177,10 @@ def main(argv) -> int:
             train_iter.load_state_dict(resume_state["data"])
             guard.load_state_dict(resume_state["bad_steps"])
             checkpointer.last = resume_path
-            write_param_hash(model, args.out_dir, dist.rank, "loaded")
 
         run_dir.create()
+        if resume_path is not None:
+            write_param_hash(model, args.out_dir, dist.rank, "loaded")
         metrics = MetricsLogger(args.out_dir, enabled=dist.is_main, resume_step=step)
         if dist.is_main:
             with open(Path(args.out_dir) / "config.json", "w", encoding="utf-8") as f:
@@ -189,6 +191,7 @@ def main(argv) -> int:
                 f"({len(splits.train):,} train / {len(splits.val):,} val tokens), device {dist.device}"
                 f"{' x' + str(dist.world_size) if dist.world_size > 1 else ''}"
                 f"{', DeepSpeed ZeRO-' + str(ds_config['zero_optimization']['stage']) if ds_config else ''}"
+                f"{', ' + PRECISION_MODES[precision_mode(args.precision, engine)] if ds_config else ''}"
                 f"{', experts split ' + str(layout.expert_parallel) + ' ways' if layout.expert_parallel > 1 else ''}; "
                 f"writing to {args.out_dir}\n" + settings_lines(args, ranks=dist.world_size, file_sources=file_sources))
 

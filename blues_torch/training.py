@@ -5,8 +5,10 @@ run this same `TrainStep`, so a benchmark figure is what training runs.
 Optimizer: AdamW (blues/adamw.py: betas, eps, decay on matrices only); the learning rate from
 blues/schedule.py is set on the param groups before each update; gradients are clipped by global norm
 (`grad_norm` is the norm before clipping); gradient accumulation averages the micro-batch losses. bf16:
-autocast with float32 master weights (plain) or DeepSpeed's bf16 with float32 optimizer state. A
-non-finite loss or gradient norm skips the update. DeepSpeed is imported only when a run uses it.
+autocast over float32 weights (plain, and DeepSpeed's torch_autocast, whose engine enters the autocast
+in its own forward) or DeepSpeed's bf16 mode, a bf16 module with float32 master weights in the ZeRO
+optimizer (`precision_mode`). A non-finite loss or gradient norm skips the update. DeepSpeed is
+imported only when a run uses it.
 """
 from __future__ import annotations
 
@@ -105,9 +107,31 @@ def compile_cache_hits() -> tuple[int, int]:
     return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
 
 
+# precision_mode's answers: what the module's weights are and whether its forward runs under autocast
+PRECISION_MODES = {
+    "fp32": "float32",
+    "autocast": "bf16 autocast over float32 weights",
+    "torch_autocast": "torch_autocast (bf16 autocast over float32 weights)",
+    "bf16_module": "bf16 module (float32 master weights in ZeRO)",
+}
+
+
+def precision_mode(precision: str, engine) -> str:
+    """A key of PRECISION_MODES. Under DeepSpeed the engine's config decides (blues_torch/deepspeed_config.py
+    wrote it from --precision and the file)."""
+    if engine is None:
+        return "autocast" if precision == "bf16" else "fp32"
+    if engine.torch_autocast_enabled():
+        return "torch_autocast"
+    return "bf16_module" if engine.bfloat16_enabled() else "fp32"
+
+
 def autocast_for(precision: str, device, engine) -> contextlib.AbstractContextManager:
-    """bf16 autocast for a plain bf16 run; DeepSpeed does bf16 itself (a bf16 module)."""
-    if precision == "bf16" and engine is None:
+    """The autocast a direct call of the module needs (the plain step, evaluation, samples): bf16 over
+    float32 weights in the modes that train that way, none for fp32 or a bf16 module. The engine's own
+    forward enters DeepSpeed's torch_autocast itself (deepspeed/runtime/torch_autocast.py,
+    autocast_if_enabled), so TrainStep calls the engine without this."""
+    if precision_mode(precision, engine) in ("autocast", "torch_autocast"):
         return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -123,10 +147,12 @@ class TrainStep:
         self.model, self.optimizer, self.engine, self.dist, self.gen = model, optimizer, engine, dist, gen
         self.layout = layout  # several plain ranks (torchrun): gradients reduced by expert_parallel's rules
         self.forward = engine if engine is not None else model
+        # the engine applies its torch_autocast in its forward; the module called directly needs ours
+        self.autocast = (contextlib.nullcontext if engine is not None
+                         else lambda: autocast_for(precision, dist.device, None))
         if compile:
             compile_for_training(model)
         self.max_norm = grad_clip if grad_clip > 0 else float("inf")
-        self.precision = precision
         self.params = list(model.parameters())
 
     def __call__(self, batches, lr: float, inject_nan: bool = False, flags=()) -> tuple[list[float], bool]:
@@ -134,7 +160,7 @@ class TrainStep:
         set_lr(self.optimizer, lr)
         sums = torch.zeros(4 + len(flags), dtype=torch.float32, device=self.dist.device)  # losses, flags
         for x, y in batches:  # [B, T] each
-            with autocast_for(self.precision, self.dist.device, self.engine):
+            with self.autocast():
                 out = self.forward(x, y, generator=self.gen)
             loss = out.loss * float("nan") if inject_nan else out.loss  # test hook: --inject_nan
             sums[:4] += torch.stack([loss.detach(), out.lm_loss.detach(), out.aux_loss.detach(),

@@ -90,6 +90,7 @@ def _target_state(src: Loaded, framework: str) -> dict:
     state = json.loads(json.dumps(src.trainer_state))  # a deep copy
     state["framework"] = framework
     state["converted_from"] = provenance
+    state.pop("module_dtype", None)  # the source run's module (train_torch.py); the converted files hold float32
     if isinstance(state.get("train_args"), dict):
         state["train_args"]["framework"] = framework
         if framework == "torch":

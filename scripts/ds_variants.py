@@ -2,10 +2,11 @@
 
     python scripts/ds_variants.py [--presets tiny bench] [--steps 6]
 
-Each variant is the bench's DeepSpeed step (bench/deepspeed_step.py: ZeRO-2, bf16, this process as a
-single rank) with some keys of ds_config.json overridden; prints tokens/s per preset, to choose the
-config's defaults from measurements (not memory: DeepSpeed keeps references to earlier engines in the
-process, so a later variant's peak includes them). Needs a GPU and DeepSpeed.
+Each variant is the bench's DeepSpeed step (bench/deepspeed_step.py: ZeRO-2, bf16 in the mode the
+config chooses, this process as a single rank) with some keys of ds_config.json overridden; prints
+tokens/s per preset, to choose the config's defaults from measurements (not memory: DeepSpeed keeps
+references to earlier engines in the process, so a later variant's peak includes them). Needs a GPU
+and DeepSpeed.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ VARIANTS = {
     "overlap_comm off": {"zero_optimization": {"overlap_comm": False}},
     "overlap off, 5e8 buckets": {"zero_optimization": {"overlap_comm": False, "reduce_bucket_size": 5e8,
                                                        "allgather_bucket_size": 5e8}},
-    "no overflow check": {"bf16": {"enabled": True, "check_grad_overflow": False}},
+    "no overflow check": {"bf16": {"check_grad_overflow": False}},
     # float32 module and gradients under torch.autocast (as plain PyTorch trains), no bf16 master copy
     "torch_autocast": {"bf16": {"enabled": False}, "torch_autocast": {"enabled": True, "dtype": "bfloat16"}},
 }

@@ -1,9 +1,32 @@
-"""Test-suite wide settings.
+"""Test-suite wide settings and shared fixtures.
 
 JAX sees 8 CPU devices in every test process, so the mesh tests (data=2, expert=4) can run
 without a GPU. This must be set before jax is first imported anywhere.
 """
 import os
 
+import pytest
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def deepspeed_one_rank():
+    """For DeepSpeed engines built in this process: a process group of one (bench.deepspeed_step's
+    init_single_rank, RANK/WORLD_SIZE/MASTER_* set for it), and afterwards the environment and
+    DeepSpeedZeroOptimizer's norm/overflow methods (which building an engine replaces:
+    blues_torch/deepspeed_norms.py) as they were. The group itself stays, as in the bench: DeepSpeed
+    caches groups made from it."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from bench.deepspeed_step import _free_port, init_single_rank
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                            "MASTER_PORT": str(_free_port())}.items():
+            mp.setenv(name, value)
+        for name in ("get_grad_norm_direct", "has_overflow_partitioned_grads_serial"):
+            mp.setattr(DeepSpeedZeroOptimizer, name, getattr(DeepSpeedZeroOptimizer, name))
+        init_single_rank()
+        yield

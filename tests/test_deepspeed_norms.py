@@ -15,7 +15,7 @@ import math
 
 import pytest
 
-from bench.deepspeed_step import _free_port, build_engine, deepspeed_available
+from bench.deepspeed_step import build_engine, deepspeed_available
 from bench.train_step import random_batch, train_workload
 
 _NO_DEEPSPEED = deepspeed_available()
@@ -25,25 +25,16 @@ NORM, OVERFLOW = "get_grad_norm_direct", "has_overflow_partitioned_grads_serial"
 
 
 @pytest.fixture
-def engine():
+def engine(deepspeed_one_rank):
     """A fresh engine -> (engine, workload, device). Afterwards DeepSpeedZeroOptimizer and the
-    environment are as they were: build_engine calls deepspeed_norms.install() and, for its process
-    group of one, fills in RANK/WORLD_SIZE/MASTER_* where unset (set here, so that they are unset
-    again). The group itself stays, as in the bench: DeepSpeed caches groups made from it."""
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
+    environment are as they were (conftest.py's deepspeed_one_rank: build_engine calls
+    deepspeed_norms.install())."""
     from blues_torch.deepspeed_shm import shm_segment
 
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                            "MASTER_PORT": str(_free_port())}.items():
-            mp.setenv(name, value)
-        for name in (NORM, OVERFLOW):  # a snapshot, restored when the context exits
-            mp.setattr(DeepSpeedZeroOptimizer, name, getattr(DeepSpeedZeroOptimizer, name))
-        wl = train_workload("tiny", quick=True)
-        eng, device, _, _ = build_engine(wl)
-        assert not shm_segment(0).exists()  # build_engine released DeepSpeed's CPU all-reduce segment
-        yield eng, wl, device
+    wl = train_workload("tiny", quick=True)
+    eng, device, _, _ = build_engine(wl)
+    assert not shm_segment(0).exists()  # build_engine released DeepSpeed's CPU all-reduce segment
+    return eng, wl, device
 
 
 def _backward(eng, wl, device, *, seed=0, loss_factor=1.0):
