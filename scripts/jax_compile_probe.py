@@ -8,7 +8,8 @@ persistent compilation cache: blues_jax.training's state and step at the preset'
 train_step.py's make_jax_train_step, bf16, one device), then tracing + lowering, XLA's compile, and
 `--steps` timed steps after `--warmup`. One table: seconds to trace and lower, seconds to compile,
 tokens/s and the first loss (the same weights and batch in every row, so a variant that changed the
-step's numbers shows there). `--layers`: the same at other depths, to split the compile into a
+step's numbers shows there). `inline-blocks` traces every block where it is called instead of
+the shared block trace (blues_jax.model._block_call). `--layers`: the same at other depths, to split the compile into a
 per-layer slope and a fixed part. Needs a GPU for the figures that matter; runs anywhere.
 """
 from __future__ import annotations
@@ -24,8 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# name -> XLA_FLAGS added for the variant
 VARIANTS = {
     "default": "",
+    # each block traced where it is called (blues_jax.model.blocks_traced_inline), not one shared trace
+    "inline-blocks": "",
     # no autotuning: cuBLAS and the default Triton tile configurations as XLA's heuristics pick them
     "no-autotune": "--xla_gpu_autotune_level=0",
     # dots to cuBLAS only (XLA's Triton GEMM fusions and their autotuning off)
@@ -33,18 +37,22 @@ VARIANTS = {
 }
 
 
-def child(preset: str, layers: int, steps: int, warmup: int) -> dict:
+def child(preset: str, quick: bool, layers: int, steps: int, warmup: int, inline: bool) -> dict:
+    import contextlib
+
     import jax
     import numpy as np
 
     from bench.train_step import jax_step_inputs, make_jax_train_step, train_workload
+    from blues_jax.model import blocks_traced_inline
 
-    wl = train_workload(preset, False)
+    wl = train_workload(preset, quick)
     config = dataclasses.replace(wl.config, num_layers=layers)
     state, step_fn, sharding = make_jax_train_step(config)
     inputs = jax_step_inputs(config, wl.batch, wl.seq, sharding)
     t0 = time.perf_counter()
-    lowered = step_fn.lower(*state, *inputs)
+    with blocks_traced_inline() if inline else contextlib.nullcontext():
+        lowered = step_fn.lower(*state, *inputs)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
@@ -64,14 +72,17 @@ def main() -> None:
     p.add_argument("--preset", default="bench")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--layers", nargs="+", type=int, default=[0], help="depths to run (0: the preset's)")
+    p.add_argument("--quick", action="store_true", help="the bench's toy shapes (a CPU smoke test)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--child", nargs=2, metavar=("VARIANT", "LAYERS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         from bench.train_step import train_workload
-        layers = int(args.child[1]) or train_workload(args.preset, False).config.num_layers
-        print("RESULT " + json.dumps(child(args.preset, layers, args.steps, args.warmup)), flush=True)
+        layers = int(args.child[1]) or train_workload(args.preset, args.quick).config.num_layers
+        inline = args.child[0] == "inline-blocks"
+        print("RESULT " + json.dumps(child(args.preset, args.quick, layers, args.steps, args.warmup, inline)),
+              flush=True)
         return
     print(f"{'variant':<16} {'layers':>6} {'trace+lower s':>13} {'compile s':>9} {'tokens/s':>10} {'first loss':>10}")
     for layers in args.layers:
@@ -79,7 +90,7 @@ def main() -> None:
             env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {VARIANTS[name]}".strip()}
             env.pop("JAX_COMPILATION_CACHE_DIR", None)
             cmd = [sys.executable, __file__, "--preset", args.preset, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--child", name, str(layers)]
+                   "--warmup", str(args.warmup), "--child", name, str(layers)] + (["--quick"] if args.quick else [])
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not lines:

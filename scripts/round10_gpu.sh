@@ -3,8 +3,10 @@
 # A: DeepSpeed ZeRO-2 compiled at `bench` with ds_config.json and with DeepSpeed's torch_autocast
 #    (float32 module, no bf16 master copy), beside plain compiled PyTorch in the same process;
 #    PyTorch's time to first step, cold and repeated, with timestamped logs.
-# B: JAX's time to first step, cold and repeated (the step compiling beside the initialisation).
-#   bash scripts/round10_gpu.sh A|B   (writes $OUT/logs/*.txt and $OUT/ttfs*/)
+# B: the JAX step's compile at `bench`: the shared block trace against every block traced inline
+#    (trace + lower seconds, tokens/s: within 2%?) and XLA without autotuning (compile seconds).
+# C: JAX's time to first step, cold and repeated (the step compiling beside the initialisation).
+#   bash scripts/round10_gpu.sh A|B|C   (writes $OUT/logs/*.txt)
 set -uo pipefail
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 mkdir -p "$OUT/logs"
@@ -20,8 +22,12 @@ A)
   cp /tmp/ttfs/logs/*.log "$OUT/logs/" 2>/dev/null
   ;;
 B)
+  timeout 560 python3 scripts/jax_compile_probe.py --variants default inline-blocks no-autotune --steps 10 \
+    --warmup 3 > "$OUT/logs/b1_compile.txt" 2>&1
+  ;;
+C)
   timeout 560 python3 scripts/time_to_first_step.py --frameworks jax --steps 4 --warmup 1 --out /tmp/ttfs \
-    > "$OUT/logs/b1_ttfs_jax.txt" 2>&1
+    > "$OUT/logs/c1_ttfs_jax.txt" 2>&1
   cp /tmp/ttfs/logs/*.log "$OUT/logs/" 2>/dev/null
   ;;
 esac
