@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import csv
 import hashlib
 import json
 import os
@@ -56,16 +57,15 @@ def parse_args(argv):
 
 def make_corpus(path: Path, gigabytes: float) -> int:
     """A CSV of Brown copies, each document suffixed with its copy number; returns its bytes."""
-    import pandas as pd
-
     from blues.data import load_documents
 
     docs = load_documents()
     target, copy = int(gigabytes * 1e9), 0
-    with open(path, "w", encoding="utf-8") as f:
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")  # quoted where needed, as pandas' to_csv writes
+        writer.writerow(["Text"])
         while f.tell() < target:
-            frame = pd.DataFrame({"Text": [f"{d}\n\n(copy {copy})" for d in docs]})
-            frame.to_csv(f, index=False, header=copy == 0)
+            writer.writerows([f"{d}\n\n(copy {copy})"] for d in docs)
             copy += 1
     return path.stat().st_size
 
