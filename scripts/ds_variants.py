@@ -48,7 +48,10 @@ def main() -> None:
             row = torch_train(train_workload(preset, False), steps=args.steps, warmup=args.warmup, compile=args.compile,
                               check=False)
             print(f"{'plain PyTorch (no engine)':<26} {preset:<6} {row.tokens_per_s:>10,.0f}", flush=True)
-    for name in args.variants:
+    # In VARIANTS' order, whatever the command line's: torch_autocast comes last because DeepSpeed marks
+    # autocast initialised for the whole process (deepspeed/runtime/torch_autocast.py), which changes
+    # every ZeRO optimizer built after it.
+    for name in sorted(set(args.variants), key=list(VARIANTS).index):
         for preset in args.presets:
             row = deepspeed_step.deepspeed_train(train_workload(preset, False), steps=args.steps, warmup=args.warmup,
                                                  compile=args.compile, check=False, overrides=VARIANTS[name])

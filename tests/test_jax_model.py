@@ -576,9 +576,8 @@ def test_scanned_layers_are_the_unrolled_layers():
 def test_unrolled_blocks_share_one_trace():
     """The unrolled forward traces one block, not L: each block is a nested jit call
     (blues_jax.model._block_call) whose jaxpr JAX caches by the arguments' shapes, so the forward's
-    L calls hold one jaxpr and the backward's L calls another (and lowering reuses them). Were the
-    blocks traced one by one, tracing and lowering the bench step would take ~4x longer (CPU: 9.7 s
-    against 2.3 s at the bench depth). Training mode, with dropout's key stream passed through."""
+    L calls hold one jaxpr and the backward's L calls another (and lowering reuses them); traced one
+    by one, the blocks cost L times the tracing. Training mode, with dropout's key stream passed through."""
     cfg = dataclasses.replace(BASE, num_layers=3, router_noise_std=0.3, dropout=0.1)
     graph, params, rng = nnx.split(BluesModel(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
     params, rng = nnx.to_pure_dict(params), nnx.to_pure_dict(rng)  # arrays, as the training step passes them
