@@ -164,9 +164,12 @@ _RESOLVED: dict[tuple[str, str, torch.dtype, bool], str] = {}
 def resolve_attn_impl(impl: str, device: torch.device | str, dtype: torch.dtype, softcap: float | None) -> str:
     """The backend `attention` will use for these inputs: 'flash_attn', 'sdpa' or 'reference'."""
     key = (impl, torch.device(device).type, dtype, softcap is not None)
+    if torch.compiler.is_compiling():
+        # Choose silently (a logging call would break the graph) and never read the record: a graph
+        # that read it would be guarded on its contents, and the first eager call (an evaluation)
+        # that records the choice would make every compiled block recompile.
+        return _choose(*key, log=False)
     if key not in _RESOLVED:
-        if torch.compiler.is_compiling():  # a logging call would break the traced graph: choose silently
-            return _choose(*key, log=False)  # and leave the record (and the log line) to an eager call
         _RESOLVED[key] = _choose(*key)
     return _RESOLVED[key]
 

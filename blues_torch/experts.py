@@ -133,8 +133,13 @@ def _expert_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_g
     if use_grouped:
         offs = counts.cumsum(0).to(torch.int32)  # [E] end row of each expert's block
         return torch._grouped_mm(x, w, offs=offs)
-    # Portable path: one matmul per expert on its contiguous slice; an expert never sees a token
-    # it was not routed to, and empty experts cost nothing.
+    return _expert_loop(x, w, counts)
+
+
+@torch.compiler.disable  # eager under torch.compile: traced, every new set of counts would recompile it
+def _expert_loop(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The portable path of _expert_matmul: one matmul per expert on its contiguous slice; an expert
+    never sees a token it was not routed to, and empty experts cost nothing."""
     blocks = [x_e @ w[e] for e, x_e in enumerate(x.split(counts.tolist())) if x_e.shape[0] > 0]
     return torch.cat(blocks) if blocks else x.new_zeros(0, w.shape[-1])
 

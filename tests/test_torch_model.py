@@ -106,6 +106,29 @@ def test_attention_choice_made_inside_torch_compile_keeps_one_graph(caplog):
     assert any("attention backend: sdpa" in r.message for r in caplog.records)
 
 
+def test_evaluation_does_not_recompile_the_compiled_blocks():
+    """--compile's blocks choose the attention backend while traced, and the first evaluation (eager)
+    records the choice. A compiled block guarded on that record would recompile after every run's
+    first evaluation: the second training forward here must run from the cache."""
+    import torch._dynamo
+
+    config = small_config(num_layers=2)
+    attn_mod._RESOLVED.clear()
+    model = BluesModel(config).train()
+    ids, targets = random_ids(config, 2, 10), random_ids(config, 2, 10, seed=1)
+    torch._dynamo.reset()
+    model.compile_blocks(backend="eager")
+    first = model(ids, targets, generator=torch.Generator().manual_seed(7)).loss
+    assert not attn_mod._RESOLVED  # chosen inside the trace only
+    with torch.no_grad():
+        model.eval()(ids, targets)  # the evaluation: eager, records the choice
+    assert attn_mod._RESOLVED
+    model.train()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = model(ids, targets, generator=torch.Generator().manual_seed(7)).loss
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
 def test_rope_formula():
     dh, theta = 8, 500.0
     positions = torch.tensor([0, 1, 5, 31])
