@@ -7,11 +7,13 @@ corpus, for Blues in both frameworks and for the transformers and torchtitan pee
     python -m bench --what quality --quick                       # CPU smoke test: a toy model, a loose target
     python -m bench.time_to_quality ...                          # the same, standalone
 
-Rows (`--rows`, in this order): `torch` = Blues, `train_torch.py --compile`; `jax` = Blues,
-`train_jax.py`; `hf` = transformers' MixtralForCausalLM under `torch.compile(model)`; `titan` =
-torchtitan's Qwen3-MoE with its per-block compile (both peers: bench/quality_peers.py, which says
-what is the peer's own and what is Blues'; the titan row is skipped with a note where torchtitan
-does not import).
+Rows (`--rows`, run in the order given; default the first four): `torch` = Blues, `train_torch.py
+--compile`; `jax` = Blues, `train_jax.py`; `hf` = transformers' MixtralForCausalLM under
+`torch.compile(model)`; `titan` = torchtitan's Qwen3-MoE with its per-block compile (both peers:
+bench/quality_peers.py, which says what is the peer's own and what is Blues'; the titan row is
+skipped with a note where torchtitan does not import); `torch-eager`, `hf-eager`, `titan-eager` =
+the same three without compiling. A run of a few hundred steps can be over before a cold compile
+has paid for itself, so the fastest peer is whichever of its rows in the call reached the target first.
 
 The recipe is the README's tiny one: `--preset tiny --precision bf16 --batch_size 32 --max_steps
 1200 --lr 3e-3 --min_lr 3e-4 --warmup_steps 100 --weight_decay 2.0 --config '{"dropout": 0.1}'
@@ -72,12 +74,17 @@ from blues.train_args import DEFAULTS
 REPO = Path(__file__).resolve().parent.parent
 PROG = "python -m bench --what quality"
 
-ROWS = ("torch", "jax", "hf", "titan")
-PEERS = ("hf", "titan")
+ROWS = ("torch", "jax", "hf", "titan", "torch-eager", "hf-eager", "titan-eager")
+DEFAULT_ROWS = ROWS[:4]
+PEERS = ("hf", "titan", "hf-eager", "titan-eager")
+EAGER = "-eager"  # a row name's suffix: the row's trainer without compiling
 ROW_NAMES = {"torch": "Blues, PyTorch (`train_torch.py --compile`)", "jax": "Blues, JAX (`train_jax.py`)",
-             "hf": "transformers Mixtral, `torch.compile(model)`", "titan": "torchtitan Qwen3-MoE, per-block compile"}
-QUICK_ROW_NAMES = {"torch": "Blues, PyTorch (`train_torch.py`, eager)", "jax": ROW_NAMES["jax"],
-                   "hf": "transformers Mixtral, eager", "titan": "torchtitan Qwen3-MoE, eager"}
+             "hf": "transformers Mixtral, `torch.compile(model)`", "titan": "torchtitan Qwen3-MoE, per-block compile",
+             "torch-eager": "Blues, PyTorch (`train_torch.py`, eager)", "hf-eager": "transformers Mixtral, eager",
+             "titan-eager": "torchtitan Qwen3-MoE, eager"}
+# --quick runs every row eagerly
+QUICK_ROW_NAMES = {**ROW_NAMES, "torch": ROW_NAMES["torch-eager"], "hf": ROW_NAMES["hf-eager"],
+                   "titan": ROW_NAMES["titan-eager"]}
 
 TARGET_PPL = 400.0  # issue 26: validation perplexity 400 on the embedded corpus
 # --quick: above the perplexity of every freshly initialised toy model (~200k-350k at V = 200,019), so any
@@ -134,7 +141,9 @@ def quick_recipe(data: Path) -> Recipe:
 
 
 def row_command(row: str, recipe: Recipe, out_dir: Path, *, max_minutes: float, compile: bool) -> list[str]:
-    """The command line of one row (run from the repository root)."""
+    """The command line of one row (run from the repository root); `compile` False runs every row eagerly."""
+    compile = compile and not row.endswith(EAGER)
+    row = row.removesuffix(EAGER)
     if row == "torch":
         cmd = [sys.executable, "train_torch.py"] + (["--compile"] if compile else [])
     elif row == "jax":
@@ -324,7 +333,8 @@ def format_table(rows: list[dict], *, target: float, recipe: Recipe, meta: dict)
 
 def parse_args(argv):
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, run in this order: {', '.join(ROWS)}")
+    p.add_argument("--rows", default=",".join(DEFAULT_ROWS),
+                   help=f"comma-separated, run in the order given: {', '.join(ROWS)} (default: %(default)s)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help=f"each row's limit, start-up included (default {MAX_MINUTES:g}; --quick {QUICK_MAX_MINUTES:g})")
     p.add_argument("--stop-at-target", action="store_true", help="end each row at its first evaluation <= the target")

@@ -6,7 +6,9 @@
 # B: the JAX step's compile at `bench`: the shared block trace against every block traced inline
 #    (trace + lower seconds, tokens/s: within 2%?) and XLA without autotuning (compile seconds).
 # C: JAX's time to first step, cold and repeated (the step compiling beside the initialisation).
-#   bash scripts/round10_gpu.sh A|B|C   (writes $OUT/logs/*.txt)
+# D: time to quality with the eager rows beside the compiled ones (torchtitan from .whl), each row
+#    stopping at its target; PyTorch's compiled row no longer recompiles after its first evaluation.
+#   bash scripts/round10_gpu.sh A|B|C|D   (writes $OUT/logs/*.txt)
 set -uo pipefail
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 mkdir -p "$OUT/logs"
@@ -29,5 +31,12 @@ C)
   timeout 560 python3 scripts/time_to_first_step.py --frameworks jax --steps 4 --warmup 1 --out /tmp/ttfs \
     > "$OUT/logs/c1_ttfs_jax.txt" 2>&1
   cp /tmp/ttfs/logs/*.log "$OUT/logs/" 2>/dev/null
+  ;;
+D)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+  timeout 560 python3 -m bench --what quality --rows torch-eager,torch,hf-eager,titan-eager,titan,jax \
+    --stop-at-target --out /tmp/ttq > "$OUT/logs/d1_quality.txt" 2>&1
+  cp /tmp/ttq/time_to_quality.* "$OUT/logs/" 2>/dev/null
   ;;
 esac

@@ -100,6 +100,16 @@ def test_table_ratio_to_the_fastest_peer_and_the_target():
     assert f"| {ttq.ROW_NAMES['titan']} | skipped: torchtitan is not importable |" in table
 
 
+def test_an_eager_peer_row_can_be_the_fastest_peer():
+    meta = {"date": "d", "gpu": "g", "versions": {}}
+    rows = [row("torch-eager", 20.0, 310.0), row("torch", 70.0, 300.0), row("hf", 90.0, 330.0),
+            row("hf-eager", 40.0, 330.0), row("titan", 64.0, 390.0)]
+    table = ttq.format_table(rows, target=400.0, recipe=ttq.Recipe(), meta=meta)
+    assert "Fastest peer: " + ttq.ROW_NAMES["hf-eager"] in table
+    assert f"{ttq.ROW_NAMES['torch-eager']}: 2.00x the fastest peer's speed (>= 3x: MISSED)" in table
+    assert f"{ttq.ROW_NAMES['torch']}: 0.57x" in table
+
+
 def readme_tiny_recipe() -> dict[str, str]:
     text = (REPO / "README.md").read_text()
     start = text.index("python train_jax.py --preset tiny --precision bf16")
@@ -128,7 +138,10 @@ def test_every_row_runs_the_readme_tiny_recipe(tmp_path):
         cmd = ttq.row_command(name, ttq.Recipe(), tmp_path / name, max_minutes=1.5, compile=True)
         assert cmd[-4 - len(flags):-4] == flags
         assert cmd[-4:] == ["--max_minutes", "1.5", "--out_dir", str(tmp_path / name)]
-        assert ("--compile" in cmd) == (name != "jax")
+        assert ("--compile" in cmd) == (name != "jax" and not name.endswith("-eager"))
+        eager = ttq.row_command(name.removesuffix("-eager"), ttq.Recipe(), tmp_path / name, max_minutes=1.5,
+                                compile=False)
+        assert [c for c in cmd if c != "--compile"] == eager  # the same program and flags
     assert ttq.row_command("titan", ttq.Recipe(), tmp_path, max_minutes=1, compile=False)[1:5] == \
         ["-m", "bench.quality_peers", "--peer", "titan"]
     env = ttq.row_env(tmp_path)
