@@ -5,8 +5,10 @@
   at the same slot; `start` (each row's first real slot) gives RoPE positions `slot - start` and the
   padding mask, so a prompt's output does not depend on the other prompts in its batch.
 - `generate`: the whole generation is one compiled function: prefill in one pass, then
-  `lax.while_loop` over decode steps (stopping when every row has emitted `<|endoftext|>` or the
-  budget is spent), sampling on the device; no host round trip per token. The cache buffers are
+  `lax.while_loop` over chunks of `DECODE_CHUNK` decode steps (stopping when every row has emitted
+  `<|endoftext|>` or the budget is spent), sampling on the device. XLA reads a `while_loop`'s
+  condition back to the host on every iteration, but not a loop of known trip count's, so the steps
+  of a chunk run with no host round trip and the stop test is read once a chunk. The cache buffers are
   donated in and handed back out, so one allocation serves every call of a batch size. Streaming
   (`on_token`) runs a compiled single step per token instead, since it must show each token.
 - `sample`: the sampling specification of `blues/sampling.py`.
@@ -28,6 +30,10 @@ import numpy as np
 from flax import nnx
 
 from blues.sampling import FMIX_C1, FMIX_C2, MASK32, ROW_MUL, STEP_MUL, TOKEN_MUL, SamplingParams, left_pad, prefill_width
+
+# Decode steps between host reads of the stop test. A call computes up to DECODE_CHUNK - 1 steps past
+# its budget (or past the step where every row finished) and drops them.
+DECODE_CHUNK = 8
 
 
 # ---- the cache -----------------------------------------------------------------------------------
@@ -197,12 +203,16 @@ def _compiled(graphdef, params: SamplingParams):
 
         def body(carry):
             i, tok, finished, out_ids, cache = carry
-            tok, finished, out_ids, cache = step(state, tok, i, finished, out_ids, rows, seed, eot_id,
-                                                 stop_at_eot, cache)
-            return i + 1, tok, finished, out_ids, cache
+
+            def one(j, decoding):  # a step past the budget writes a cache slot and a column never read
+                tok, finished, out_ids, cache = decoding
+                return step(state, tok, i + j, finished, out_ids, rows, seed, eot_id, stop_at_eot, cache)
+
+            decoding = jax.lax.fori_loop(0, DECODE_CHUNK, one, (tok, finished, out_ids, cache))
+            return (i + DECODE_CHUNK, *decoding)
 
         done, _, _, out_ids, cache = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, finished, out_ids, cache))
-        return out_ids, done, cache
+        return out_ids, jnp.minimum(done, max_new), cache
 
     return (jax.jit(generate_all, donate_argnames="cache"), jax.jit(prefill, donate_argnames="cache"),
             jax.jit(step, donate_argnames=("out_ids", "cache")))

@@ -8,7 +8,9 @@
 # C: JAX's time to first step, cold and repeated (the step compiling beside the initialisation).
 # D: time to quality with the eager rows beside the compiled ones (torchtitan from .whl), each row
 #    stopping at its target; PyTorch's compiled row no longer recompiles after its first evaluation.
-#   bash scripts/round10_gpu.sh A|B|C|D   (writes $OUT/logs/*.txt)
+# E: greedy decoding of `tiny`, both frameworks (JAX reads its stop test once per 8 steps), and
+#    JAX's decode profile (kernels and host gaps per token).
+#   bash scripts/round10_gpu.sh A|B|C|D|E   (writes $OUT/logs/*.txt)
 set -uo pipefail
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 mkdir -p "$OUT/logs"
@@ -38,5 +40,10 @@ D)
   timeout 560 python3 -m bench --what quality --rows torch-eager,torch,hf-eager,titan-eager,titan,jax \
     --stop-at-target --out /tmp/ttq > "$OUT/logs/d1_quality.txt" 2>&1
   cp /tmp/ttq/time_to_quality.* "$OUT/logs/" 2>/dev/null
+  ;;
+E)
+  timeout 300 python3 -m bench --what decode --out /tmp/dec > "$OUT/logs/e1_decode.txt" 2>&1
+  cp /tmp/dec/bench_table.md "$OUT/logs/e1_decode_table.md" 2>/dev/null
+  timeout 200 python3 scripts/profile_gpu.py jax-decode > "$OUT/logs/e2_profile_jax_decode.txt" 2>&1
   ;;
 esac

@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -340,6 +341,34 @@ def test_generation_stops_at_endoftext(small_models):
     for full, cut in zip(out_t, stopped_t):
         want = full[:full.index(eot)] if eot in full else full
         assert cut == want
+
+
+def test_jax_decoding_in_chunks_keeps_every_budget_exact(small_models):
+    """JAX decodes DECODE_CHUNK steps per loop iteration and drops the steps past the budget: every
+    budget gives exactly that many tokens, the prefix of a longer call's, and a budget that fills the
+    whole context (the dropped steps' cache writes clamped at its last slot) still equals PyTorch's."""
+    cfg, tm, jm = small_models
+    greedy = SamplingParams(temperature=0.0)
+    longest = jgen.generate(jm, PROMPTS, 2 * jgen.DECODE_CHUNK + 3, greedy, eot_id=0, stop_at_eot=False)
+    for n in (1, 2, jgen.DECODE_CHUNK, jgen.DECODE_CHUNK + 1, 2 * jgen.DECODE_CHUNK + 3):
+        assert jgen.generate(jm, PROMPTS, n, greedy, eot_id=0, stop_at_eot=False) == [r[:n] for r in longest], n
+    full = cfg.max_position_embeddings - len(PROMPTS[2])
+    assert jgen.generate(jm, PROMPTS, full, greedy, eot_id=0, stop_at_eot=False) == \
+        tgen.generate(tm, PROMPTS, full, greedy, eot_id=0, stop_at_eot=False)
+
+
+def test_jax_decode_chunk_is_a_loop_of_known_trip_count(small_models):
+    """The chunk's steps are a loop XLA knows the trip count of, so it runs them without reading a
+    condition back to the host (a while loop of unknown count reads it every iteration)."""
+    cfg, _, jm = small_models
+    graphdef, state = nnx.split(jm)
+    generate_all = jgen._compiled(graphdef, SamplingParams(temperature=0.0))[0]
+    ids, start = jgen.left_pad(PROMPTS, 0, 16, dtype=np.int32)
+    cache = jgen.KVCache.allocate(cfg, len(PROMPTS), cfg.max_position_embeddings)
+    hlo = generate_all.lower(state, jnp.asarray(ids), jnp.asarray(start), jnp.arange(3, dtype=jnp.int32),
+                             jnp.uint32(0), jnp.int32(0), jnp.bool_(False), jnp.int32(9), cache).compile().as_text()
+    counts = re.findall(r'"known_trip_count":\{"n":"(\d+)"\}', hlo)
+    assert str(jgen.DECODE_CHUNK) in counts, counts
 
 
 # ---- perplexity and expert utilization -----------------------------------------------------------
