@@ -5,7 +5,8 @@ Everything works on flattened tokens: x [N, d] with N = B*T in (b, t) order, whi
 order" of the capacity priority rule. On a mesh the token axis is split over every device in
 contiguous ranges (`sharding.BATCH_AXES`), and the expert axis of the weights over "expert".
 
-Expert compute has two forms, with the same results:
+Expert compute has two forms, with the same results (and on a GPU, for decode-sized inputs, a third:
+every expert on every token, `_dense_small_block_mlp`, as in blues_torch):
 - sorted (one device, where `grouped_matmul`'s Mosaic GPU kernels apply, i.e. a Hopper GPU in
   bf16): assignments sorted by expert into [N*k, d] and one grouped GEMM per projection; no
   padding, no GEMM recomputed. The same plan as blues_torch's `torch._grouped_mm` path.
@@ -119,10 +120,10 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
-# Up to this many assignments (N * k) on a GPU, the blocks form has one block size, the largest
-# (decode steps): choosing among sizes is a `lax.switch`, whose branch index XLA:GPU copies to the
-# host and waits for, once per layer and step, while blocks this small cost about their launch.
-# blues_torch/experts.py computes such blocks densely, for the same reason.
+# Up to this many assignments (N * k) on a GPU (decode steps), expert_mlp computes every expert on
+# every token (_dense_small_block_mlp, as blues_torch does), and on a mesh the blocks form has one
+# block size, the largest: choosing among sizes is a `lax.switch`, whose branch index XLA:GPU copies
+# to the host and waits for, once per layer and step, while blocks this small cost about their launch.
 SMALL_BLOCK_ROWS = 256
 
 
@@ -274,6 +275,19 @@ def _blocks_compute(x, indices, weights, keep, w_in, w_out, block: int, ep: int)
     return _weighted_sum(picked, weights, keep).astype(x.dtype)
 
 
+def _dense_small_block_mlp(x, indices, weights, keep, w_in, w_out):
+    """expert_mlp for decode-sized blocks on a GPU (mirror of blues_torch's): every expert on every
+    token in two batched GEMMs, then each token takes its k experts' rows. At this size the GEMMs
+    are bound by reading the weights, which happens once either way; no slots, scatter or gathers
+    of the blocks form. x [N, d] -> [N, d]."""
+    f = w_out.shape[1]
+    hidden = jnp.einsum("nd,edf->enf", x, w_in.astype(x.dtype))  # [E, N, 2F]
+    act = gated_gelu.gated_gelu(hidden, f)  # [E, N, F]
+    out = jnp.einsum("enf,efd->end", act.astype(x.dtype), w_out.astype(x.dtype))  # [E, N, d]
+    picked = out[indices, jnp.arange(x.shape[0])[:, None]]  # [N, k, d]: row n of each chosen expert
+    return _weighted_sum(picked, weights, keep).astype(x.dtype)
+
+
 # Dispatch and combine are row gathers whose index maps are injective (a slot holds at most one
 # assignment), so each one's gradient is the gather by the inverse map. Left to autodiff, the
 # gradient of a gather is a scatter-add, which on a GPU is atomics (slow in bf16) for no reason.
@@ -366,11 +380,14 @@ def expert_mlp(x: jax.Array, indices: jax.Array, weights: jax.Array, keep: jax.A
     -> y [N, d]. `capacity` (C, capacity mode only) bounds the block size. With a mesh, tokens stay
     split over all devices and each device computes only the experts it holds (w_in/w_out split on
     axis 0 over "expert"): blocks travel to their experts' devices and back by all-to-all.
-    `gemm`: "auto" (sorted with Mosaic grouped GEMMs where they apply, else blocks), "blocks", or
-    the sorted form with "mosaic" / "ragged_dot" grouped GEMMs (one device only).
+    `gemm`: "auto" (on one GPU up to SMALL_BLOCK_ROWS assignments every expert on every token, else
+    sorted with Mosaic grouped GEMMs where they apply, else blocks), "blocks", or the sorted form with
+    "mosaic" / "ragged_dot" grouped GEMMs (one device only).
     """
     if gemm not in EXPERT_GEMMS:
         raise BluesError(f"expert gemm must be one of {', '.join(EXPERT_GEMMS)}, not {gemm!r}")
+    if gemm == "auto" and _on_gpu() and mesh_is_trivial(mesh) and indices.size <= SMALL_BLOCK_ROWS:
+        return _dense_small_block_mlp(x, indices, weights, _keep_all(indices) if keep is None else keep, w_in, w_out)
     if gemm == "auto":
         gemm = "mosaic" if _sorted_pays(x, indices, w_in, w_out, mesh) else "blocks"
     if gemm != "blocks":

@@ -345,6 +345,32 @@ def test_few_assignments_on_a_gpu_take_one_block_size(monkeypatch):
         np.testing.assert_allclose(np.asarray(run(x, indices, weights, w_in=w_in, w_out=w_out)), want, atol=1e-5)
 
 
+@pytest.mark.parametrize("capacity", [None, 8])
+def test_decode_sized_experts_on_a_gpu_run_densely(monkeypatch, capacity):
+    """On one GPU, up to SMALL_BLOCK_ROWS assignments run every expert on every token (as
+    blues_torch does): no scatter into blocks, no switch; the same function, refused assignments
+    (capacity mode) included. Larger inputs keep the blocks form."""
+    from blues_jax import experts
+
+    monkeypatch.setattr(experts, "_on_gpu", lambda: True)
+    n, d, f, e, k = 48, 8, 6, 4, 2
+    x, w_in, w_out = _randn((n, d), 25), _randn((e, d, 2 * f), 26, d ** -0.5), _randn((e, f, d), 27, f ** -0.5)
+    rng = np.random.default_rng(4)
+    indices = np.stack([rng.permutation(e)[:k] for _ in range(n)]).astype(np.int32)
+    weights = rng.uniform(0.1, 1.0, (n, k)).astype(np.float32)
+    keep = None if capacity is None else capacity_keep(jnp.asarray(indices), e, capacity)
+    assert keep is None or not bool(jnp.all(keep))  # some assignments refused
+    run = jax.jit(functools.partial(expert_mlp, capacity=capacity))
+    hlo = run.lower(x, indices, weights, keep, w_in, w_out).as_text()
+    assert "scatter" not in hlo and "stablehlo.case" not in hlo
+    want = _dense_moe_reference(x, indices, weights, np.ones((n, k)) if keep is None else np.asarray(keep),
+                                w_in, w_out)
+    np.testing.assert_allclose(np.asarray(run(x, indices, weights, keep, w_in, w_out)), want, atol=1e-5)
+    big = experts.SMALL_BLOCK_ROWS // k + 8
+    xb, ib = _randn((big, d), 28), np.tile(indices, (big // n + 1, 1))[:big]
+    assert "scatter" in jax.jit(expert_mlp).lower(xb, ib, np.ones((big, k), np.float32), None, w_in, w_out).as_text()
+
+
 def test_dropless_equals_nonbinding_capacity():
     base = BASE
     # c = E / k makes C = N: no expert can be refused anything.
