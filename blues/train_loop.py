@@ -191,6 +191,15 @@ def sample_continuation(next_logits: Callable[[np.ndarray], np.ndarray], prompt_
     return out
 
 
+def sample_window(tokenizer, seq_len: int) -> int:
+    """The width of every sample forward: SAMPLE_PROMPT plus SAMPLE_TOKENS rounded up to a power of
+    two, at most seq_len. The windows are right-padded to it (the causal mask keeps the padding out
+    of the last real position), so the samples' forward has one shape: compiled (JAX) it compiles
+    once, and eager (PyTorch) it meets each kernel's per-shape set-up once, not once per token."""
+    prompt = len(tokenizer.encode(SAMPLE_PROMPT))
+    return min(seq_len, 1 << (prompt + SAMPLE_TOKENS - 1).bit_length())
+
+
 def log_samples(tokenizer, next_logits, *, step: int, context: int, seed: int, metrics=None) -> dict[str, str]:
     """Greedy and sampled continuations of SAMPLE_PROMPT, logged (and to TensorBoard); returns them."""
     prompt = tokenizer.encode(SAMPLE_PROMPT)

@@ -48,8 +48,8 @@ from blues.plots import plot_experts, plot_losses
 from blues.safetensors_io import load_init_weights
 from blues.tokenizer import load_tokenizer
 from blues.train_args import TrainArgs, parse_args
-from blues.train_loop import (SAMPLE_PROMPT, SAMPLE_TOKENS, BadStepGuard, BestExport, GracefulStop, RunDir,
-                              TimeBudget, log, log_samples, settings_lines)
+from blues.train_loop import (BadStepGuard, BestExport, GracefulStop, RunDir, TimeBudget, log, log_samples,
+                              sample_window, settings_lines)
 from blues_jax.attention import resolve_attn_impl
 from blues_jax.checkpoint import Checkpointer, discard_later_checkpoints, seal_finished_saves
 from blues_jax.distributed import agree, build_mesh, enable_compilation_cache, init_distributed, sync, topology
@@ -75,8 +75,7 @@ class JaxTrainer:
         self.train_step = train_step
         self.step_compile = step_compile  # the training step's, under way since start-up; None once joined
         self.eval_step = make_eval_step(eval_graph, self.shardings)
-        prompt = len(tokenizer.encode(SAMPLE_PROMPT))
-        self.sample_window = min(args.seq_len, 1 << (prompt + SAMPLE_TOKENS - 1).bit_length())
+        self.sample_window = sample_window(tokenizer, args.seq_len)
         self.next_logits = NextLogits(sample_graph, self.shardings, self.sample_window)
         self.params = self.opt_state = self.rng = None
         self.ahead = None  # BackgroundCompile of the evaluation's programs, started after the first step

@@ -46,7 +46,7 @@ from blues.safetensors_io import load_init_weights
 from blues.tokenizer import load_tokenizer
 from blues.train_args import parse_args
 from blues.train_loop import (BadStepGuard, BestExport, GracefulStop, RunDir, TimeBudget, log, log_samples,
-                              reuse_freed_host_memory, settings_lines)
+                              reuse_freed_host_memory, sample_window, settings_lines)
 from blues_torch import BluesModel
 from blues_torch.checkpoint import Checkpointer, check_resumable, full_state_dict, write_param_hash
 from blues_torch.deepspeed_config import resolve_deepspeed_config
@@ -73,6 +73,7 @@ class TorchTrainer:
             checkpointer, guard, metrics, stop, budget, best)
         self.autocast = lambda: autocast_for(args.precision, dist.device, step_fn.engine)
         self.graphs_first_step = None
+        self.sample_window = sample_window(tokenizer, args.seq_len)
 
     def step(self, lr: float, inject_nan: bool) -> StepResult:
         batches = [to_device(next(self.train_iter), self.dist.device) for _ in range(self.args.grad_accum)]
@@ -92,8 +93,8 @@ class TorchTrainer:
             log(f"step {step}: val loss {acc.loss:.4f} (perplexity {math.exp(min(acc.loss, 700)):.1f})")
         quiet = contextlib.nullcontext() if self.dist.is_main else contextlib.redirect_stderr(io.StringIO())
         with quiet:
-            log_samples(self.tokenizer, make_next_logits(self.model, self.dist, self.autocast), step=step,
-                        context=self.args.seq_len, seed=self.args.seed,
+            log_samples(self.tokenizer, make_next_logits(self.model, self.dist, self.autocast, self.sample_window),
+                        step=step, context=self.sample_window, seed=self.args.seed,
                         metrics=self.metrics if self.dist.is_main else None)
         if self.dist.is_main:
             self.metrics.flush()

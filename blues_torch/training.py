@@ -220,16 +220,21 @@ def evaluate(model, val_tokens, args: TrainArgs, dist: Dist, autocast) -> EvalAc
     return acc
 
 
-def make_next_logits(model, dist: Dist, autocast):
+def make_next_logits(model, dist: Dist, autocast, window: int):
     """Next-token logits for the samples. Every rank runs the forward (its MoE layers exchange tokens)
-    and takes rank 0's logits, so every rank samples the same tokens and stops at the same length."""
+    and takes rank 0's logits, so every rank samples the same tokens and stops at the same length.
+    Every forward has the shape [1, window] (blues.train_loop.sample_window: ids left-aligned,
+    zero-padded), as blues_jax's NextLogits."""
     def next_logits(ids: np.ndarray) -> np.ndarray:
+        t = ids.shape[1]
+        buf = torch.zeros(1, window, dtype=torch.long)  # [1, window]
+        buf[:, :t] = torch.from_numpy(ids)
         was_training = model.training
         model.eval()
         with torch.no_grad(), autocast():
-            out = model(torch.from_numpy(ids).to(dist.device).long())  # logits [1, t, V]
+            out = model(buf.to(dist.device))  # logits [1, window, V]
         model.train(was_training)
-        logits = out.logits[0, -1].float().contiguous()  # [V]
+        logits = out.logits[0, t - 1].float().contiguous()  # [V]
         if dist.world_size > 1:
             torch.distributed.broadcast(logits, src=0)
         return logits.cpu().numpy()

@@ -129,6 +129,33 @@ def test_evaluation_does_not_recompile_the_compiled_blocks():
     torch.testing.assert_close(again, first, rtol=0, atol=0)
 
 
+def test_sample_logits_come_from_one_padded_shape():
+    """The trainers' sample continuations run every forward at [1, window] (ids left-aligned,
+    zero-padded; blues_jax's NextLogits does the same), so an eager GPU forward meets each kernel's
+    per-shape set-up once, not once per token; the logits are the unpadded forward's last ones."""
+    import contextlib
+    import types
+
+    from blues_torch.training import make_next_logits
+
+    config = small_config(num_layers=2)
+    torch.manual_seed(0)
+    model = BluesModel(config).train()
+    shapes = []
+    model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    dist = types.SimpleNamespace(device=torch.device("cpu"), world_size=1)
+    next_logits = make_next_logits(model, dist, contextlib.nullcontext, window=16)
+    ids = random_ids(config, 1, 16).numpy()
+    for t in (1, 7, 16):
+        got = next_logits(ids[:, :t])
+        assert model.training  # left as it was
+        with torch.no_grad():
+            want = model.eval()(torch.from_numpy(ids[:, :t])).logits[0, -1]
+        model.train()
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
+    assert set(shapes[0::2]) == {(1, 16)}  # every sample forward (the odd ones are the references)
+
+
 def test_rope_formula():
     dh, theta = 8, 500.0
     positions = torch.tensor([0, 1, 5, 31])
