@@ -120,10 +120,10 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
-# Up to this many assignments (N * k) on a GPU (decode steps), expert_mlp computes every expert on
-# every token (_dense_small_block_mlp, as blues_torch does), and on a mesh the blocks form has one
-# block size, the largest: choosing among sizes is a `lax.switch`, whose branch index XLA:GPU copies
-# to the host and waits for, once per layer and step, while blocks this small cost about their launch.
+# Up to this many assignments (N * k) on one GPU (decode steps), expert_mlp computes every expert
+# on every token (_dense_small_block_mlp, as blues_torch does): blocks this small cost about their
+# launch, and the blocks form would add its dispatch kernels and a `lax.switch` among block sizes,
+# whose branch index XLA:GPU copies to the host and waits for, once per layer and step.
 SMALL_BLOCK_ROWS = 256
 
 
@@ -131,17 +131,15 @@ def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def block_buckets(num_tokens: int, k: int, num_experts: int, capacity: int | None, sharded: bool,
-                  on_gpu: bool = False) -> list[int]:
+def block_buckets(num_tokens: int, k: int, num_experts: int, capacity: int | None, sharded: bool) -> list[int]:
     """Candidate per-expert block sizes, smallest first; the last holds any possible load.
 
     One device never gives an expert more than `num_tokens` of its assignments (a token picks an
-    expert at most once), nor more than C in capacity mode. Unsharded capacity mode uses C directly,
-    and so does a GPU for at most SMALL_BLOCK_ROWS assignments.
+    expert at most once), nor more than C in capacity mode. Unsharded capacity mode uses C directly.
     """
     top = min(num_tokens, capacity) if capacity is not None else num_tokens
     top = _round_up(max(top, 1), 8)  # multiples of 8 keep the GEMMs on tensor-core shapes
-    if (capacity is not None and not sharded) or (on_gpu and num_tokens * k <= SMALL_BLOCK_ROWS):
+    if capacity is not None and not sharded:
         return [top]
     mean_load = num_tokens * k / num_experts
     sizes = {min(_round_up(math.ceil(f * mean_load), 8), top) for f in (1.25, 2.0)}
@@ -348,7 +346,7 @@ def _slots(indices, keep, num_experts):
 def _local_expert_mlp(x, indices, weights, keep, w_in, w_out, *, capacity, ep: int, sharded: bool):
     n, k = indices.shape
     num_experts = w_in.shape[0] * ep
-    buckets = block_buckets(n, k, num_experts, capacity, sharded, on_gpu=_on_gpu())
+    buckets = block_buckets(n, k, num_experts, capacity, sharded)
     branches = [lambda ops, b=b: _blocks_compute(*ops, block=b, ep=ep) for b in buckets]
     ops = (x, indices, weights, keep, w_in, w_out)
     if len(branches) == 1:

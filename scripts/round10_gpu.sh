@@ -9,7 +9,8 @@
 # D: time to quality with the eager rows beside the compiled ones (torchtitan from .whl), each row
 #    stopping at its target; PyTorch's compiled row no longer recompiles after its first evaluation,
 #    and its evaluation samples run at one padded shape.
-# E: greedy decoding of `tiny`, both frameworks (JAX reads its stop test once per 8 steps), and
+# E: greedy decoding of `tiny`, both frameworks (JAX reads its stop test once per 8 steps and runs a
+#    decode step's experts densely), and
 #    JAX's decode profile (kernels and host gaps per token).
 #   bash scripts/round10_gpu.sh A|B|C|D|E   (writes $OUT/logs/*.txt)
 set -uo pipefail

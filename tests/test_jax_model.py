@@ -324,27 +324,6 @@ def test_dropless_bucket_overflow():
                                atol=1e-5)
 
 
-def test_few_assignments_on_a_gpu_take_one_block_size(monkeypatch):
-    """A decode step's expert blocks on a GPU have one size, so the compiled MoE has no `lax.switch`
-    (a conditional: XLA:GPU reads its branch index back to the host); elsewhere the sizes stay
-    bucketed. Same results either way."""
-    from blues_jax import experts
-
-    n, d, f, e, k = 64, 8, 6, 4, 1
-    assert len(block_buckets(n, k, e, None, sharded=False)) == 3
-    assert block_buckets(n, k, e, None, sharded=False, on_gpu=True) == [64]
-    assert len(block_buckets(experts.SMALL_BLOCK_ROWS + 8, k, e, None, sharded=False, on_gpu=True)) == 3
-    x, w_in, w_out = _randn((n, d), 15), _randn((e, d, 2 * f), 16, d ** -0.5), _randn((e, f, d), 17, f ** -0.5)
-    indices = np.random.default_rng(3).integers(0, e, (n, k)).astype(np.int32)
-    weights = np.ones((n, k), np.float32)
-    want = _dense_moe_reference(x, indices, weights, np.ones((n, k)), w_in, w_out)
-    for on_gpu in (False, True):
-        monkeypatch.setattr(experts, "_on_gpu", lambda: on_gpu)
-        run = jax.jit(functools.partial(expert_mlp, keep=None, gemm="blocks"))
-        assert ("stablehlo.case" in run.lower(x, indices, weights, w_in=w_in, w_out=w_out).as_text()) != on_gpu
-        np.testing.assert_allclose(np.asarray(run(x, indices, weights, w_in=w_in, w_out=w_out)), want, atol=1e-5)
-
-
 @pytest.mark.parametrize("capacity", [None, 8])
 def test_decode_sized_experts_on_a_gpu_run_densely(monkeypatch, capacity):
     """On one GPU, up to SMALL_BLOCK_ROWS assignments run every expert on every token (as
