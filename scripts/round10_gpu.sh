@@ -12,7 +12,11 @@
 # E: greedy decoding of `tiny`, both frameworks (JAX reads its stop test once per 8 steps and runs a
 #    decode step's experts densely), and
 #    JAX's decode profile (kernels and host gaps per token).
-#   bash scripts/round10_gpu.sh A|B|C|D|E   (writes $OUT/logs/*.txt)
+# F: where `train_torch.py --compile` spends the seconds before its first step at `bench`, cold and
+#    repeated (scripts/startup_profile.py, cProfile: its overhead slows dynamo's trace), and the
+#    compiled PyTorch decode step (E's PyTorch rows are the eager step's); an eager `tiny` run of the
+#    time-to-quality recipe, cold, profiled through its first step and three evaluations.
+#   bash scripts/round10_gpu.sh A|B|C|D|E|F   (writes $OUT/logs/*.txt)
 set -uo pipefail
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 mkdir -p "$OUT/logs"
@@ -48,5 +52,17 @@ E)
   timeout 300 python3 -m bench --what decode --out /tmp/dec > "$OUT/logs/e1_decode.txt" 2>&1
   cp /tmp/dec/bench_table.md "$OUT/logs/e1_decode_table.md" 2>/dev/null
   timeout 200 python3 scripts/profile_gpu.py jax-decode > "$OUT/logs/e2_profile_jax_decode.txt" 2>&1
+  ;;
+F)
+  export BLUES_CACHE=/tmp/f_cache TRITON_CACHE_DIR=/tmp/f_cache/triton CUDA_CACHE_PATH=/tmp/f_cache/cuda
+  for run in cold repeated; do
+    timeout 120 python3 scripts/startup_profile.py train_torch.py --preset bench --precision bf16 --batch_size 8 \
+      --compile --out_dir /tmp/f_run_$run > "$OUT/logs/f1_startup_$run.txt" 2>&1
+  done
+  TRITON_CACHE_DIR=/tmp/f_tiny_triton \
+    timeout 60 python3 scripts/startup_profile.py --evaluations 3 train_torch.py --preset tiny --precision bf16 \
+    --batch_size 32 --eval_batches 1000 --config '{"dropout": 0.1}' --out_dir /tmp/f_tiny > "$OUT/logs/f3_tiny_eval.txt" 2>&1
+  timeout 200 python3 -m bench --what decode --framework torch --torch-compile on --out /tmp/dec \
+    > "$OUT/logs/f2_decode_compiled.txt" 2>&1
   ;;
 esac

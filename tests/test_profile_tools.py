@@ -29,3 +29,25 @@ def test_fusions_are_named_with_their_source_and_ops(capsys):
     assert "tests/test_profile_tools.py:" in out and "_scaled_tanh" in out  # the line that made it
     assert "tanh" in out.split("fuses:")[1]  # the fused ops
     assert "some_library_kernel" not in out  # not a fusion: left out
+
+
+def test_startup_profile_lists_the_trainers_phases_up_to_its_first_step(tmp_path):
+    """scripts/startup_profile.py: the trainer runs to the end of its first step (and the evaluations
+    asked for), the listing names Blues' entry points, and nothing after it runs (no checkpoint)."""
+    import json
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    config = {"hidden_size": 32, "head_dim": 16, "num_attention_heads": 2, "num_key_value_heads": 1,
+              "num_layers": 1, "max_position_embeddings": 16, "tot_num_experts": 2}
+    out_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(repo / "scripts" / "startup_profile.py"), "--evaluations", "1",
+                           "train_torch.py", "--config", json.dumps(config), "--eval_batches", "1",
+                           "--out_dir", str(out_dir)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert re.search(r"^evaluation 1: [0-9.]+ s$", out, re.M), out
+    assert "first step done" in out and "Blues' calls and package imports" in out
+    assert re.search(r"^ +[0-9.]+ s  main \(blues_torch/train\.py:\d+\)$", out, re.M), out  # the trainer's entry
+    assert re.search(r"^ +[0-9.]+ s  <module> \(torch/__init__\.py:\d+\)$", out, re.M), out  # a package import
+    assert not (out_dir / "checkpoints").exists()  # it stopped after the profile
