@@ -254,10 +254,13 @@ class BluesModel(nnx.Module):
             return None
         return jax.random.split(self.noise(), self.config.num_layers)
 
-    def __call__(self, input_ids: jax.Array, targets: jax.Array | None = None, *, cache=None) -> BluesOutput:
+    def __call__(self, input_ids: jax.Array, targets: jax.Array | None = None, *, cache=None,
+                 return_logits: bool | None = None) -> BluesOutput:
         """input_ids [B, T] (int), targets [B, T] (int, -100 = ignore). `cache`
         (blues_jax.generation.KVCache): the T tokens continue the cached ones (its arrays are
-        replaced by the updated ones)."""
+        replaced by the updated ones). `return_logits` (default: not in training): with targets,
+        False computes the loss chunk by chunk and returns no logits (the evaluation's path), True
+        materialises them."""
         cfg = self.config
         b, t = input_ids.shape
         if t > cfg.max_position_embeddings:
@@ -294,8 +297,10 @@ class BluesModel(nnx.Module):
         aux_loss = jnp.mean(stats.aux_loss)
         z_loss = jnp.mean(stats.z_loss)
         head_in = h.astype(self.dtype)  # the LM-head GEMM runs in the compute dtype, logits float32
-        if targets is not None and not self.deterministic:
-            # Training never materialises [B, T, Vp] logits: the loss is computed chunk by chunk.
+        if return_logits is None:
+            return_logits = self.deterministic
+        if targets is not None and not return_logits:
+            # Training and evaluation never materialise [B, T, Vp] logits: the loss is computed chunk by chunk.
             logits = None
             # The Pallas loss kernel is a per-device call that XLA's partitioner cannot split: a mesh
             # keeps XLA's form of it, which follows the batch's sharding.

@@ -41,11 +41,6 @@ from blues_jax.distributed import gather_to_host
 from blues_jax.sharding import BATCH_AXES, mesh_is_trivial, param_shardings, shard_model
 from blues_jax.state_dict_adapter import load_canonical
 
-# Evaluation materialises [rows, T, V] float32 logits; rows are chosen so one forward holds at
-# most this many tokens per device (~0.8 GB of logits at V = 200k), as train_torch.py does.
-EVAL_TOKENS_PER_FORWARD = 1024
-
-
 # ---- the optimizer and the step ---------------------------------------------------------------------
 
 def make_optimizer(params, *, lr: float, weight_decay: float):
@@ -282,22 +277,16 @@ def make_eval_step(graph, shardings: dict):
     """(params, rng, inputs [B, T], targets [B, T]) -> (lm_loss, expert_counts [L, E], dropped [L]), eval mode."""
 
     def step(params, rng, x, y):
-        out = nnx.merge(graph, params, rng)(x, y)
+        out = nnx.merge(graph, params, rng)(x, y, return_logits=False)
         return out.lm_loss, out.expert_counts, out.dropped
 
     s = shardings
     return jax.jit(step, in_shardings=(s["params"], s["rng"], s["batch"], s["batch"]), out_shardings=s["replicated"])
 
 
-def eval_rows(batch_size: int, seq_len: int) -> int:
-    """Rows per device per evaluation forward: the largest divisor of batch_size within the budget."""
-    budget = max(1, EVAL_TOKENS_PER_FORWARD // seq_len)
-    return max(r for r in range(1, batch_size + 1) if batch_size % r == 0 and r <= budget)
-
-
 def eval_batch_shape(args: TrainArgs, topo: dict) -> tuple[int, int]:
-    """The global shape of one evaluation forward's inputs: `eval_rows` rows on every data-parallel shard."""
-    return topo["dp"] * eval_rows(args.batch_size, args.seq_len), args.seq_len
+    """The global shape of one evaluation forward's inputs: a micro-batch on every data-parallel shard."""
+    return topo["dp"] * args.batch_size, args.seq_len
 
 
 def micro_batch_shape(args: TrainArgs, topo: dict) -> tuple[int, int, int]:
@@ -319,22 +308,17 @@ def eval_step_arguments(params, rng, args: TrainArgs, topo: dict, shardings: dic
 
 
 def evaluate(eval_step, params, rng, val_tokens, args: TrainArgs, topo: dict, shardings: dict) -> EvalAccumulator:
-    """Token-weighted validation loss and expert utilization over `--eval_batches` global batches."""
-    cfg, t = args.model_config, args.seq_len
-    rows = eval_rows(args.batch_size, t)
+    """Token-weighted validation loss and expert utilization over `--eval_batches` global batches, one
+    forward per batch: the loss is computed chunk by chunk, as in training (no [B, T, V] logits)."""
+    cfg = args.model_config
     shape = eval_batch_shape(args, topo)
     acc = EvalAccumulator()
-    for x, y in eval_batches(val_tokens, t, topo["local_batch"], args.eval_batches, rank=topo["process"],
+    for x, y in eval_batches(val_tokens, args.seq_len, topo["local_batch"], args.eval_batches, rank=topo["process"],
                              world_size=topo["processes"], vocab_size=cfg.vocab_size):
-        # x, y [local devices * B, T]: device d's rows are [d*B, (d+1)*B); take `rows` of each per forward
-        xs = x.reshape(topo["local_devices"], args.batch_size, t)  # [D, B, T]
-        ys = y.reshape(topo["local_devices"], args.batch_size, t)
-        for start in range(0, args.batch_size, rows):
-            xc = xs[:, start:start + rows].reshape(-1, t)  # [D * rows, T]
-            yc = ys[:, start:start + rows].reshape(-1, t)
-            lm_loss, counts, dropped = eval_step(params, rng, put_batch(xc, shardings["batch"], shape),
-                                                 put_batch(yc, shardings["batch"], shape))
-            acc.update(float(lm_loss), shape[0] * t, np.asarray(counts), np.asarray(dropped))
+        # x, y [local devices * B, T]: this process's rows of the global batch
+        lm_loss, counts, dropped = eval_step(params, rng, put_batch(x, shardings["batch"], shape),
+                                             put_batch(y, shardings["batch"], shape))
+        acc.update(float(lm_loss), shape[0] * shape[1], np.asarray(counts), np.asarray(dropped))
     return acc
 
 

@@ -270,10 +270,13 @@ class BluesModel(nn.Module):
         return torch.randn(shape, generator=generator, device=self.embed.device, dtype=torch.float32)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
-                generator: torch.Generator | None = None, cache=None) -> BluesOutput:
+                generator: torch.Generator | None = None, cache=None,
+                return_logits: bool | None = None) -> BluesOutput:
         """input_ids [B, T] (int), targets [B, T] (int, -100 = ignore). `generator` (on the model's
         device) feeds the router noise in training; None uses the global RNG. `cache`
-        (blues_torch.generation.KVCache): the T tokens continue the cached ones."""
+        (blues_torch.generation.KVCache): the T tokens continue the cached ones. `return_logits`
+        (default: not in training): with targets, False computes the loss chunk by chunk and
+        returns no logits (the evaluation's path), True materialises them."""
         cfg = self.config
         b, t = input_ids.shape
         if t > cfg.max_position_embeddings:
@@ -302,8 +305,10 @@ class BluesModel(nn.Module):
 
         aux_loss = torch.stack([s.aux_loss for s in stats]).mean()
         z_loss = torch.stack([s.z_loss for s in stats]).mean()
-        if targets is not None and self.training:
-            # Training never materialises [B, T, Vp] logits: the loss is computed chunk by chunk.
+        if return_logits is None:
+            return_logits = not self.training
+        if targets is not None and not return_logits:
+            # Training and evaluation never materialise [B, T, Vp] logits: the loss is computed chunk by chunk.
             logits = None
             lm_loss = chunked_lm_loss(h, self.embed, targets, cfg.vocab_size, self.loss_chunk_size)
         else:

@@ -28,11 +28,6 @@ from blues.train_loop import EvalAccumulator
 from blues_torch.distributed import Dist
 from blues_torch.expert_parallel import ParallelLayout, clip_grad_norm_, optimizer_param_groups, reduce_gradients
 
-# Evaluation materialises [rows, T, V] float32 logits; rows are chosen so one forward holds at
-# most this many tokens (~0.8 GB of logits at V = 200k) whatever the batch size.
-EVAL_TOKENS_PER_FORWARD = 1024
-
-
 def param_groups(model, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only (blues.adamw.decays); RMSNorm scales are not decayed."""
     params = list(model.parameters())
@@ -191,10 +186,10 @@ class TrainStep:
 
 
 def evaluate(model, val_tokens, args: TrainArgs, dist: Dist, autocast) -> EvalAccumulator:
-    """Token-weighted validation loss and expert utilization over `--eval_batches` batches."""
+    """Token-weighted validation loss and expert utilization over `--eval_batches` batches, one
+    forward per batch: the loss is computed chunk by chunk, as in training (no [B, T, V] logits)."""
     cfg = args.model_config
     acc = EvalAccumulator()
-    rows = max(1, EVAL_TOKENS_PER_FORWARD // args.seq_len)
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=dist.device)  # loss * tokens, tokens
@@ -204,13 +199,11 @@ def evaluate(model, val_tokens, args: TrainArgs, dist: Dist, autocast) -> EvalAc
         for batch in eval_batches(val_tokens, args.seq_len, args.batch_size, args.eval_batches, rank=dist.rank,
                                   world_size=dist.world_size, vocab_size=cfg.vocab_size):
             x, y = to_device(batch, dist.device)  # [B, T] each
-            for start in range(0, x.shape[0], rows):
-                out = model(x[start:start + rows], y[start:start + rows])
-                n = y[start:start + rows].numel()
-                totals += torch.stack([out.lm_loss.double() * n, torch.tensor(n, dtype=torch.float64,
-                                                                               device=dist.device)])
-                counts += out.expert_counts.double()
-                dropped += out.dropped.double()
+            out = model(x, y, return_logits=False)
+            n = y.numel()
+            totals += torch.stack([out.lm_loss.double() * n, torch.tensor(n, dtype=torch.float64, device=dist.device)])
+            counts += out.expert_counts.double()
+            dropped += out.dropped.double()
     if dist.world_size > 1:
         for t in (totals, counts, dropped):
             torch.distributed.all_reduce(t)
