@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import io
+import importlib
 import os
 import pstats
 import sys
@@ -26,17 +26,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from blues.cli import run_main  # noqa: E402
+
 TRAINERS = {"train_torch.py": "blues_torch.train", "train_jax.py": "blues_jax.train"}
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """(this script's options and the trainer, the trainer's own command line): split at the trainer's name."""
     p = argparse.ArgumentParser(prog="scripts/startup_profile.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--top", type=int, default=30, help="entries listed (default: 30)")
     p.add_argument("--evaluations", type=int, default=0, help="evaluations after the first step, each timed (default: 0)")
     p.add_argument("--save", help="also write the raw stats to this file")
-    p.add_argument("script", choices=sorted(TRAINERS), help="the trainer")
-    args, rest = p.parse_known_args(argv)
-    return args, rest
+    p.add_argument("script", help=f"the trainer ({' or '.join(TRAINERS)}); the arguments after it are its own")
+    at = next((i for i, a in enumerate(argv) if Path(a).name in TRAINERS), None)
+    if at is None:
+        p.error(f"name the trainer to profile: {' or '.join(TRAINERS)}")
+    return p.parse_args(argv[:at + 1]), argv[at + 1:]
 
 
 def is_phase(func: tuple[str, int, str]) -> bool:
@@ -60,7 +65,8 @@ def report(profile: cProfile.Profile, seconds: float, top: int) -> str:
     stats = pstats.Stats(profile).stats  # {func: (calls, primitive calls, own s, cumulative s, callers)}
     phases = sorted((f for f in stats if is_phase(f)), key=lambda f: -stats[f][3])[:top]
     busiest = sorted(stats, key=lambda f: -stats[f][2])[:top]
-    lines = [f"first step done {seconds:.1f} s after the profile started (main thread; the listing covers every call profiled)", "",
+    lines = [f"first step done {seconds:.1f} s after the profile started (main thread; the listing covers "
+             f"every call profiled)", "",
              "Blues' calls and package imports, by cumulative seconds:"]
     lines += [f"{stats[f][3]:8.2f} s  {where(f)}" for f in phases if stats[f][3] >= 0.05]
     lines += ["", "calls by their own seconds:"]
@@ -73,8 +79,8 @@ def main(argv: list[str]) -> int:
     profile = cProfile.Profile()
     started = time.perf_counter()
     profile.enable()
-    import importlib
-    from blues import loop
+    from blues import loop  # imported under the profile: the trainer's imports are part of its start
+
 
     def first_step_only(trainer, train_args, step, **_):
         trainer.step(0.0, False)
@@ -94,9 +100,9 @@ def main(argv: list[str]) -> int:
         os._exit(0)  # no evaluation, checkpoint or plots: the profile is the result
 
     loop.train = first_step_only
-    trainer = importlib.import_module(TRAINERS[args.script])
+    trainer = importlib.import_module(TRAINERS[Path(args.script).name])
     return trainer.main(trainer_argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_main(main))
