@@ -16,7 +16,11 @@
 #    repeated (scripts/startup_profile.py, cProfile: its overhead slows dynamo's trace), and the
 #    compiled PyTorch decode step (E's PyTorch rows are the eager step's); an eager `tiny` run of the
 #    time-to-quality recipe, cold, profiled through its first step and three evaluations.
-#   bash scripts/round10_gpu.sh A|B|C|D|E|F   (writes $OUT/logs/*.txt)
+# G: the image's packages ship no bytecode and the image writes none (F: ~3,000 modules compiled
+#    from source by every process); with it compiled first, as a pip install leaves it: PyTorch's
+#    time to first step (cold and repeated), then the eager `tiny` start profiled with callers.
+# H: time to quality, every Blues row and the peers' eager rows, with the bytecode compiled first.
+#   bash scripts/round10_gpu.sh A|B|C|D|E|F|G|H   (writes $OUT/logs/*.txt)
 set -uo pipefail
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 mkdir -p "$OUT/logs"
@@ -64,5 +68,27 @@ F)
     --batch_size 32 --eval_batches 1000 --config '{"dropout": 0.1}' --out_dir /tmp/f_tiny > "$OUT/logs/f3_tiny_eval.txt" 2>&1
   timeout 200 python3 -m bench --what decode --framework torch --torch-compile on --out /tmp/dec \
     > "$OUT/logs/f2_decode_compiled.txt" 2>&1
+  ;;
+G|H)
+  { env | grep -i "^PYTHON" ; python3 -c "import sys; print('dont_write_bytecode', sys.flags.dont_write_bytecode)"; } \
+    > "$OUT/logs/${1,,}0_bytecode.txt" 2>&1
+  site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  began=$SECONDS
+  python3 -m compileall -q -j 16 "$site" . > /dev/null 2>&1
+  echo "compileall of $site and the checkout: $((SECONDS - began)) s" >> "$OUT/logs/${1,,}0_bytecode.txt"
+  ;;&
+G)
+  timeout 200 python3 scripts/time_to_first_step.py --frameworks torch --steps 4 --warmup 1 --out /tmp/ttfs \
+    > "$OUT/logs/g1_ttfs_torch.txt" 2>&1
+  TRITON_CACHE_DIR=/tmp/g_triton timeout 60 python3 scripts/startup_profile.py --evaluations 2 --top 25 \
+    train_torch.py --preset tiny --precision bf16 --batch_size 32 --eval_batches 1000 --config '{"dropout": 0.1}' \
+    --out_dir /tmp/g_tiny > "$OUT/logs/g2_tiny_profile.txt" 2>&1
+  ;;
+H)
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl  # with bytecode
+  export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+  timeout 480 python3 -m bench --what quality --rows torch-eager,torch,jax,titan-eager,hf-eager \
+    --stop-at-target --max-minutes 1.2 --out /tmp/ttq > "$OUT/logs/h1_quality.txt" 2>&1
+  cp /tmp/ttq/time_to_quality.* "$OUT/logs/" 2>/dev/null
   ;;
 esac

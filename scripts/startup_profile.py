@@ -27,8 +27,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from blues.cli import run_main  # noqa: E402
+from blues.errors import UsageError  # noqa: E402
 
 TRAINERS = {"train_torch.py": "blues_torch.train", "train_jax.py": "blues_jax.train"}
+
+
+class Done(BaseException):
+    """Raised after the first step (and evaluations): not an Exception, so no handler of the trainer's takes it."""
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -69,9 +74,14 @@ def report(profile: cProfile.Profile, seconds: float, top: int) -> str:
              f"every call profiled)", "",
              "Blues' calls and package imports, by cumulative seconds:"]
     lines += [f"{stats[f][3]:8.2f} s  {where(f)}" for f in phases if stats[f][3] >= 0.05]
-    lines += ["", "calls by their own seconds:"]
-    lines += [f"{stats[f][2]:8.2f} s  {where(f)}  x{stats[f][0]}" for f in busiest if stats[f][2] >= 0.05]
-    return "\n".join(lines) + "\n"
+    lines += ["", "calls by their own seconds, each with its largest callers:"]
+    for f in busiest:
+        if stats[f][2] < 0.05:
+            break
+        lines.append(f"{stats[f][2]:8.2f} s  {where(f)}  x{stats[f][0]}")
+        callers = sorted(stats[f][4].items(), key=lambda kv: -kv[1][2])[:3]  # {caller: (.., .., own s, ..)}
+        lines += [f"            {c[2]:6.2f} s from {where(caller)}" for caller, c in callers if c[2] >= 0.05]
+    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
@@ -82,26 +92,33 @@ def main(argv: list[str]) -> int:
     from blues import loop  # imported under the profile: the trainer's imports are part of its start
 
 
+    done = {}
+
     def first_step_only(trainer, train_args, step, **_):
         trainer.step(0.0, False)
-        first_step = time.perf_counter() - started
-        timed = []
+        done["first step"] = time.perf_counter() - started
         for i in range(args.evaluations):
             began = time.perf_counter()
             trainer.evaluate(step + 1)
-            timed.append(f"evaluation {i + 1}: {time.perf_counter() - began:.2f} s")
-        profile.disable()
-        text = "\n".join(timed + [report(profile, first_step, args.top)])
-        if args.save:
-            profile.dump_stats(args.save)
-        sys.stderr.flush()
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        os._exit(0)  # no evaluation, checkpoint or plots: the profile is the result
+            done[f"evaluation {i + 1}"] = time.perf_counter() - began
+        raise Done  # unwinds the trainer (its frames' times are recorded as they return), then stops
 
     loop.train = first_step_only
     trainer = importlib.import_module(TRAINERS[Path(args.script).name])
-    return trainer.main(trainer_argv)
+    try:
+        trainer.main(trainer_argv)
+    except Done:
+        pass
+    profile.disable()
+    if "first step" not in done:
+        raise UsageError("the trainer ended before its first step")
+    if args.save:
+        profile.dump_stats(args.save)
+    timed = [f"{name}: {seconds:.2f} s" for name, seconds in done.items() if name != "first step"]
+    sys.stderr.flush()
+    sys.stdout.write("\n".join(timed + [report(profile, done["first step"], args.top)]) + "\n")
+    sys.stdout.flush()
+    os._exit(0)  # no checkpoint, plots or exit handlers (JAX's background compiles): the profile is the result
 
 
 if __name__ == "__main__":
