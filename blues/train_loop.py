@@ -3,7 +3,7 @@
 - `GracefulStop`: SIGINT/SIGTERM set a flag; the trainer finishes the step, checkpoints, exits 0.
 - `BadStepGuard`: counts non-finite steps (skipped updates) and says when to give up.
 - `SpikeDetector`: logs a warning when the loss jumps far above its running mean.
-- `sample_continuation`: greedy / sampled continuation of a prompt from numpy logits.
+- `sample_continuations`: greedy and sampled continuations of a prompt from numpy logits, in step.
 - `Progress`: the tqdm bar (loss, tokens/s); `summary_line`, `resume_command`.
 - `RunDir`: creates the output directory only once work starts, removes it if the run fails
   before writing its first checkpoint (a run that failed leaves nothing half-written behind).
@@ -32,6 +32,8 @@ SAMPLE_PROMPT = "The old man said that"
 SAMPLE_TOKENS = 24
 SAMPLE_TEMPERATURE = 0.8
 SAMPLE_TOP_K = 50
+# The continuations logged at every evaluation: (name, temperature), one row of every sample forward each.
+SAMPLES = (("greedy", 0.0), ("sampled", SAMPLE_TEMPERATURE))
 
 
 def reuse_freed_host_memory() -> bool:
@@ -170,25 +172,35 @@ def sample_next(logits: np.ndarray, *, temperature: float, top_k: int | None, rn
     return int(rng.choice(logits.size, p=probs))
 
 
-def sample_continuation(next_logits: Callable[[np.ndarray], np.ndarray], prompt_ids: Sequence[int], *,
-                        max_new_tokens: int = SAMPLE_TOKENS, context: int, temperature: float = 0.0,
-                        top_k: int | None = SAMPLE_TOP_K, seed: int = 0, stop_id: int | None = None) -> list[int]:
-    """Continue `prompt_ids`; `next_logits(ids [1, t] int32) -> [V]` logits for the last position.
+def sample_continuations(next_logits: Callable[[list[np.ndarray]], np.ndarray], prompt_ids: Sequence[int],
+                         temperatures: Sequence[float], *, max_new_tokens: int = SAMPLE_TOKENS, context: int,
+                         top_k: int | None = SAMPLE_TOP_K, seed: int = 0, stop_id: int | None = None) -> list[list[int]]:
+    """One continuation of `prompt_ids` per temperature, all advancing together: `next_logits(rows)`
+    takes one id array per continuation (its last `context` ids) and returns their next-token logits
+    [len(rows), V], so every forward has the same batch (a finished row rides along, ignored).
 
-    No KV cache: each token re-runs the (short) window; only for the small evaluation samples.
-    The generator is private (seeded), so sampling never disturbs the training RNG streams.
+    No KV cache: each token re-runs the (short) windows; only for the small evaluation samples.
+    Each row samples with its own private generator seeded with `seed` (so a row's tokens do not
+    depend on the other rows'), and sampling never disturbs the training RNG streams.
     """
-    rng = np.random.default_rng(seed)
-    ids = list(prompt_ids)
-    out = []
+    rngs = [np.random.default_rng(seed) for _ in temperatures]
+    ids = [list(prompt_ids) for _ in temperatures]
+    outs: list[list[int]] = [[] for _ in temperatures]
+    live = [True] * len(temperatures)
     for _ in range(max_new_tokens):
-        window = np.asarray(ids[-context:], dtype=np.int32)[None, :]  # [1, t]
-        token = sample_next(next_logits(window), temperature=temperature, top_k=top_k, rng=rng)
-        if stop_id is not None and token == stop_id:
+        if not any(live):
             break
-        ids.append(token)
-        out.append(token)
-    return out
+        logits = next_logits([np.asarray(row[-context:], dtype=np.int32) for row in ids])  # [rows, V]
+        for i, temperature in enumerate(temperatures):
+            if not live[i]:
+                continue
+            token = sample_next(logits[i], temperature=temperature, top_k=top_k, rng=rngs[i])
+            if stop_id is not None and token == stop_id:
+                live[i] = False
+                continue
+            ids[i].append(token)
+            outs[i].append(token)
+    return outs
 
 
 def sample_window(tokenizer, seq_len: int) -> int:
@@ -201,12 +213,13 @@ def sample_window(tokenizer, seq_len: int) -> int:
 
 
 def log_samples(tokenizer, next_logits, *, step: int, context: int, seed: int, metrics=None) -> dict[str, str]:
-    """Greedy and sampled continuations of SAMPLE_PROMPT, logged (and to TensorBoard); returns them."""
+    """The SAMPLES continuations of SAMPLE_PROMPT (one batched forward a token), logged (and to
+    TensorBoard); returns them by name."""
     prompt = tokenizer.encode(SAMPLE_PROMPT)
+    continuations = sample_continuations(next_logits, prompt, [t for _, t in SAMPLES], context=context,
+                                         seed=seed * 1_000_003 + step, stop_id=tokenizer.eot_id)
     texts = {}
-    for name, temperature in (("greedy", 0.0), ("sampled", SAMPLE_TEMPERATURE)):
-        ids = sample_continuation(next_logits, prompt, context=context, temperature=temperature,
-                                  seed=seed * 1_000_003 + step, stop_id=tokenizer.eot_id)
+    for (name, _), ids in zip(SAMPLES, continuations):
         texts[name] = tokenizer.decode(ids)
         shown = " ".join(f"{SAMPLE_PROMPT}{texts[name]}".splitlines())  # one line of plain text
         log(f"  sample ({name}, step {step}): {shown}")

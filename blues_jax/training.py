@@ -34,7 +34,7 @@ from blues.canonical import flatten, from_module_arrays
 from blues.config import BluesConfig
 from blues.data import eval_batches
 from blues.train_args import TrainArgs
-from blues.train_loop import EvalAccumulator
+from blues.train_loop import SAMPLES, EvalAccumulator
 from blues_jax import BluesModel
 from blues_jax.checkpoint import data_to_keys, keys_to_data, restore_arrays
 from blues_jax.distributed import gather_to_host
@@ -323,12 +323,14 @@ def evaluate(eval_step, params, rng, val_tokens, args: TrainArgs, topo: dict, sh
 
 
 class NextLogits:
-    """`bind(params, rng)` -> `next_logits(ids [1, t]) -> [V]` for blues.train_loop's sample continuations.
+    """`bind(params, rng)` -> `next_logits(rows) -> [len(rows), V]` for blues.train_loop's sample
+    continuations (one id array per continuation: SAMPLES of them).
 
     The samples are a host loop of tiny forwards, so they run on ONE local device of each process
     (`graph` has no mesh): the parameters are gathered once per evaluation, and no token pays for a
-    mesh-wide launch and all-to-all. Every call has the shape [1, window] (ids left-aligned,
-    zero-padded; the causal mask keeps the padding out of position t-1), so it compiles once.
+    mesh-wide launch and all-to-all. Every call has the shape [len(SAMPLES), window] (ids
+    left-aligned, zero-padded; the causal mask keeps the padding out of each row's last position),
+    so it compiles once.
     """
 
     def __init__(self, graph, shardings: dict, window: int):
@@ -337,9 +339,9 @@ class NextLogits:
         self.gather = jax.jit(lambda tree: tree, out_shardings=shardings["replicated"])  # every device holds all
 
         @jax.jit
-        def last_logits(params, rng, ids, t):
-            logits = nnx.merge(graph, params, rng)(ids).logits  # [1, window, V]
-            return jax.lax.dynamic_index_in_dim(logits[0], t - 1, axis=0, keepdims=False)  # [V]
+        def last_logits(params, rng, ids, last):
+            logits = nnx.merge(graph, params, rng)(ids).logits  # [R, window, V]
+            return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]  # [R, V]
 
         self.last_logits = last_logits
 
@@ -351,12 +353,13 @@ class NextLogits:
 
         local = jax.tree.map(on_device, self.gather((params, rng)))
 
-        def next_logits(ids: np.ndarray) -> np.ndarray:
-            t = ids.shape[1]
-            buf = np.zeros((1, self.window), dtype=np.int32)  # [1, window]
-            buf[:, :t] = ids
-            x = jax.device_put(buf, device)
-            return np.asarray(self.last_logits(*local, x, jax.device_put(np.int32(t), device)), dtype=np.float32)
+        def next_logits(rows: list[np.ndarray]) -> np.ndarray:
+            buf = np.zeros((len(rows), self.window), dtype=np.int32)  # [R, window]
+            for i, ids in enumerate(rows):
+                buf[i, :len(ids)] = ids
+            last = np.array([len(ids) - 1 for ids in rows], dtype=np.int32)  # [R]
+            out = self.last_logits(*local, jax.device_put(buf, device), jax.device_put(last, device))
+            return np.asarray(out, dtype=np.float32)
 
         return next_logits
 
@@ -364,5 +367,6 @@ class NextLogits:
         """`last_logits`' arguments as abstract values on the sampling device, to compile it ahead."""
         one = SingleDeviceSharding(self.device)  # as `bind` places them
         on_device = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one)  # noqa: E731
-        ids = jax.ShapeDtypeStruct((1, self.window), jnp.int32, sharding=one)  # [1, window]
-        return (*jax.tree.map(on_device, (params, rng)), ids, jax.ShapeDtypeStruct((), jnp.int32, sharding=one))
+        rows = len(SAMPLES)
+        ids = jax.ShapeDtypeStruct((rows, self.window), jnp.int32, sharding=one)  # [R, window]
+        return (*jax.tree.map(on_device, (params, rng)), ids, jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=one))

@@ -214,20 +214,22 @@ def evaluate(model, val_tokens, args: TrainArgs, dist: Dist, autocast) -> EvalAc
 
 
 def make_next_logits(model, dist: Dist, autocast, window: int):
-    """Next-token logits for the samples. Every rank runs the forward (its MoE layers exchange tokens)
-    and takes rank 0's logits, so every rank samples the same tokens and stops at the same length.
-    Every forward has the shape [1, window] (blues.train_loop.sample_window: ids left-aligned,
-    zero-padded), as blues_jax's NextLogits."""
-    def next_logits(ids: np.ndarray) -> np.ndarray:
-        t = ids.shape[1]
-        buf = torch.zeros(1, window, dtype=torch.long)  # [1, window]
-        buf[:, :t] = torch.from_numpy(ids)
+    """Next-token logits for the samples (blues.train_loop.sample_continuations): `next_logits(rows)`,
+    one id array per continuation, -> [rows, V]. Every forward has the shape [rows, window] (ids
+    left-aligned, zero-padded; blues.train_loop.sample_window), as blues_jax's NextLogits. Every
+    rank runs the forward (its MoE layers exchange tokens) and takes rank 0's logits, so every rank
+    samples the same tokens and stops at the same length."""
+    def next_logits(rows: list[np.ndarray]) -> np.ndarray:
+        buf = torch.zeros(len(rows), window, dtype=torch.long)  # [R, window]
+        for i, ids in enumerate(rows):
+            buf[i, :len(ids)] = torch.from_numpy(ids)
+        last = torch.tensor([len(ids) - 1 for ids in rows], device=dist.device)  # [R]
         was_training = model.training
         model.eval()
         with torch.no_grad(), autocast():
-            out = model(buf.to(dist.device))  # logits [1, window, V]
+            out = model(buf.to(dist.device))  # logits [R, window, V]
         model.train(was_training)
-        logits = out.logits[0, t - 1].float().contiguous()  # [V]
+        logits = out.logits[torch.arange(len(rows), device=dist.device), last].float().contiguous()  # [R, V]
         if dist.world_size > 1:
             torch.distributed.broadcast(logits, src=0)
         return logits.cpu().numpy()

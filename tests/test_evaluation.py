@@ -1,5 +1,5 @@
 """The trainers' evaluation: one forward per batch with the loss computed chunk by chunk (no
-[B, T, V] logits), equal to the materialised loss, in both frameworks."""
+[B, T, V] logits), equal to the materialised loss, in both frameworks; the samples' batched forward."""
 from __future__ import annotations
 
 import contextlib
@@ -21,7 +21,7 @@ from blues_jax import BluesModel as JaxModel
 from blues_jax.loss import cross_entropy as jax_cross_entropy
 from blues_jax.sharding import make_mesh
 from blues_jax.training import evaluate as jax_evaluate
-from blues_jax.training import make_eval_step, plan_train_state, split_model
+from blues_jax.training import NextLogits, make_eval_step, plan_train_state, split_model
 from blues_torch import BluesModel as TorchModel
 from blues_torch.distributed import Dist
 from blues_torch.loss import cross_entropy as torch_cross_entropy
@@ -89,3 +89,24 @@ def test_jax_evaluation_runs_one_chunked_forward_per_batch(tmp_path, monkeypatch
                            plan.shardings)
     assert acc.loss == pytest.approx(want, rel=1e-5)
     assert acc.tokens == BATCHES * BATCH * SEQ and math.isfinite(acc.loss)
+
+
+def test_jax_sample_logits_come_from_one_padded_shape():
+    """NextLogits runs every sample forward at [rows, window] (one compile), each row's logits its
+    unpadded forward's last ones (as blues_torch's make_next_logits, tests/test_torch_model.py)."""
+    cfg = parse_args(["--config", json.dumps(CONFIG)], "jax").model_config
+    mesh = make_mesh("data=1", jax.devices()[:1])
+    model = JaxModel(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32)
+    (_, _, sample_graph), params, rng = split_model(model)
+    params, rng = nnx.to_pure_dict(params), nnx.to_pure_dict(rng)
+    sampler = NextLogits(sample_graph, {"replicated": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())},
+                         window=16)
+    next_logits = sampler.bind(params, rng)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16)).astype(np.int32)
+    plain = nnx.merge(sample_graph, params, rng)
+    with jax.default_matmul_precision("float32"):
+        for lengths in ((1, 7), (16, 3)):
+            got = next_logits([ids[i, :t] for i, t in enumerate(lengths)])  # [2, V]
+            want = [np.asarray(plain(jnp.asarray(ids[i:i + 1, :t])).logits[0, -1]) for i, t in enumerate(lengths)]
+            np.testing.assert_allclose(got, np.stack(want), rtol=1e-5, atol=1e-5)
+    assert sampler.last_logits._cache_size() == 1  # one shape, one compile

@@ -130,9 +130,9 @@ def test_evaluation_does_not_recompile_the_compiled_blocks():
 
 
 def test_sample_logits_come_from_one_padded_shape():
-    """The trainers' sample continuations run every forward at [1, window] (ids left-aligned,
+    """The trainers' sample continuations run every forward at [rows, window] (ids left-aligned,
     zero-padded; blues_jax's NextLogits does the same), so an eager GPU forward meets each kernel's
-    per-shape set-up once, not once per token; the logits are the unpadded forward's last ones."""
+    per-shape set-up once, not once per token; each row's logits are its unpadded forward's last ones."""
     import contextlib
     import types
 
@@ -145,15 +145,16 @@ def test_sample_logits_come_from_one_padded_shape():
     model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
     dist = types.SimpleNamespace(device=torch.device("cpu"), world_size=1)
     next_logits = make_next_logits(model, dist, contextlib.nullcontext, window=16)
-    ids = random_ids(config, 1, 16).numpy()
-    for t in (1, 7, 16):
-        got = next_logits(ids[:, :t])
+    ids = random_ids(config, 2, 16).numpy()
+    for lengths in ((1, 7), (16, 3)):
+        got = next_logits([ids[i, :t] for i, t in enumerate(lengths)])  # [2, V]
         assert model.training  # left as it was
         with torch.no_grad():
-            want = model.eval()(torch.from_numpy(ids[:, :t])).logits[0, -1]
+            want = [model.eval()(torch.from_numpy(ids[i:i + 1, :t])).logits[0, -1].numpy()
+                    for i, t in enumerate(lengths)]
         model.train()
-        np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
-    assert set(shapes[0::2]) == {(1, 16)}  # every sample forward (the odd ones are the references)
+        np.testing.assert_allclose(got, np.stack(want), rtol=1e-5, atol=1e-5)
+    assert set(shapes[0::3]) == {(2, 16)}  # every sample forward (the others are the references)
 
 
 def test_rope_formula():

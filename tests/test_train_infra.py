@@ -15,7 +15,7 @@ from blues.errors import CheckpointError, ConfigError, UsageError
 from blues.metrics import MetricsLogger, TRAIN_KEYS, read_metrics
 from blues.schedule import learning_rate, learning_rate_table
 from blues.train_args import DEFAULTS, parse_args, parse_mesh
-from blues.train_loop import BadStepGuard, SpikeDetector, resume_command, sample_continuation, sample_next
+from blues.train_loop import BadStepGuard, SpikeDetector, resume_command, sample_continuations, sample_next
 from blues.utilization import ExpertStats, expert_utilization
 
 
@@ -226,10 +226,25 @@ def test_sampling():
     logits = np.array([0.0, 5.0, 4.9, -1.0, 4.8])
     draws = {sample_next(logits, temperature=1.0, top_k=2, rng=rng) for _ in range(200)}
     assert draws == {1, 2}
-    seq = lambda seed: sample_continuation(lambda ids: np.sin(np.arange(50) * (ids[0, -1] + 1.0)), [3],  # noqa
-                                           context=4, temperature=0.8, top_k=10, seed=seed, max_new_tokens=12)
-    assert seq(1) == seq(1) and len(seq(1)) == 12
-    assert sample_continuation(lambda ids: np.eye(5)[2], [0], context=4, stop_id=2) == []
+    calls = []
+
+    def next_logits(rows):  # [rows, 50]: a function of each row's last id; records the batch
+        calls.append([len(r) for r in rows])
+        assert all(len(r) <= 4 for r in rows)  # the context
+        return np.stack([np.sin(np.arange(50) * (r[-1] + 1.0)) for r in rows])
+
+    seq = lambda temps, seed: sample_continuations(next_logits, [3], temps, context=4, top_k=10,  # noqa: E731
+                                                   seed=seed, max_new_tokens=12)
+    greedy, sampled = seq([0.0, 0.8], 1)
+    assert [greedy, sampled] == seq([0.0, 0.8], 1) and len(greedy) == len(sampled) == 12
+    # a row's tokens do not depend on the rows beside it: each alone gives the same continuation
+    assert seq([0.0], 1) == [greedy] and seq([0.8], 1) == [sampled] and sampled != seq([0.8], 2)[0]
+    calls.clear()
+    # a row that stops rides along (every forward has all rows) and stays stopped
+    stop_first = lambda rows: np.stack([np.eye(5)[2] if i == 0 else np.eye(5)[(r[-1] + 1) % 2] for i, r in enumerate(rows)])  # noqa: E731
+    out = sample_continuations(lambda rows: (calls.append(len(rows)), stop_first(rows))[1], [0], [0.0, 0.0],
+                               context=4, stop_id=2, max_new_tokens=5)
+    assert out == [[], [1, 0, 1, 0, 1]] and calls == [2] * 5
 
 
 def test_resume_command():
