@@ -32,7 +32,7 @@ SAMPLE_PROMPT = "The old man said that"
 SAMPLE_TOKENS = 24
 SAMPLE_TEMPERATURE = 0.8
 SAMPLE_TOP_K = 50
-# The continuations logged at every evaluation: (name, temperature), one row of every sample forward each.
+# The continuations logged at every evaluation, (name, temperature): each is one row of every sample forward.
 SAMPLES = (("greedy", 0.0), ("sampled", SAMPLE_TEMPERATURE))
 
 
