@@ -20,7 +20,9 @@
 #    from source by every process); with it compiled first, as a pip install leaves it: PyTorch's
 #    time to first step (cold and repeated), then the eager `tiny` start profiled with callers.
 # H: time to quality, every Blues row and the peers' eager rows, with the bytecode compiled first.
-#   bash scripts/round10_gpu.sh A|B|C|D|E|F|G|H   (writes $OUT/logs/*.txt)
+# I: where the DeepSpeed engine's ~11 ms a step at `bench` go: the compiled engine against compiled
+#    plain PyTorch by phase, their GPU kernels, and DeepSpeed's host time by function.
+#   bash scripts/round10_gpu.sh A|B|C|D|E|F|G|H|I   (writes $OUT/logs/*.txt)
 set -uo pipefail
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 mkdir -p "$OUT/logs"
@@ -90,5 +92,10 @@ H)
   timeout 480 python3 -m bench --what quality --rows torch-eager,torch,jax,titan-eager,hf-eager \
     --stop-at-target --max-minutes 1.2 --out /tmp/ttq > "$OUT/logs/h1_quality.txt" 2>&1
   cp /tmp/ttq/time_to_quality.* "$OUT/logs/" 2>/dev/null
+  ;;
+I)
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  export TORCH_CUDA_ARCH_LIST=9.0 PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+  timeout 500 python3 scripts/profile_gpu.py deepspeed-train --preset bench --steps 5 > "$OUT/logs/i1_ds_profile.txt" 2>&1
   ;;
 esac
