@@ -151,17 +151,16 @@ def _merge(config: dict, overrides: dict) -> dict:
 
 
 def build_engine(wl: Workload, *, optimizer: str = "auto", compile: bool = False, overrides: dict | None = None,
-                 seed: int = 0, check: bool = False, fast_norms: bool = True, one_rank_reduction: bool = True):
+                 seed: int = 0, check: bool = False, fast_norms: bool = True):
     """-> (engine, device, note, checks): train_torch.py's DeepSpeed engine for wl in this process.
 
     overrides: keys of the config to replace (scripts/ds_variants.py); compile: the trainer's per-block
     compile of the engine's module (blues_torch.training.compile_for_training), from a fresh dynamo
     state. The memory counters are reset after the attention check (check=True).
-    fast_norms=False: DeepSpeed's own per-gradient norm and overflow loops (blues_torch/deepspeed_norms.py);
-    one_rank_reduction=False: DeepSpeed's own gradient reduction at one rank (blues_torch/deepspeed_one_rank.py)."""
+    fast_norms=False: DeepSpeed's own per-gradient norm and overflow loops (blues_torch/deepspeed_norms.py)."""
     import deepspeed
     import torch
-    from blues_torch import BluesModel, deepspeed_norms, deepspeed_one_rank
+    from blues_torch import BluesModel, deepspeed_norms
     from blues_torch.training import compile_for_training, param_groups
 
     init_single_rank()
@@ -180,10 +179,6 @@ def build_engine(wl: Workload, *, optimizer: str = "auto", compile: bool = False
         deepspeed_norms.install()  # ZeRO's per-gradient norm/overflow loops cost ~60 ms of host time a step
     else:
         deepspeed_norms.uninstall()
-    if one_rank_reduction:
-        deepspeed_one_rank.install()  # a bucket's division, flatten, reduce and copy back are no-ops at one rank
-    else:
-        deepspeed_one_rank.uninstall()
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_cfg,
                                            model_parameters=param_groups(model, ds_cfg["optimizer"]["params"]["weight_decay"]))
     if compile:
@@ -193,10 +188,8 @@ def build_engine(wl: Workload, *, optimizer: str = "auto", compile: bool = False
 
 
 def deepspeed_train(wl: Workload, *, steps: int, warmup: int, optimizer: str = "auto", compile: bool = False,
-                    check: bool = True, seed: int = 0, overrides: dict | None = None,
-                    one_rank_reduction: bool = True) -> Row:
-    """compile: the engine's module compiled block by block, as `train_torch.py --deepspeed ... --compile`;
-    one_rank_reduction: as build_engine's."""
+                    check: bool = True, seed: int = 0, overrides: dict | None = None) -> Row:
+    """compile: the engine's module compiled block by block, as `train_torch.py --deepspeed ... --compile`."""
     variant = "zero2-compile" if compile else "zero2"
     reason = deepspeed_available()
     if reason is not None:
@@ -207,8 +200,7 @@ def deepspeed_train(wl: Workload, *, steps: int, warmup: int, optimizer: str = "
 
     mem = PeakMemory("torch", torch_device())
     mem.reset()
-    engine, device, note, checks = build_engine(wl, optimizer=optimizer, overrides=overrides, seed=seed, check=check,
-                                                one_rank_reduction=one_rank_reduction)
+    engine, device, note, checks = build_engine(wl, optimizer=optimizer, overrides=overrides, seed=seed, check=check)
     mem.reset()  # the model and engine stay; the check's buffers are not the training step's
     ids_np, tgt_np = random_batch(wl.config, wl.batch, wl.seq, seed)
     ids = torch.from_numpy(ids_np).long().to(device)  # [B, T]

@@ -45,10 +45,9 @@ def make_engine(model, ds_config: dict, weight_decay: float, layout: ParallelLay
     parallelism the expert parameters get DeepSpeed's MoE groups (blues_torch/deepspeed_moe.py)."""
     import deepspeed
 
-    from blues_torch import deepspeed_moe, deepspeed_norms, deepspeed_one_rank
+    from blues_torch import deepspeed_moe, deepspeed_norms
 
     deepspeed_norms.install()  # ZeRO's per-gradient norm/overflow loops cost ~60 ms of host time a step
-    deepspeed_one_rank.install()  # at one data-parallel rank, ZeRO's bucket reduction is four no-op passes
     groups = param_groups(model, weight_decay)
     if layout is None or layout.expert_group is None:
         engine, optimizer, _, _ = deepspeed.initialize(model=model, config=ds_config, model_parameters=groups)

@@ -22,8 +22,6 @@ from bench.train_step import torch_train, train_workload  # noqa: E402
 # Each variant changes ds_config.json in one respect (or two, named), so its effect is its own.
 VARIANTS = {
     "ds_config.json": {},
-    # ds_config.json with DeepSpeed's own gradient reduction (blues_torch/deepspeed_one_rank.py not installed)
-    "own one-rank reduction": {},
     "overlap_comm off": {"zero_optimization": {"overlap_comm": False}},
     "overlap off, 5e8 buckets": {"zero_optimization": {"overlap_comm": False, "reduce_bucket_size": 5e8,
                                                        "allgather_bucket_size": 5e8}},
@@ -56,8 +54,7 @@ def main() -> None:
     for name in sorted(set(args.variants), key=list(VARIANTS).index):
         for preset in args.presets:
             row = deepspeed_step.deepspeed_train(train_workload(preset, False), steps=args.steps, warmup=args.warmup,
-                                                 compile=args.compile, check=False, overrides=VARIANTS[name],
-                                                 one_rank_reduction=name != "own one-rank reduction")
+                                                 compile=args.compile, check=False, overrides=VARIANTS[name])
             print(f"{name:<26} {preset:<6} {row.tokens_per_s:>10,.0f}", flush=True)
 
 

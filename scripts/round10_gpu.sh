@@ -22,10 +22,7 @@
 # H: time to quality, every Blues row and the peers' eager rows, with the bytecode compiled first.
 # I: where the DeepSpeed engine's ~11 ms a step at `bench` go: the compiled engine against compiled
 #    plain PyTorch by phase, their GPU kernels, and DeepSpeed's host time by function.
-# J: DeepSpeed ZeRO-2 compiled at `bench` with the one-rank gradient reduction
-#    (blues_torch/deepspeed_one_rank.py), with DeepSpeed's own, and with overlap_comm off, beside plain
-#    compiled PyTorch in the same process.
-#   bash scripts/round10_gpu.sh A|B|C|D|E|F|G|H|I|J   (writes $OUT/logs/*.txt)
+#   bash scripts/round10_gpu.sh A|B|C|D|E|F|G|H|I   (writes $OUT/logs/*.txt)
 set -uo pipefail
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 mkdir -p "$OUT/logs"
@@ -100,11 +97,5 @@ I)
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
   export TORCH_CUDA_ARCH_LIST=9.0 PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
   timeout 500 python3 scripts/profile_gpu.py deepspeed-train --preset bench --steps 5 > "$OUT/logs/i1_ds_profile.txt" 2>&1
-  ;;
-J)
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-  export TORCH_CUDA_ARCH_LIST=9.0 PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
-  timeout 400 python3 scripts/ds_variants.py --compile --plain --presets bench --steps 12 --warmup 3 \
-    --variants ds_config.json "own one-rank reduction" "overlap_comm off" > "$OUT/logs/j1_ds.txt" 2>&1
   ;;
 esac
