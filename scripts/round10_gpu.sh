@@ -20,7 +20,7 @@
 #    from source by every process); with it compiled first, as a pip install leaves it: PyTorch's
 #    time to first step (cold and repeated), then the eager `tiny` start profiled with callers.
 # H: time to quality, every Blues row and the peers' eager rows, with the bytecode compiled first.
-# I: where the DeepSpeed engine's ~11 ms a step at `bench` go: the compiled engine against compiled
+# I: where the DeepSpeed engine's ~9-11 ms a step at `bench` go: the compiled engine against compiled
 #    plain PyTorch by phase, their GPU kernels, and DeepSpeed's host time by function.
 #   bash scripts/round10_gpu.sh A|B|C|D|E|F|G|H|I   (writes $OUT/logs/*.txt)
 set -uo pipefail
