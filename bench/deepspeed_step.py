@@ -215,7 +215,7 @@ def deepspeed_train(wl: Workload, *, steps: int, warmup: int, optimizer: str = "
     losses = []
 
     def step():
-        values, _ = train_step([(ids, tgt)], LR)
+        values, _ = train_step([(ids, tgt)], LR).read()  # the engine's step reads its own values on the host
         losses.append(values[0])
         return None
 

@@ -31,7 +31,7 @@ from bench.decode import NEW_TOKENS, PROMPT, QUICK_NEW, QUICK_PROMPT, BATCHES, Q
 from bench.mfu import decode_flops_per_token
 from bench.report import Row
 from bench.timing import PeakMemory, log, time_steps, torch_sync
-from bench.train_step import (GRAD_CLIP, LR, WEIGHT_DECAY, Workload, fresh_torch_compile, loss_check,
+from bench.train_step import (GRAD_CLIP, LOOP_REPS, LR, WEIGHT_DECAY, Workload, fresh_torch_compile, loss_check,
                               random_batch, torch_device, _train_row)
 from blues.adamw import BETAS, EPS
 
@@ -118,7 +118,8 @@ def peer_train(wl: Workload, *, steps: int, warmup: int, compile: bool = False, 
         losses.append(out.loss.detach())
         return None
 
-    times = time_steps(step, lambda _: torch_sync(device), warmup=warmup, steps=steps, label=f"peer {wl.name} {variant}")
+    times = time_steps(step, lambda _: torch_sync(device), warmup=warmup, steps=steps, reps=LOOP_REPS,
+                       label=f"peer {wl.name} {variant}")
     reading = mem.read()
     values = [float(x) for x in torch.stack(losses).float().cpu()]
     ln_v = math.log(wl.config.vocab_size)

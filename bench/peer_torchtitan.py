@@ -51,8 +51,8 @@ import contextlib
 from blues.config import BluesConfig
 from bench.report import Row
 from bench.timing import PeakMemory, log, time_steps, torch_sync
-from bench.train_step import (GRAD_CLIP, LR, Workload, _train_row, fresh_torch_compile, loss_check, random_batch,
-                              torch_device)
+from bench.train_step import (GRAD_CLIP, LOOP_REPS, LR, Workload, _train_row, fresh_torch_compile, loss_check,
+                              random_batch, torch_device)
 
 TORCHTITAN_VERSION = "0.2.2"
 VARIANT = f"torchtitan {TORCHTITAN_VERSION}"
@@ -194,7 +194,7 @@ def titan_train(wl: Workload, *, steps: int, warmup: int, compile: bool = True, 
         return None
 
     with cpu_int_histc(device):
-        times = time_steps(step, lambda _: torch_sync(device), warmup=warmup, steps=steps,
+        times = time_steps(step, lambda _: torch_sync(device), warmup=warmup, steps=steps, reps=LOOP_REPS,
                            label=f"peer {wl.name} {variant}")
     reading = mem.read()
     # No initial-loss check as the Hugging Face peer's: its tied head is re-initialised at std

@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -53,7 +54,7 @@ from blues.loop import StepResult
 from blues.metrics import MetricsLogger
 from blues.train_args import TrainArgs, parse_args
 from blues.train_loop import BadStepGuard, GracefulStop, TimeBudget, log, reuse_freed_host_memory
-from blues_torch.training import autocast_for, make_optimizer, set_lr, to_device
+from blues_torch.training import apply_update, autocast_for, make_optimizer, set_lr, to_device
 
 PEERS = ("hf", "titan")
 PROG = "python -m bench.quality_peers"
@@ -116,11 +117,12 @@ class PeerTrainer:
         self.peer, self.optimizer, self.train_iter, self.val_tokens = peer, optimizer, train_iter, val_tokens
         self.args, self.device, self.metrics, self.budget = args, device, metrics, budget
         self.max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")
+        self.run_ahead = True  # one process, as Blues' own rows (blues/loop.py)
 
     def autocast(self):
         return autocast_for(self.args.precision, self.device, None)
 
-    def step(self, lr: float, inject_nan: bool) -> StepResult:
+    def launch(self, lr: float, inject_nan: bool) -> Callable[[], StepResult]:
         g = self.args.grad_accum
         set_lr(self.optimizer, lr)
         sums = torch.zeros(3, dtype=torch.float32, device=self.device)  # loss, lm loss, aux loss
@@ -133,12 +135,13 @@ class PeerTrainer:
             (loss / g).backward()
             sums += torch.stack([loss.detach(), lm_loss.detach(), aux_loss.detach()]).float()
         grad_norm = self.peer.clip(self.max_norm)  # the norm before clipping
-        values = torch.cat([sums / g, grad_norm.float().reshape(1)]).tolist()
-        applied = all(math.isfinite(v) for v in values)
-        if applied:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(values[:3] + [0.0], values[3], applied, out_of_time=self.budget.expired())
+        pending = apply_update(self.optimizer, torch.cat([sums / g, grad_norm.float().reshape(1)]))
+        out_of_time = self.budget.expired()
+
+        def wait() -> StepResult:
+            values, applied = pending.read()
+            return StepResult(values[:3] + [0.0], values[3], applied, out_of_time=out_of_time)
+        return wait
 
     def evaluate(self, step: int) -> float:
         model = self.peer.model
@@ -210,7 +213,7 @@ def main(argv) -> int:
     with MetricsLogger(out_dir, tensorboard=False) as metrics, GracefulStop() as stop, cpu_int_histc(device):
         trainer = PeerTrainer(peer, optimizer, train_iter, splits.val, args, device, metrics, budget)
         guard = BadStepGuard(args.max_bad_steps)
-        result = loop.train(trainer, args, 0, guard=guard, metrics=metrics, stop=stop, is_main=True,
+        result = loop.train(trainer, args, 0, guard=guard, metrics=metrics, stop=stop, budget=budget, is_main=True,
                             tokens_per_step=args.batch_size * args.seq_len * args.grad_accum)
     ended = {"done": "done", "stopped": f"stopped by {stop.requested}", "bad": "stopped by non-finite steps"}
     print(f"{ended[result['status']]}: {result['step']} steps", flush=True)

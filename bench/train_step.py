@@ -7,6 +7,9 @@ clipping by global norm, the non-finite guard; optionally the model under `torch
 trainer's --compile). JAX: blues_jax/training.py's jitted step (optax AdamW, clipping, the non-finite
 guard, donated state) on a one-device mesh, float32 parameters, bf16 compute, one micro-batch.
 
+Steps are timed as the training loop runs them (blues/loop.py): each step is queued before the
+previous one's losses are read, LOOP_REPS steps back to back per timed sample.
+
 Both train on one fixed batch of uniformly random token ids (the same for the peer), so no data
 loading is timed; the loss on a repeated batch must fall, which is one of the checks. Before the
 timing, the fast paths are checked against the reference ones on the same shapes (bench/checks.py):
@@ -34,6 +37,7 @@ from bench.checks import (check_jax_attention, check_jax_model_paths, check_torc
                           loss_check, rel as _rel, torch_reference_paths)
 
 LR, WEIGHT_DECAY, GRAD_CLIP = 1e-3, 0.1, 1.0  # the bench's optimizer settings (betas, eps: blues/adamw.py)
+LOOP_REPS = 4  # training steps per timed sample, back to back (bench.timing.time_steps)
 
 
 @dataclass(frozen=True)
@@ -136,12 +140,12 @@ def torch_train(wl: Workload, *, steps: int, warmup: int, compile: bool = False,
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     train_step = TrainStep(model, optimizer, dist=Dist(False), grad_clip=GRAD_CLIP, precision="bf16", gen=gen,
                            compile=compile)
-    losses = []
+    pending = []
 
     def step():
-        values, _ = train_step([(ids, tgt)], LR)  # the trainer's step: one micro-batch, its host sync included
-        losses.append(values[0])
-        return None
+        pending.append(train_step([(ids, tgt)], LR))  # the trainer's step, queued as the loop queues it
+        if len(pending) > 1:
+            pending[-2].read()  # the loop reads a step's losses once the next step is queued
 
     graphs = {}
 
@@ -150,12 +154,12 @@ def torch_train(wl: Workload, *, steps: int, warmup: int, compile: bool = False,
             graphs[key] = compiled_graphs()
 
     count_graphs("start")
-    times = time_steps(step, lambda _: torch_sync(device), warmup=warmup, steps=steps,
+    times = time_steps(step, lambda _: torch_sync(device), warmup=warmup, steps=steps, reps=LOOP_REPS,
                        label=f"torch {wl.name} {variant}", after_warmup=lambda: count_graphs("warm"))
     count_graphs("end")
     reading = mem.read()
-    checks.append(loss_check(losses))
-    del model, optimizer, train_step, losses
+    checks.append(loss_check([p.read()[0][0] for p in pending]))
+    del model, optimizer, train_step, pending
     notes = f"{device.type}; attn {_torch_backend(wl.config, device, attn_impl)}"
     if compile:
         # a graph compiled during the timed steps means recompilation is in the numbers
@@ -234,9 +238,11 @@ def jax_train(wl: Workload, *, steps: int, warmup: int, attn_impl: str = "auto",
     def step():
         *box["state"], out = compiled(*box["state"], *inputs)
         losses.append(out["losses"][0])
+        if len(losses) > 1:
+            float(losses[-2])  # the loop reads a step's losses once the next step is queued
         return out["losses"][0]
 
-    times = time_steps(step, jax_sync, warmup=warmup, steps=steps, label=f"jax {wl.name}")
+    times = time_steps(step, jax_sync, warmup=warmup, steps=steps, reps=LOOP_REPS, label=f"jax {wl.name}")
     reading = mem.read()
     checks.append(loss_check([float(x) for x in jax.device_get(losses)]))
     del box

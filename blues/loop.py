@@ -4,21 +4,33 @@
 --max_steps, a stop signal, --stop_after, --max_minutes or --max_bad_steps consecutive non-finite steps,
 and decides everything that does not depend on the framework: the learning rate of each step
 (blues/schedule.py), the non-finite-step guard, metrics, the progress bar, loss spikes, and when to
-evaluate and save. The framework's side (`Trainer`) takes one optimizer step, evaluates and saves.
+evaluate and save. The framework's side (`Trainer`) launches one optimizer step, evaluates and saves.
+
+The loop keeps one step queued ahead of the one it reads: step n + 1 is launched before step n's
+losses are read (the read waits for the device), so the device never idles while the host logs and
+launches. A skipped update needs no host decision (the frameworks skip it on the device). The loop
+does not run ahead of a step whose outcome decides something before the next one may start: an
+evaluation, a checkpoint, --stop_after, the last step, a step that could reach --max_bad_steps, or
+any step once --max_minutes is over. A stop signal or --max_minutes noticed while a step is queued
+ends the run after that step. Runs of
+several processes read every step before launching the next (`Trainer.run_ahead`): a stop signal
+reaches them at different times, and they agree on it through the step they launch next.
 The process's first step and first evaluation are logged with the seconds since it started
 ("first step after 12.3 s (compile included)"; scripts/time_to_first_step.py reads them).
 """
 from __future__ import annotations
 
 import sys
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from blues.metrics import MetricsLogger
 from blues.schedule import learning_rate
 from blues.train_args import TrainArgs
-from blues.train_loop import (BadStepGuard, GracefulStop, Progress, SpikeDetector, StepTimer, invoked_script, log,
-                              resume_command, seconds_since_start, summary_line)
+from blues.train_loop import (BadStepGuard, GracefulStop, Progress, SpikeDetector, StepTimer, TimeBudget,
+                              invoked_script, log, resume_command, seconds_since_start, summary_line)
 
 
 @dataclass
@@ -32,26 +44,46 @@ class StepResult:
 
 
 class Trainer(Protocol):
-    def step(self, lr: float, inject_nan: bool) -> StepResult: ...  # one optimizer step (or a skipped one)
+    run_ahead: bool  # may a step be queued before the previous one is read (one process: nothing to agree on)
+    # queue one optimizer step (or a skipped one); the returned function waits for it and reports it
+    def launch(self, lr: float, inject_nan: bool) -> Callable[[], StepResult]: ...
     def evaluate(self, step: int) -> float: ...  # validation loss (logged, samples printed)
     def save(self, step: int) -> None: ...  # a checkpoint of the state after `step` updates
     def after_step(self) -> None: ...  # housekeeping between steps (e.g. sealing finished async saves)
 
 
 def train(trainer: Trainer, args: TrainArgs, step: int, *, guard: BadStepGuard, metrics: MetricsLogger,
-          stop: GracefulStop, tokens_per_step: int, is_main: bool) -> dict:
+          stop: GracefulStop, budget: TimeBudget, tokens_per_step: int, is_main: bool) -> dict:
     """The loop; returns {"status": "done" | "stopped" | "bad", "step", "loss", "val_loss"}."""
     spikes = SpikeDetector()
     progress = Progress(args.max_steps, step, enabled=is_main)
     timer = StepTimer()
     last_loss, val_loss = None, None
     step_logged = eval_logged = False  # the first step and evaluation of this process
+    queued: deque = deque()  # (lr, wait for the result) of launched steps not yet read, oldest first
+    launched = step  # steps launched so far
+    late_out_of_time = False  # --max_minutes was noticed with a step queued: the run ends after that step
+
+    def may_launch() -> bool:
+        if launched >= args.max_steps or late_out_of_time or stop or len(queued) >= 1 + trainer.run_ahead:
+            return False
+        if not queued:
+            return True
+        ahead = launched  # the queued step: does its outcome decide something first?
+        decides = (ahead % args.eval_every == 0 or ahead % args.save_every == 0 or ahead == args.stop_after
+                   or guard.consecutive + len(queued) >= args.max_bad_steps or budget.expired())
+        return not decides
+
     try:
         while step < args.max_steps:
             timer.restart()
-            lr = learning_rate(step, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
-                               max_steps=args.max_steps)
-            result = trainer.step(lr, (step + 1) in args.inject_nan)
+            while may_launch():
+                lr = learning_rate(launched, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
+                                   max_steps=args.max_steps)
+                queued.append((lr, trainer.launch(lr, (launched + 1) in args.inject_nan)))
+                launched += 1
+            lr, wait = queued.popleft()
+            result = wait()
             if not step_logged and is_main:
                 log(f"first step after {seconds_since_start():.1f} s (compile included)")
             step_logged = True
@@ -77,13 +109,17 @@ def train(trainer: Trainer, args: TrainArgs, step: int, *, guard: BadStepGuard, 
                     f"update skipped ({guard.consecutive}/{args.max_bad_steps} in a row)")
             progress.update(step, loss, tps, lr)
             trainer.after_step()
+            if queued:  # a step that decides nothing (may_launch): a stop or --max_minutes waits for the queued one
+                late_out_of_time |= result.out_of_time
+                continue
 
             if guard.should_stop:
                 trainer.save(step)
                 return {"status": "bad", "step": step}
-            if result.out_of_time and is_main:
+            out_of_time = result.out_of_time or late_out_of_time
+            if out_of_time and is_main:
                 log(f"--max_minutes {args.max_minutes:g} reached after step {step}: finishing the run here")
-            last = step == args.max_steps or result.out_of_time
+            last = step == args.max_steps or out_of_time
             if step % args.eval_every == 0 or last:
                 began = seconds_since_start()
                 val_loss = trainer.evaluate(step)
@@ -99,7 +135,7 @@ def train(trainer: Trainer, args: TrainArgs, step: int, *, guard: BadStepGuard, 
                 return {"status": "stopped", "step": step}
             if step % args.save_every == 0 or last:
                 trainer.save(step)
-            if result.out_of_time:
+            if out_of_time:
                 break
     finally:
         progress.close()

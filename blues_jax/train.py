@@ -33,6 +33,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -79,6 +80,7 @@ class JaxTrainer:
         self.next_logits = NextLogits(sample_graph, self.shardings, self.sample_window)
         self.params = self.opt_state = self.rng = None
         self.ahead = None  # BackgroundCompile of the evaluation's programs, started after the first step
+        self.run_ahead = topo["processes"] == 1  # one process queues a step before reading the last (blues/loop.py)
 
     def batches(self):
         """The next optimizer step's micro-batches, on the mesh: inputs and targets [G, global B, T]."""
@@ -87,21 +89,24 @@ class JaxTrainer:
         sharding = self.shardings["micro_batches"]
         return put_batch(np.stack(xs), sharding, shape), put_batch(np.stack(ys), sharding, shape)
 
-    def step(self, lr: float, inject_nan: bool) -> StepResult:
+    def launch(self, lr: float, inject_nan: bool) -> Callable[[], StepResult]:
         inputs, targets = self.batches()
         if self.step_compile is not None:
             self._join(self.step_compile)
             self.step_compile = None
         self.params, self.opt_state, self.rng, out = self.train_step(self.params, self.opt_state, self.rng, inputs,
                                                                      targets, np.float32(lr), np.bool_(inject_nan))
-        losses = [float(v) for v in np.asarray(out["losses"])]  # waits for the step
         if self.ahead is None:  # the evaluation's programs compile beside the next training steps
             self.ahead = BackgroundCompile([
                 (self.eval_step, eval_step_arguments(self.params, self.rng, self.args, self.topo, self.shardings)),
                 (self.next_logits.last_logits, self.next_logits.arguments(self.params, self.rng))])
         # --max_minutes: process 0 decides, so that every process stops after the same step
         out_of_time = agree(self.budget.expired()) if self.budget.seconds is not None else False
-        return StepResult(losses, float(out["grad_norm"]), out_of_time=out_of_time)
+
+        def wait() -> StepResult:
+            losses = [float(v) for v in np.asarray(out["losses"])]  # waits for the step
+            return StepResult(losses, float(out["grad_norm"]), out_of_time=out_of_time)
+        return wait
 
     def after_step(self) -> None:
         self.checkpointer.poll()
@@ -204,7 +209,8 @@ def train_run(argv, args: TrainArgs, run: dict, plan: TrainPlan, train_step, ste
         trainer.params, trainer.opt_state, trainer.rng = params, opt_state, rng
         del params, opt_state, rng  # donated to the first step: the trainer holds the only references
         try:
-            result = train(trainer, args, step, guard=guard, metrics=metrics, stop=stop, is_main=is_main,
+            result = train(trainer, args, step, guard=guard, metrics=metrics, stop=stop, budget=budget,
+                           is_main=is_main,
                            tokens_per_step=args.batch_size * topo["dp"] * args.seq_len * args.grad_accum)
         finally:
             trainer.wait_for_compiles()

@@ -30,6 +30,7 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -74,14 +75,21 @@ class TorchTrainer:
         self.autocast = lambda: autocast_for(args.precision, dist.device, step_fn.engine)
         self.graphs_first_step = None
         self.sample_window = sample_window(tokenizer, args.seq_len)
+        # one plain process queues a step before reading the last (blues/loop.py); DeepSpeed's engine
+        # reads its gradient norm and overflow on the host inside its step, so it would gain nothing
+        self.run_ahead = dist.world_size == 1 and step_fn.engine is None
 
-    def step(self, lr: float, inject_nan: bool) -> StepResult:
+    def launch(self, lr: float, inject_nan: bool) -> Callable[[], StepResult]:
         batches = [to_device(next(self.train_iter), self.dist.device) for _ in range(self.args.grad_accum)]
         # the stop signal and the time budget ride in the loss all-reduce: every rank stops at the same step
-        values, applied = self.step_fn(batches, lr, inject_nan, flags=(bool(self.stop), self.budget.expired()))
+        pending = self.step_fn(batches, lr, inject_nan, flags=(bool(self.stop), self.budget.expired()))
         if self.args.compile and self.graphs_first_step is None:
             self.graphs_first_step = compiled_graphs()
-        return StepResult(values[:4], values[6], applied, stop_elsewhere=values[4] > 0, out_of_time=values[5] > 0)
+
+        def wait() -> StepResult:
+            values, applied = pending.read()
+            return StepResult(values[:4], values[6], applied, stop_elsewhere=values[4] > 0, out_of_time=values[5] > 0)
+        return wait
 
     def evaluate(self, step: int) -> float:
         """Validation loss and expert utilization (logged), then the sample continuations. Every rank
@@ -202,7 +210,8 @@ def main(argv) -> int:
                                metrics, stop, budget, best)
         first_step = step
         model.train()
-        result = loop.train(trainer, args, step, guard=guard, metrics=metrics, stop=stop, is_main=dist.is_main,
+        result = loop.train(trainer, args, step, guard=guard, metrics=metrics, stop=stop, budget=budget,
+                            is_main=dist.is_main,
                             tokens_per_step=args.batch_size * args.seq_len * args.grad_accum * dist.world_size)
         if args.compile and dist.is_main:  # recompiling every step would be a silent slowdown: say so
             hits, misses = compile_cache_hits()

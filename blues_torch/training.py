@@ -131,11 +131,26 @@ def autocast_for(precision: str, device, engine) -> contextlib.AbstractContextMa
     return contextlib.nullcontext()
 
 
+class StepValues:
+    """A launched optimizer step's numbers, still on the device: `read()` waits for them and returns
+    (values, applied), values = [loss, lm_loss, aux_loss, z_loss, *flags, grad_norm] as floats, each a
+    mean over micro-batches and ranks; applied: whether the update happened. Reading is the step's one
+    host synchronisation, so the training loop can queue the next step before it reads this one."""
+
+    def __init__(self, values: torch.Tensor | list[float], applied: torch.Tensor | bool):
+        self._values, self._applied = values, applied  # [4 + flags + 1] and [] bool, or host values
+
+    def read(self) -> tuple[list[float], bool]:
+        if isinstance(self._values, torch.Tensor):
+            host = torch.cat([self._values, self._applied.float().reshape(1)]).tolist()
+            self._values, self._applied = host[:-1], host[-1] > 0
+        return self._values, self._applied
+
+
 class TrainStep:
     """One optimizer step over `grad_accum` micro-batches: `step(batches, lr, inject_nan, flags)` ->
-    (values, applied). values: [loss, lm_loss, aux_loss, z_loss, *flags, grad_norm] as floats, each a
-    mean over micro-batches and ranks (`flags`: per-rank numbers averaged with them in the same
-    all-reduce, e.g. stop signals); applied: whether the update happened."""
+    StepValues (`flags`: per-rank numbers averaged with the losses in the same all-reduce, e.g. stop
+    signals). Without DeepSpeed nothing in it waits for the device (`apply_update`)."""
 
     def __init__(self, model, optimizer, *, dist: Dist, grad_clip: float, precision: str, gen,
                  engine=None, compile: bool = False, layout: ParallelLayout | None = None):
@@ -150,7 +165,7 @@ class TrainStep:
         self.max_norm = grad_clip if grad_clip > 0 else float("inf")
         self.params = list(model.parameters())
 
-    def __call__(self, batches, lr: float, inject_nan: bool = False, flags=()) -> tuple[list[float], bool]:
+    def __call__(self, batches, lr: float, inject_nan: bool = False, flags=()) -> StepValues:
         g = len(batches)
         set_lr(self.optimizer, lr)
         sums = torch.zeros(4 + len(flags), dtype=torch.float32, device=self.dist.device)  # losses, flags
@@ -171,18 +186,31 @@ class TrainStep:
         if self.engine is not None:
             norm = self.engine.get_global_grad_norm()
             values = reduced.tolist() + [float("nan") if norm is None else float(norm)]
-            return values, self.engine.was_step_applied()
+            return StepValues(values, self.engine.was_step_applied())
         if self.layout is not None and self.layout.world_size > 1:
             reduce_gradients(self.model, self.layout)
             grad_norm = clip_grad_norm_(self.model, self.layout, self.max_norm)  # norm before clipping
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
-        values = torch.cat([reduced, grad_norm.float().reshape(1)]).tolist()
-        applied = math.isfinite(values[0]) and math.isfinite(values[-1])
-        if applied:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return values, applied
+        return apply_update(self.optimizer, torch.cat([reduced, grad_norm.float().reshape(1)]))
+
+
+def apply_update(optimizer, values: torch.Tensor) -> StepValues:
+    """The optimizer update after backward and clipping, skipped when the loss (values[0]) or the
+    gradient norm (values[-1]) is not finite; then the gradients are cleared. make_optimizer's fused
+    AdamW skips on the device (its `found_inf`, the flag GradScaler hands it: weights, moments and
+    step count stay as they were), so nothing here waits for the device; any other optimizer is
+    guarded on the host."""
+    finite = values[0].isfinite() & values[-1].isfinite()  # []
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~finite).float()  # 1: the fused kernel leaves everything as it is
+        optimizer.step()
+    else:
+        host = values.tolist()
+        if math.isfinite(host[0]) and math.isfinite(host[-1]):
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepValues(values, finite)
 
 
 def evaluate(model, val_tokens, args: TrainArgs, dist: Dist, autocast) -> EvalAccumulator:

@@ -60,7 +60,7 @@ def measure(wl, device, layout, steps: int, warmup: int):
     losses = []
 
     def step():
-        values, _ = train_step([(ids, tgt)], LR)
+        values, _ = train_step([(ids, tgt)], LR).read()
         losses.append(values[0])
 
     times = time_steps(step, lambda _: torch_sync(device), warmup=warmup, steps=steps)

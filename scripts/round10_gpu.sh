@@ -22,7 +22,11 @@
 # H: time to quality, every Blues row and the peers' eager rows, with the bytecode compiled first.
 # I: where the DeepSpeed engine's ~9-11 ms a step at `bench` go: the compiled engine against compiled
 #    plain PyTorch by phase, their GPU kernels, and DeepSpeed's host time by function.
-#   bash scripts/round10_gpu.sh A|B|C|D|E|F|G|H|I   (writes $OUT/logs/*.txt)
+# K: the training loop queueing one step ahead of the one it reads (blues/loop.py), against reading
+#    every step before launching the next, both frameworks at tiny and bench, same process.
+# L: the tiny rows against the peers, every row timed as the training loop now runs (LOOP_REPS steps
+#    back to back): Blues compiled PyTorch and JAX, compiled transformers, torchtitan per-block compile.
+#   bash scripts/round10_gpu.sh A|B|C|D|E|F|G|H|I|K|L   (writes $OUT/logs/*.txt)
 set -uo pipefail
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 mkdir -p "$OUT/logs"
@@ -97,5 +101,16 @@ I)
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
   export TORCH_CUDA_ARCH_LIST=9.0 PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
   timeout 500 python3 scripts/profile_gpu.py deepspeed-train --preset bench --steps 5 > "$OUT/logs/i1_ds_profile.txt" 2>&1
+  ;;
+L)
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+  timeout 540 python3 -m bench --what dense,train,peer-train,titan-train --preset tiny --framework both \
+    --torch-compile on --steps 6 --warmup 2 --table compact --out /tmp/l > "$OUT/logs/l1_tiny_peers.txt" 2>&1
+  cp /tmp/l/bench_table.md "$OUT/logs/l1_tiny_table.md" 2>/dev/null
+  ;;
+K)
+  timeout 560 python3 scripts/run_ahead_probe.py --frameworks torch,jax --presets tiny,bench --steps 30 \
+    > "$OUT/logs/k1_run_ahead.txt" 2>&1
   ;;
 esac

@@ -95,7 +95,7 @@ def main(argv: list[str]) -> int:
     done = {}
 
     def first_step_only(trainer, train_args, step, **_):
-        trainer.step(0.0, False)
+        trainer.launch(0.0, False)()  # the first step, waited for
         done["first step"] = time.perf_counter() - started
         for i in range(args.evaluations):
             began = time.perf_counter()
