@@ -26,7 +26,10 @@
 #    every step before launching the next, both frameworks at tiny and bench, same process.
 # L: the tiny rows against the peers, every row timed as the training loop now runs (LOOP_REPS steps
 #    back to back): Blues compiled PyTorch and JAX, compiled transformers, torchtitan per-block compile.
-#   bash scripts/round10_gpu.sh A|B|C|D|E|F|G|H|I|K|L   (writes $OUT/logs/*.txt)
+# M: the trainers themselves, queued one ahead against reading every step (the second made by setting
+#    the trainers' run_ahead to False in this machine's copy), alternating, at the time-to-quality
+#    recipe for 300 steps: median tokens/s of each run's metrics.jsonl (steps 50-300) and wall time.
+#   bash scripts/round10_gpu.sh A|B|C|D|E|F|G|H|I|K|L|M   (writes $OUT/logs/*.txt)
 set -uo pipefail
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 mkdir -p "$OUT/logs"
@@ -108,6 +111,31 @@ L)
   timeout 540 python3 -m bench --what dense,train,peer-train,titan-train --preset tiny --framework both \
     --torch-compile on --steps 6 --warmup 2 --table compact --out /tmp/l > "$OUT/logs/l1_tiny_peers.txt" 2>&1
   cp /tmp/l/bench_table.md "$OUT/logs/l1_tiny_table.md" 2>/dev/null
+  ;;
+M)
+  python3 -m compileall -q -j 16 "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" . > /dev/null 2>&1
+  recipe=(--preset tiny --precision bf16 --batch_size 32 --max_steps 300 --lr 0.003 --min_lr 0.0003 --warmup_steps 100
+          --weight_decay 2 --config '{"dropout": 0.1}' --eval_every 50 --eval_batches 1000 --save_every 300)
+  cp blues_torch/train.py /tmp/torch_train.py; cp blues_jax/train.py /tmp/jax_train.py
+  for round in 1 2; do
+    for way in queued each; do
+      if [ $way = each ]; then
+        sed -i 's/self.run_ahead = .*/self.run_ahead = False/' blues_torch/train.py blues_jax/train.py
+      else
+        cp /tmp/torch_train.py blues_torch/train.py; cp /tmp/jax_train.py blues_jax/train.py
+      fi
+      runs="torch-eager torch"; [ $round = 1 ] && runs="$runs jax"
+      for row in $runs; do
+        case $row in
+          torch-eager) cmd=(python3 train_torch.py) ;; torch) cmd=(python3 train_torch.py --compile) ;; jax) cmd=(python3 train_jax.py) ;;
+        esac
+        dir=/tmp/m/$row-$way-$round; began=$SECONDS
+        timeout 150 "${cmd[@]}" "${recipe[@]}" --out_dir $dir > "$OUT/logs/m_$row-$way-$round.txt" 2>&1
+        python3 -c "import json,statistics,sys; r=[json.loads(l) for l in open('$dir/metrics.jsonl')]; t=[x['tokens_per_s'] for x in r if 'tokens_per_s' in x and x['step']>50]; print('$row $way round $round: median tokens/s %.0f over %d steps, wall %d s' % (statistics.median(t), len(t), $SECONDS-$began))" >> "$OUT/logs/m1_ab.txt" 2>&1
+      done
+    done
+  done
+  cp /tmp/torch_train.py blues_torch/train.py; cp /tmp/jax_train.py blues_jax/train.py
   ;;
 K)
   timeout 560 python3 scripts/run_ahead_probe.py --frameworks torch,jax --presets tiny,bench --steps 30 \
