@@ -28,7 +28,8 @@
 #    back to back): Blues compiled PyTorch and JAX, compiled transformers, torchtitan per-block compile.
 # M: the trainers themselves, queued one ahead against reading every step (the second made by setting
 #    the trainers' run_ahead to False in this machine's copy), alternating, at the time-to-quality
-#    recipe for 300 steps: median tokens/s of each run's metrics.jsonl (steps 50-300) and wall time.
+#    recipe for 300 steps (eager PyTorch twice each way): median tokens/s of each run's metrics.jsonl
+#    (steps 51-300) and wall time.
 #   bash scripts/round10_gpu.sh A|B|C|D|E|F|G|H|I|K|L|M   (writes $OUT/logs/*.txt)
 set -uo pipefail
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -124,7 +125,7 @@ M)
       else
         cp /tmp/torch_train.py blues_torch/train.py; cp /tmp/jax_train.py blues_jax/train.py
       fi
-      runs="torch-eager torch"; [ $round = 1 ] && runs="$runs jax"
+      runs="torch-eager"; [ $round = 1 ] && runs="torch-eager torch jax"
       for row in $runs; do
         case $row in
           torch-eager) cmd=(python3 train_torch.py) ;; torch) cmd=(python3 train_torch.py --compile) ;; jax) cmd=(python3 train_jax.py) ;;
