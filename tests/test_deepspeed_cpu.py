@@ -208,7 +208,7 @@ def test_engine_forward_runs_under_its_modes_autocast(tmp_path, deepspeed_one_ra
                 torch.from_numpy(tokens[1:2 * args.seq_len + 1].reshape(2, -1)).long().to(device))  # [B, T] each
         step = TrainStep(model, optimizer, dist=dist, grad_clip=args.grad_clip, precision=args.precision,
                          gen=torch.Generator(device=device).manual_seed(1), engine=engine)
-        values, applied = step([(x, y)], lr=1e-3)
+        values, applied = step([(x, y)], lr=1e-3).read()
         evaluate(model, tokens, args, dist, lambda: autocast_for(args.precision, dist.device, engine))
         assert applied and math.isfinite(values[0]), (mode, values)
         assert seen == forwards, mode
