@@ -7,14 +7,15 @@ and decides everything that does not depend on the framework: the learning rate 
 evaluate and save. The framework's side (`Trainer`) launches one optimizer step, evaluates and saves.
 
 The loop keeps one step queued ahead of the one it reads: step n + 1 is launched before step n's
-losses are read (the read waits for the device), so the device never idles while the host logs and
-launches. A skipped update needs no host decision (the frameworks skip it on the device). The loop
-does not run ahead of a step whose outcome decides something before the next one may start: an
-evaluation, a checkpoint, --stop_after, the last step, a step that could reach --max_bad_steps, or
-any step once --max_minutes is over. A stop signal or --max_minutes noticed while a step is queued
-ends the run after that step. Runs of
-several processes read every step before launching the next (`Trainer.run_ahead`): a stop signal
-reaches them at different times, and they agree on it through the step they launch next.
+losses are read (the read waits for the device), so the host loads the next batch, logs and launches
+while the device computes. A non-finite update is skipped without a host decision (inside the fused
+AdamW in PyTorch, inside the compiled step in JAX). The loop does not run ahead of a step whose
+outcome decides something before the next one may start: an evaluation, a checkpoint, --stop_after,
+the last step, a step that could reach --max_bad_steps, or any step once --max_minutes is over. A
+stop signal or --max_minutes noticed while a step is queued ends the run after that step. Runs of
+several processes, and DeepSpeed's engine (which reads its gradient norm on the host inside its step),
+read every step before launching the next (`Trainer.run_ahead`): a stop signal reaches the processes
+at different times, and they agree on it through the step they launch next.
 The process's first step and first evaluation are logged with the seconds since it started
 ("first step after 12.3 s (compile included)"; scripts/time_to_first_step.py reads them).
 """

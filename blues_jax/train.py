@@ -79,7 +79,7 @@ class JaxTrainer:
         self.sample_window = sample_window(tokenizer, args.seq_len)
         self.next_logits = NextLogits(sample_graph, self.shardings, self.sample_window)
         self.params = self.opt_state = self.rng = None
-        self.ahead = None  # BackgroundCompile of the evaluation's programs, started after the first step
+        self.ahead = None  # BackgroundCompile of the evaluation's programs, started once the first step is launched
         self.run_ahead = topo["processes"] == 1  # one process queues a step before reading the last (blues/loop.py)
 
     def batches(self):

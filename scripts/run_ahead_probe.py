@@ -29,7 +29,7 @@ from bench.train_step import (GRAD_CLIP, LR, WEIGHT_DECAY, jax_step_inputs, make
 ROUNDS = 2  # each way timed this many times, alternating
 
 
-def time_ways(launch, read, sync, steps: int) -> dict:
+def time_ways(launch, read, sync, steps: int) -> tuple[dict, dict]:
     """({way: [seconds per step, one per round]}, {way: [the losses it read]})."""
     out = {"read each": [], "queued": []}
     losses = {"read each": [], "queued": []}
