@@ -33,7 +33,7 @@ from pathlib import Path
 
 from bench.report import Row
 from bench.timing import PeakMemory, log, time_steps, torch_sync
-from bench.train_step import (GRAD_CLIP, LR, WEIGHT_DECAY, Workload, check_torch_attention, fresh_torch_compile,
+from bench.train_step import (GRAD_CLIP, LOOP_REPS, LR, WEIGHT_DECAY, Workload, check_torch_attention, fresh_torch_compile,
                               loss_check, random_batch, torch_device, _train_row)
 from blues.adamw import BETAS, EPS
 
@@ -151,16 +151,17 @@ def _merge(config: dict, overrides: dict) -> dict:
 
 
 def build_engine(wl: Workload, *, optimizer: str = "auto", compile: bool = False, overrides: dict | None = None,
-                 seed: int = 0, check: bool = False, fast_norms: bool = True):
+                 seed: int = 0, check: bool = False, fast_norms: bool = True, device_skip: bool = True):
     """-> (engine, device, note, checks): train_torch.py's DeepSpeed engine for wl in this process.
 
     overrides: keys of the config to replace (scripts/ds_variants.py); compile: the trainer's per-block
     compile of the engine's module (blues_torch.training.compile_for_training), from a fresh dynamo
     state. The memory counters are reset after the attention check (check=True).
-    fast_norms=False: DeepSpeed's own per-gradient norm and overflow loops (blues_torch/deepspeed_norms.py)."""
+    fast_norms=False: DeepSpeed's own per-gradient norm and overflow loops (blues_torch/deepspeed_norms.py);
+    device_skip=False: DeepSpeed's own step, which decides its skip on the host (blues_torch/deepspeed_skip.py)."""
     import deepspeed
     import torch
-    from blues_torch import BluesModel, deepspeed_norms
+    from blues_torch import BluesModel, deepspeed_norms, deepspeed_skip
     from blues_torch.training import compile_for_training, param_groups
 
     init_single_rank()
@@ -179,6 +180,10 @@ def build_engine(wl: Workload, *, optimizer: str = "auto", compile: bool = False
         deepspeed_norms.install()  # ZeRO's per-gradient norm/overflow loops cost ~60 ms of host time a step
     else:
         deepspeed_norms.uninstall()
+    if device_skip:
+        deepspeed_skip.install()  # the skip decided on the device: no host read of the norm in the step
+    else:
+        deepspeed_skip.uninstall()
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_cfg,
                                            model_parameters=param_groups(model, ds_cfg["optimizer"]["params"]["weight_decay"]))
     if compile:
@@ -188,7 +193,7 @@ def build_engine(wl: Workload, *, optimizer: str = "auto", compile: bool = False
 
 
 def deepspeed_train(wl: Workload, *, steps: int, warmup: int, optimizer: str = "auto", compile: bool = False,
-                    check: bool = True, seed: int = 0, overrides: dict | None = None) -> Row:
+                    check: bool = True, seed: int = 0, overrides: dict | None = None, device_skip: bool = True) -> Row:
     """compile: the engine's module compiled block by block, as `train_torch.py --deepspeed ... --compile`."""
     variant = "zero2-compile" if compile else "zero2"
     reason = deepspeed_available()
@@ -200,7 +205,8 @@ def deepspeed_train(wl: Workload, *, steps: int, warmup: int, optimizer: str = "
 
     mem = PeakMemory("torch", torch_device())
     mem.reset()
-    engine, device, note, checks = build_engine(wl, optimizer=optimizer, overrides=overrides, seed=seed, check=check)
+    engine, device, note, checks = build_engine(wl, optimizer=optimizer, overrides=overrides, seed=seed, check=check,
+                                                  device_skip=device_skip)
     mem.reset()  # the model and engine stay; the check's buffers are not the training step's
     ids_np, tgt_np = random_batch(wl.config, wl.batch, wl.seq, seed)
     ids = torch.from_numpy(ids_np).long().to(device)  # [B, T]
@@ -212,19 +218,21 @@ def deepspeed_train(wl: Workload, *, steps: int, warmup: int, optimizer: str = "
     # --compile: the module's blocks compiled)
     train_step = TrainStep(engine.module, engine.optimizer, dist=Dist(False), grad_clip=GRAD_CLIP, precision="bf16",
                            gen=gen, engine=engine, compile=compile)
-    losses = []
+    pending = []
+    ahead = 0 if train_step.waits_on_host else 1  # as train_torch.py's loop runs it (blues/loop.py)
 
     def step():
-        values, _ = train_step([(ids, tgt)], LR).read()  # the engine's step reads its own values on the host
-        losses.append(values[0])
-        return None
+        pending.append(train_step([(ids, tgt)], LR))
+        if len(pending) > ahead:
+            pending[-1 - ahead].read()
 
-    times = time_steps(step, lambda _: torch_sync(device), warmup=warmup, steps=steps,
+    times = time_steps(step, lambda _: torch_sync(device), warmup=warmup, steps=steps, reps=LOOP_REPS,
                        label=f"deepspeed {wl.name} {variant}")
     reading = mem.read()
-    checks.append(loss_check(losses))
+    checks.append(loss_check([p.read()[0][0] for p in pending]))
     param_dtype = next(engine.module.parameters()).dtype
     mode = PRECISION_MODES[precision_mode("bf16", engine)]
-    del engine, train_step, losses
+    skip = "skip decided on the host" if train_step.waits_on_host else "skip decided on the device, one step queued"
+    del engine, train_step, pending
     return _train_row("torch+deepspeed", wl, variant, times, reading, checks, "torch",
-                      f"{device.type}; module {str(param_dtype).replace('torch.', '')}; {mode}; {note}")
+                      f"{device.type}; module {str(param_dtype).replace('torch.', '')}; {mode}; {skip}; {note}")

@@ -58,7 +58,7 @@ _FAST_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ORIGINALS: dict[str, object] = {}
 
 
-def _zero_module():
+def zero_module():
     from deepspeed.runtime.zero import stage_1_and_2
     return stage_1_and_2
 
@@ -75,7 +75,7 @@ def _batchable(grads: list[torch.Tensor]) -> bool:
 def has_overflow_partitioned_grads_serial(self):
     """Whether any of this rank's partitioned gradients holds a NaN or an infinity: a [1] bool
     tensor on the current device, as DeepSpeed's original (which `has_overflow` all-reduces)."""
-    zero = _zero_module()
+    zero = zero_module()
     grads = [g for i in range(len(self.bit16_groups)) for g in self.averaged_gradients[i] if g is not None]
     # get_norm_dtype() is float32 only on devices without float64 (MPS), where dtype=float64 fails.
     if zero.get_norm_dtype() is not torch.float64 or not _batchable(grads):
@@ -92,7 +92,7 @@ def get_grad_norm_direct(self, gradients, params, norm_type=2):
 
     Everything but the norms is the original's code, line for line; norm types other than 2 (and
     gradients `_batchable` refuses) go to the original."""
-    zero = _zero_module()
+    zero = zero_module()
     # Materialised first: the fallback must still see every gradient if it is an iterator.
     gradients, params = list(gradients), list(params)
     norm_type = float(norm_type)
@@ -128,16 +128,25 @@ def get_grad_norm_direct(self, gradients, params, norm_type=2):
 _REPLACEMENTS = {f.__name__: f for f in (has_overflow_partitioned_grads_serial, get_grad_norm_direct)}
 
 
-def _unsupported_reason() -> str | None:
-    """None when this DeepSpeed is one install() may patch, else why not."""
+def unsupported_deepspeed() -> str | None:
+    """None when DeepSpeed imports and is the version this module and deepspeed_skip.py mirror, else why not."""
     try:
         import deepspeed
         from packaging.version import Version
-        zero = _zero_module()
+        zero_module()
     except Exception as e:  # not installed, or an install that fails to import
         return f"deepspeed not importable ({type(e).__name__}: {e})"
     if Version(deepspeed.__version__).release[:2] != _SUPPORTED:
         return f"deepspeed {deepspeed.__version__} is not {_SUPPORTED[0]}.{_SUPPORTED[1]}.x"
+    return None
+
+
+def _unsupported_reason() -> str | None:
+    """None when this DeepSpeed is one install() may patch, else why not."""
+    reason = unsupported_deepspeed()
+    if reason is not None:
+        return reason
+    zero = zero_module()
     cls = getattr(zero, "DeepSpeedZeroOptimizer", None)
     missing = [n for n in _REPLACEMENTS if not callable(getattr(cls, n, None))]
     missing += [n for n in _MODULE_GLOBALS if not hasattr(zero, n)]
@@ -153,7 +162,7 @@ def install() -> bool:
     if reason is not None:
         log.debug("deepspeed_norms not installed: %s", reason)
         return False
-    cls = _zero_module().DeepSpeedZeroOptimizer
+    cls = zero_module().DeepSpeedZeroOptimizer
     for name, replacement in _REPLACEMENTS.items():
         current = getattr(cls, name)
         if current is not replacement:  # a second install() must not save ours as the original
@@ -165,9 +174,9 @@ def install() -> bool:
 def uninstall() -> None:
     """Put DeepSpeed's own methods back (a before/after measurement: scripts/profile_gpu.py)."""
     if ORIGINALS:
-        cls = _zero_module().DeepSpeedZeroOptimizer
+        cls = zero_module().DeepSpeedZeroOptimizer
         for name, original in ORIGINALS.items():
             setattr(cls, name, original)
 
 
-__all__ = ["ORIGINALS", "install", "uninstall", "get_grad_norm_direct", "has_overflow_partitioned_grads_serial"]
+__all__ = ["ORIGINALS", "install", "uninstall", "unsupported_deepspeed", "zero_module", "get_grad_norm_direct", "has_overflow_partitioned_grads_serial"]

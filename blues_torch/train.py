@@ -75,9 +75,9 @@ class TorchTrainer:
         self.autocast = lambda: autocast_for(args.precision, dist.device, step_fn.engine)
         self.graphs_first_step = None
         self.sample_window = sample_window(tokenizer, args.seq_len)
-        # one plain process queues a step before reading the last (blues/loop.py); DeepSpeed's engine
-        # reads its gradient norm and overflow on the host inside its step, so it would gain nothing
-        self.run_ahead = dist.world_size == 1 and step_fn.engine is None
+        # one process queues a step before reading the last (blues/loop.py), unless its step waits for
+        # the device anyway (a DeepSpeed step that reads its gradient norm on the host)
+        self.run_ahead = dist.world_size == 1 and not step_fn.waits_on_host
 
     def launch(self, lr: float, inject_nan: bool) -> Callable[[], StepResult]:
         batches = [to_device(next(self.train_iter), self.dist.device) for _ in range(self.args.grad_accum)]

@@ -45,9 +45,10 @@ def make_engine(model, ds_config: dict, weight_decay: float, layout: ParallelLay
     parallelism the expert parameters get DeepSpeed's MoE groups (blues_torch/deepspeed_moe.py)."""
     import deepspeed
 
-    from blues_torch import deepspeed_moe, deepspeed_norms
+    from blues_torch import deepspeed_moe, deepspeed_norms, deepspeed_skip
 
     deepspeed_norms.install()  # ZeRO's per-gradient norm/overflow loops cost ~60 ms of host time a step
+    deepspeed_skip.install()  # ZeRO's step decides its skip on the device, not by reading the norm
     groups = param_groups(model, weight_decay)
     if layout is None or layout.expert_group is None:
         engine, optimizer, _, _ = deepspeed.initialize(model=model, config=ds_config, model_parameters=groups)
@@ -56,6 +57,12 @@ def make_engine(model, ds_config: dict, weight_decay: float, layout: ParallelLay
             engine, optimizer, _, _ = deepspeed.initialize(model=model, config=ds_config,
                                                            model_parameters=optimizer_param_groups(groups, layout))
     return engine, optimizer
+
+
+def skips_on_device(optimizer) -> bool:
+    """Whether a DeepSpeed engine's optimizer decides its skips on the device (deepspeed_skip.py)."""
+    from blues_torch import deepspeed_skip
+    return deepspeed_skip.installed() and deepspeed_skip.decides_on_device(optimizer)
 
 
 def set_lr(optimizer, lr: float) -> None:
@@ -150,7 +157,9 @@ class StepValues:
 class TrainStep:
     """One optimizer step over `grad_accum` micro-batches: `step(batches, lr, inject_nan, flags)` ->
     StepValues (`flags`: per-rank numbers averaged with the losses in the same all-reduce, e.g. stop
-    signals). Without DeepSpeed nothing in it waits for the device (`apply_update`)."""
+    signals). Nothing in it waits for the device (`apply_update`; DeepSpeed's ZeRO step as
+    blues_torch/deepspeed_skip.py runs it) unless `waits_on_host`: a DeepSpeed step that reads its
+    gradient norm on the host (another optimizer or configuration)."""
 
     def __init__(self, model, optimizer, *, dist: Dist, grad_clip: float, precision: str, gen,
                  engine=None, compile: bool = False, layout: ParallelLayout | None = None):
@@ -164,6 +173,7 @@ class TrainStep:
             compile_for_training(model)
         self.max_norm = grad_clip if grad_clip > 0 else float("inf")
         self.params = list(model.parameters())
+        self.waits_on_host = engine is not None and not skips_on_device(engine.optimizer)
 
     def __call__(self, batches, lr: float, inject_nan: bool = False, flags=()) -> StepValues:
         g = len(batches)
@@ -183,6 +193,11 @@ class TrainStep:
         for i, flag in enumerate(flags):
             sums[4 + i] = float(flag) * g
         reduced = self.dist.mean(sums / g)
+        if self.engine is not None and not self.waits_on_host:  # deepspeed_skip's step: flags on the device
+            norm = self.engine.get_global_grad_norm()  # [] (+inf when skipped)
+            skipped = self.engine.optimizer.skipped_on_device  # []
+            return StepValues(torch.cat([reduced, norm.float().reshape(1).to(reduced.device)]),
+                              ~skipped.to(reduced.device))
         if self.engine is not None:
             norm = self.engine.get_global_grad_norm()
             values = reduced.tolist() + [float("nan") if norm is None else float(norm)]

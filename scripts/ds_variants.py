@@ -19,15 +19,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import deepspeed_step  # noqa: E402
 from bench.train_step import torch_train, train_workload  # noqa: E402
 
-# Each variant changes ds_config.json in one respect (or two, named), so its effect is its own.
+# Each variant changes ds_config.json in one respect (or two, named), or the step, so its effect is its
+# own: name -> (keys of ds_config.json overridden, whether the ZeRO step decides its skip on the device).
 VARIANTS = {
-    "ds_config.json": {},
-    "overlap_comm off": {"zero_optimization": {"overlap_comm": False}},
-    "overlap off, 5e8 buckets": {"zero_optimization": {"overlap_comm": False, "reduce_bucket_size": 5e8,
-                                                       "allgather_bucket_size": 5e8}},
-    "no overflow check": {"bf16": {"check_grad_overflow": False}},
+    "ds_config.json": ({}, True),
+    # DeepSpeed's own step, reading the gradient norm and overflow on the host (blues_torch/deepspeed_skip.py)
+    "host skip (DeepSpeed step)": ({}, False),
+    "overlap_comm off": ({"zero_optimization": {"overlap_comm": False}}, True),
+    "overlap off, 5e8 buckets": ({"zero_optimization": {"overlap_comm": False, "reduce_bucket_size": 5e8,
+                                                        "allgather_bucket_size": 5e8}}, True),
+    "no overflow check": ({"bf16": {"check_grad_overflow": False}}, True),
     # float32 module and gradients under torch.autocast (as plain PyTorch trains), no bf16 master copy
-    "torch_autocast": {"bf16": {"enabled": False}, "torch_autocast": {"enabled": True, "dtype": "bfloat16"}},
+    "torch_autocast": ({"bf16": {"enabled": False}, "torch_autocast": {"enabled": True, "dtype": "bfloat16"}}, True),
 }
 
 
@@ -52,9 +55,11 @@ def main() -> None:
     # autocast initialised for the whole process (deepspeed/runtime/torch_autocast.py), which changes
     # every ZeRO optimizer built after it.
     for name in sorted(set(args.variants), key=list(VARIANTS).index):
+        overrides, device_skip = VARIANTS[name]
         for preset in args.presets:
             row = deepspeed_step.deepspeed_train(train_workload(preset, False), steps=args.steps, warmup=args.warmup,
-                                                 compile=args.compile, check=False, overrides=VARIANTS[name])
+                                                 compile=args.compile, check=False, overrides=overrides,
+                                                 device_skip=device_skip)
             print(f"{name:<26} {preset:<6} {row.tokens_per_s:>10,.0f}", flush=True)
 
 

@@ -30,7 +30,11 @@
 #    the trainers' run_ahead to False in this machine's copy), alternating, at the time-to-quality
 #    recipe for 300 steps (eager PyTorch twice each way): median tokens/s of each run's metrics.jsonl
 #    (steps 51-300) and wall time.
-#   bash scripts/round10_gpu.sh A|B|C|D|E|F|G|H|I|K|L|M   (writes $OUT/logs/*.txt)
+# N: DeepSpeed's ZeRO step deciding its skip on the device (blues_torch/deepspeed_skip.py): its tests
+#    and deepspeed_norms' on the GPU, then `scripts/ds_variants.py --compile --plain` at `bench` in one
+#    process: plain compiled PyTorch, ds_config.json with the device step (one step queued, as the
+#    trainer runs it) and DeepSpeed's own step (each step read), 12 timed samples of 4 steps each.
+#   bash scripts/round10_gpu.sh A|B|C|D|E|F|G|H|I|K|L|M|N   (writes $OUT/logs/*.txt)
 set -uo pipefail
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 mkdir -p "$OUT/logs"
@@ -137,6 +141,14 @@ M)
     done
   done
   cp /tmp/torch_train.py blues_torch/train.py; cp /tmp/jax_train.py blues_jax/train.py
+  ;;
+N)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export TORCH_CUDA_ARCH_LIST=9.0 PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_deepspeed_skip.py tests/test_deepspeed_norms.py \
+    > "$OUT/logs/n1_tests.txt" 2>&1
+  timeout 400 python3 scripts/ds_variants.py --compile --plain --presets bench --steps 12 --warmup 3 \
+    --variants ds_config.json "host skip (DeepSpeed step)" > "$OUT/logs/n2_ds.txt" 2>&1
   ;;
 K)
   timeout 560 python3 scripts/run_ahead_probe.py --frameworks torch,jax --presets tiny,bench --steps 30 \

@@ -15,8 +15,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def deepspeed_one_rank():
     """For DeepSpeed engines built in this process: a process group of one (bench.deepspeed_step's
     init_single_rank, RANK/WORLD_SIZE/MASTER_* set for it), and afterwards the environment and
-    DeepSpeedZeroOptimizer's norm/overflow methods (which building an engine replaces:
-    blues_torch/deepspeed_norms.py) as they were. The group itself stays, as in the bench: DeepSpeed
+    DeepSpeedZeroOptimizer's norm/overflow methods and step (which building an engine replaces:
+    blues_torch/deepspeed_norms.py, deepspeed_skip.py) as they were. The group itself stays, as in the bench: DeepSpeed
     caches groups made from it."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
@@ -26,7 +26,7 @@ def deepspeed_one_rank():
         for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                             "MASTER_PORT": str(_free_port())}.items():
             mp.setenv(name, value)
-        for name in ("get_grad_norm_direct", "has_overflow_partitioned_grads_serial"):
+        for name in ("get_grad_norm_direct", "has_overflow_partitioned_grads_serial", "step"):
             mp.setattr(DeepSpeedZeroOptimizer, name, getattr(DeepSpeedZeroOptimizer, name))
         init_single_rank()
         yield

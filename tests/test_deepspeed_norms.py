@@ -128,14 +128,16 @@ def test_replacements_agree_with_deepspeed_on_clean_and_non_finite_gradients(eng
 def test_engine_step_runs_the_replacements(engine, monkeypatch):
     """DeepSpeed's step reaches the multi-tensor paths, never the per-tensor loops: the saved
     originals (the replacements' fallback) and the per-tensor overflow test are made to fail. A clean
-    step applies with the global norm the originals compute; a NaN loss skips the step."""
+    step applies with the global norm the originals compute; a NaN loss skips the step. The step is
+    DeepSpeed's own, which reports the skip on the host (deepspeed_skip.py's: test_deepspeed_skip.py)."""
     import torch
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    from blues_torch import deepspeed_norms
+    from blues_torch import deepspeed_norms, deepspeed_skip
     eng, wl, device = engine
     opt = eng.optimizer
     real = dict(deepspeed_norms.ORIGINALS)
+    monkeypatch.setattr(DeepSpeedZeroOptimizer, "step", deepspeed_skip.ORIGINALS["step"])
 
     def per_tensor_path(*args, **kwargs):
         raise AssertionError("DeepSpeed's per-tensor path ran")
