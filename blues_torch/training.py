@@ -25,6 +25,7 @@ from blues.adamw import BETAS, EPS, decays
 from blues.data import default_cache_dir, eval_batches
 from blues.train_args import TrainArgs
 from blues.train_loop import EvalAccumulator
+from blues_torch import deepspeed_skip
 from blues_torch.distributed import Dist
 from blues_torch.expert_parallel import ParallelLayout, clip_grad_norm_, optimizer_param_groups, reduce_gradients
 
@@ -45,7 +46,7 @@ def make_engine(model, ds_config: dict, weight_decay: float, layout: ParallelLay
     parallelism the expert parameters get DeepSpeed's MoE groups (blues_torch/deepspeed_moe.py)."""
     import deepspeed
 
-    from blues_torch import deepspeed_moe, deepspeed_norms, deepspeed_skip
+    from blues_torch import deepspeed_moe, deepspeed_norms
 
     deepspeed_norms.install()  # ZeRO's per-gradient norm/overflow loops cost ~60 ms of host time a step
     deepspeed_skip.install()  # ZeRO's step decides its skip on the device, not by reading the norm
@@ -61,7 +62,6 @@ def make_engine(model, ds_config: dict, weight_decay: float, layout: ParallelLay
 
 def skips_on_device(optimizer) -> bool:
     """Whether a DeepSpeed engine's optimizer decides its skips on the device (deepspeed_skip.py)."""
-    from blues_torch import deepspeed_skip
     return deepspeed_skip.installed() and deepspeed_skip.decides_on_device(optimizer)
 
 
