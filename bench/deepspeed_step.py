@@ -151,14 +151,17 @@ def _merge(config: dict, overrides: dict) -> dict:
 
 
 def build_engine(wl: Workload, *, optimizer: str = "auto", compile: bool = False, overrides: dict | None = None,
-                 seed: int = 0, check: bool = False, fast_norms: bool = True, device_skip: bool = True):
+                 seed: int = 0, check: bool = False, fast_norms: bool = True,
+                 device_skip: bool | tuple[str, ...] = True):
     """-> (engine, device, note, checks): train_torch.py's DeepSpeed engine for wl in this process.
 
     overrides: keys of the config to replace (scripts/ds_variants.py); compile: the trainer's per-block
     compile of the engine's module (blues_torch.training.compile_for_training), from a fresh dynamo
     state. The memory counters are reset after the attention check (check=True).
     fast_norms=False: DeepSpeed's own per-gradient norm and overflow loops (blues_torch/deepspeed_norms.py);
-    device_skip=False: DeepSpeed's own step, which decides its skip on the host (blues_torch/deepspeed_skip.py)."""
+    device_skip=False: DeepSpeed's own step, which decides its skip on the host, and its own end of backward,
+    which synchronises the device (blues_torch/deepspeed_skip.py); a tuple: only those of deepspeed_skip's
+    replacements ("step", "independent_gradient_partition_epilogue")."""
     import deepspeed
     import torch
     from blues_torch import BluesModel, deepspeed_norms, deepspeed_skip
@@ -180,8 +183,8 @@ def build_engine(wl: Workload, *, optimizer: str = "auto", compile: bool = False
         deepspeed_norms.install()  # ZeRO's per-gradient norm/overflow loops cost ~60 ms of host time a step
     else:
         deepspeed_norms.uninstall()
-    if device_skip:
-        deepspeed_skip.install()  # the skip decided on the device: no host read of the norm in the step
+    if device_skip:  # the skip decided on the device, the end of backward waiting on the device: no host wait
+        deepspeed_skip.install(None if device_skip is True else device_skip)
     else:
         deepspeed_skip.uninstall()
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_cfg,
@@ -193,7 +196,8 @@ def build_engine(wl: Workload, *, optimizer: str = "auto", compile: bool = False
 
 
 def deepspeed_train(wl: Workload, *, steps: int, warmup: int, optimizer: str = "auto", compile: bool = False,
-                    check: bool = True, seed: int = 0, overrides: dict | None = None, device_skip: bool = True) -> Row:
+                    check: bool = True, seed: int = 0, overrides: dict | None = None,
+                    device_skip: bool | tuple[str, ...] = True) -> Row:
     """compile: the engine's module compiled block by block, as `train_torch.py --deepspeed ... --compile`."""
     variant = "zero2-compile" if compile else "zero2"
     reason = deepspeed_available()

@@ -1,4 +1,5 @@
-"""DeepSpeed's ZeRO-1/2 step with the skip of a non-finite step decided on the device.
+"""DeepSpeed's ZeRO-1/2 step without host waits: the skip of a non-finite step decided on the device,
+and the end of the backward ordered after the gradient reductions on the device.
 
 Why: DeepSpeed 0.19.8's `DeepSpeedZeroOptimizer.step` (deepspeed/runtime/zero/stage_1_and_2.py) decides
 on the host whether a step is skipped: `has_overflow` reads the all-reduced overflow flag with `.item()`,
@@ -29,6 +30,16 @@ dynamic scaling, whose scale update needs the flag on the host), and a torch `Ad
 `fused=True` (DeepSpeed's `torch_adam` with `fused`, ds_config.json's choice), the only optimizers
 whose step honours `found_inf`. Any other step is DeepSpeed's own, with `skipped_on_device` None.
 
+The end of the backward: with `overlap_comm` (ds_config.json's choice), gradients are reduced on
+DeepSpeed's reduction stream, and `independent_gradient_partition_epilogue` calls
+`get_accelerator().synchronize()` before it frees the reduced gradients and flattens the partition:
+the host waits for the whole backward, so even with the step above nothing can be queued ahead of the
+GPU. `install()` wraps the epilogue so that, for the same configuration, that synchronize is the
+compute stream waiting on the reduction stream instead (`wait_stream`): every later kernel on the
+compute stream, where the step and the next forward run and where the freed gradients' memory is
+reused, still starts after the reductions; the host does not wait. Other synchronizes (the
+non-contiguous gradient path's, offload's) are DeepSpeed's own.
+
 Check: `python -m pytest -q tests/test_deepspeed_skip.py` runs clean, non-finite and clipped steps
 through two engines, one with each step, and compares the weights, Adam state and norms bit for bit;
 it also fails the host checks to show this step never reaches them.
@@ -47,15 +58,16 @@ from blues_torch.deepspeed_norms import unsupported_deepspeed, zero_module
 log = logging.getLogger(__name__)
 
 # The stage_1_and_2 globals the step uses, looked up there at call time.
-_MODULE_GLOBALS = ("dist", "all_gather_dp_groups", "INITIAL_MICRO_STEP_ID", "OPTIMIZER_ALLGATHER_TIMER",
-                   "OPTIMIZER_GRADIENTS_TIMER", "OPTIMIZER_STEP_TIMER", "OPTIMIZER_TIMERS", "see_memory_usage")
+_MODULE_GLOBALS = ("dist", "get_accelerator", "all_gather_dp_groups", "INITIAL_MICRO_STEP_ID",
+                   "OPTIMIZER_ALLGATHER_TIMER", "OPTIMIZER_GRADIENTS_TIMER", "OPTIMIZER_STEP_TIMER",
+                   "OPTIMIZER_TIMERS", "see_memory_usage")
 # The DeepSpeedZeroOptimizer methods it calls.
 _METHODS = ("step", "scaled_global_norm", "has_overflow_partitioned_grads_serial", "_model_parallel_all_reduce",
             "_wait_for_offload_copies", "_get_preflattened_grad_partition", "_release_preflattened_grad_buffers",
             "free_grad_in_param_list", "flatten_dense_tensors_aligned", "_optimizer_step",
-            "_update_model_bit16_weights")
+            "_update_model_bit16_weights", "independent_gradient_partition_epilogue")
 
-# DeepSpeed's own step, saved by install(); the fallback for every other configuration.
+# DeepSpeed's own step and epilogue, saved by install(); the fallback for every other configuration.
 ORIGINALS: dict[str, object] = {}
 
 
@@ -158,6 +170,29 @@ def step(self, closure=None):
     zero.see_memory_usage("After zero_optimizer step")
 
 
+def independent_gradient_partition_epilogue(self):
+    """DeepSpeed's end-of-backward epilogue, its synchronize under `overlap_comm` a device-side wait of
+    the compute stream on the reduction stream (the module docstring)."""
+    original = ORIGINALS["independent_gradient_partition_epilogue"]
+    reductions = self.reduction_stream
+    if not (self.overlap_comm and reductions is not None and decides_on_device(self)):
+        return original(self)
+    accelerator = zero_module().get_accelerator()
+
+    def wait_for_reductions(device_index=None):
+        accelerator.current_stream().wait_stream(reductions)
+
+    own = vars(accelerator).get("synchronize")  # an instance attribute already there, put back after
+    accelerator.synchronize = wait_for_reductions  # on the instance: the class's method stays
+    try:
+        return original(self)
+    finally:
+        if own is None:
+            del accelerator.synchronize
+        else:
+            accelerator.synchronize = own
+
+
 def _unsupported_reason() -> str | None:
     reason = unsupported_deepspeed()
     if reason is not None:
@@ -168,17 +203,19 @@ def _unsupported_reason() -> str | None:
     return f"missing {', '.join(missing)}" if missing else None
 
 
-def install() -> bool:
-    """Put `step` on `DeepSpeedZeroOptimizer` (every instance, existing or future); -> whether it is
-    installed. Idempotent: a second call changes nothing."""
+def install(names: tuple[str, ...] | None = None) -> bool:
+    """Put this module's `step` and epilogue on `DeepSpeedZeroOptimizer` (every instance, existing or
+    future); -> whether they are installed. names: only those of them (a before/after measurement), the
+    others DeepSpeed's own. Idempotent: a second call changes nothing."""
     reason = _unsupported_reason()
     if reason is not None:
         log.debug("deepspeed_skip not installed: %s", reason)
         return False
     cls = zero_module().DeepSpeedZeroOptimizer
-    if cls.step is not step:  # a second install() must not save ours as the original
-        ORIGINALS["step"] = cls.step
-        cls.step = step
+    for name, ours in _REPLACEMENTS.items():
+        if getattr(cls, name) is not ours:  # a second install() must not save ours as the original
+            ORIGINALS[name] = getattr(cls, name)
+        setattr(cls, name, ours if names is None or name in names else ORIGINALS[name])
     return True
 
 
@@ -189,9 +226,13 @@ def installed() -> bool:
 
 
 def uninstall() -> None:
-    """Put DeepSpeed's own step back (a before/after measurement)."""
-    if ORIGINALS:
-        zero_module().DeepSpeedZeroOptimizer.step = ORIGINALS["step"]
+    """Put DeepSpeed's own step and epilogue back (a before/after measurement)."""
+    for name, original in ORIGINALS.items():
+        setattr(zero_module().DeepSpeedZeroOptimizer, name, original)
 
 
-__all__ = ["ORIGINALS", "decides_on_device", "install", "installed", "uninstall", "step"]
+# What install() puts on DeepSpeedZeroOptimizer.
+_REPLACEMENTS = {"step": step, "independent_gradient_partition_epilogue": independent_gradient_partition_epilogue}
+
+__all__ = ["ORIGINALS", "decides_on_device", "independent_gradient_partition_epilogue", "install", "installed",
+           "uninstall", "step"]

@@ -20,10 +20,13 @@ from bench import deepspeed_step  # noqa: E402
 from bench.train_step import torch_train, train_workload  # noqa: E402
 
 # Each variant changes ds_config.json in one respect (or two, named), or the step, so its effect is its
-# own: name -> (keys of ds_config.json overridden, whether the ZeRO step decides its skip on the device).
+# own: name -> (keys of ds_config.json overridden, build_engine's device_skip: blues_torch/deepspeed_skip.py's
+# replacements of ZeRO's step and end-of-backward epilogue, True for both).
 VARIANTS = {
     "ds_config.json": ({}, True),
-    # DeepSpeed's own step, reading the gradient norm and overflow on the host (blues_torch/deepspeed_skip.py)
+    # the skip decided on the device, DeepSpeed's epilogue synchronising the device at the end of backward
+    "DeepSpeed epilogue": ({}, ("step",)),
+    # DeepSpeed's own step, reading the gradient norm and overflow on the host, and its own epilogue
     "host skip (DeepSpeed step)": ({}, False),
     "overlap_comm off": ({"zero_optimization": {"overlap_comm": False}}, True),
     "overlap off, 5e8 buckets": ({"zero_optimization": {"overlap_comm": False, "reduce_bucket_size": 5e8,

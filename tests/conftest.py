@@ -26,7 +26,8 @@ def deepspeed_one_rank():
         for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                             "MASTER_PORT": str(_free_port())}.items():
             mp.setenv(name, value)
-        for name in ("get_grad_norm_direct", "has_overflow_partitioned_grads_serial", "step"):
+        for name in ("get_grad_norm_direct", "has_overflow_partitioned_grads_serial", "step",
+                     "independent_gradient_partition_epilogue"):
             mp.setattr(DeepSpeedZeroOptimizer, name, getattr(DeepSpeedZeroOptimizer, name))
         init_single_rank()
         yield

@@ -25,14 +25,19 @@ def workload(deepspeed_one_rank):
     return train_workload("tiny", quick=True)
 
 
-def _backward(eng, wl, *, seed, loss_factor=1.0):
-    """One forward and backward on a random batch, the loss times loss_factor (NaN or inf poisons
-    every gradient; a large factor makes the norm exceed the clip)."""
+def _forward(eng, wl, *, seed, loss_factor=1.0):
+    """-> the loss of one forward on a random batch, times loss_factor (NaN or inf poisons every
+    gradient; a large factor makes the norm exceed the clip)."""
     import torch
     device = next(eng.module.parameters()).device
     ids, tgt = (torch.from_numpy(a).long().to(device) for a in random_batch(wl.config, wl.batch, wl.seq, seed))
     out = eng(ids, tgt, generator=torch.Generator(device=device).manual_seed(seed + 1))
-    eng.backward(out.loss * loss_factor)
+    return out.loss * loss_factor
+
+
+def _backward(eng, wl, *, seed, loss_factor=1.0):
+    """One forward and backward (_forward's)."""
+    eng.backward(_forward(eng, wl, seed=seed, loss_factor=loss_factor))
 
 
 def _state(eng) -> list:
@@ -141,3 +146,110 @@ def test_other_optimizers_keep_deepspeeds_step(workload):
     values = train_step([(ids, tgt)], 1e-3)
     assert eng.optimizer.skipped_on_device is None and isinstance(values._values, list)  # read in the step
     assert values.read()[1] and eng.was_step_applied()
+
+
+class _Stream:
+    """A stand-in for a CUDA stream on the CPU: records `wait_stream` calls in a shared log."""
+
+    def __init__(self, name: str, log: list):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other: "_Stream") -> None:
+        self.log.append(("wait", self.name, other.name))
+
+
+def test_the_end_of_backward_waits_on_the_device_not_the_host(workload, monkeypatch):
+    """Under overlap_comm, DeepSpeed's end-of-backward epilogue synchronises the device before it frees
+    the reduced gradients; deepspeed_skip's has the compute stream wait on the reduction stream there
+    instead. The CPU accelerator has no streams, so the test gives it two stand-ins and says it does
+    not resolve data dependencies (as CUDA's does not): DeepSpeed's own epilogue then calls
+    synchronize (the path is reached), ours never does, and its wait comes after the last reduction
+    and before the gradients are freed. Both engines end the step equal bit for bit."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from blues_torch import deepspeed_skip
+    ours, _, _, _ = build_engine(workload, seed=0)
+    theirs, _, _, _ = build_engine(workload, seed=0)
+    accelerator = get_accelerator()
+    logs = {}
+    for name, eng in (("ours", ours), ("theirs", theirs)):
+        log = logs[name] = []
+        compute, reduction = _Stream("compute", log), _Stream("reduction", log)
+        opt = eng.optimizer
+        assert opt.overlap_comm and opt.contiguous_gradients  # ds_config.json's choices
+        original_reduce, original_clear = opt.average_tensor, opt._clear_previous_reduced_grads
+
+        def average_tensor(*args, _log=log, _reduce=original_reduce):
+            result = _reduce(*args)  # launches the reduction of one bucket
+            _log.append(("reduced",))
+            return result
+
+        def clear(_log=log, _clear=original_clear):
+            _log.append(("clear",))
+            return _clear()
+
+        with monkeypatch.context() as m:
+            m.setattr(opt, "reduction_stream", reduction)
+            m.setattr(opt, "average_tensor", average_tensor)
+            m.setattr(opt, "_clear_previous_reduced_grads", clear)
+            m.setattr(accelerator, "resolves_data_dependency", lambda: False)
+            m.setattr(torch.Tensor, "record_stream", lambda tensor, stream: None)  # CPU tensors: nothing to record
+            m.setattr(accelerator, "current_stream", lambda device_index=None: compute)
+            synchronize = lambda device_index=None, _log=log: _log.append(("synchronize",))  # noqa: E731
+            m.setattr(accelerator, "synchronize", synchronize)
+            if name == "theirs":
+                m.setattr(DeepSpeedZeroOptimizer, "independent_gradient_partition_epilogue",
+                          deepspeed_skip.ORIGINALS["independent_gradient_partition_epilogue"])
+            _backward(eng, workload, seed=0)
+            assert accelerator.synchronize is synchronize  # the one ours replaced for the epilogue is back
+        opt.reduction_stream = None  # the CPU accelerator's
+        eng.step()
+
+    assert ("synchronize",) in logs["theirs"]
+    ours_log = logs["ours"]
+    assert ("synchronize",) not in ours_log
+    last_reduce = max(i for i, e in enumerate(ours_log) if e == ("reduced",))
+    after = ours_log[last_reduce + 1:]
+    assert ("wait", "compute", "reduction") in after and ("clear",) in after
+    assert after.index(("wait", "compute", "reduction")) < after.index(("clear",))
+    _assert_equal(_state(ours), _state(theirs))
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (streams of its own)")
+def test_on_a_gpu_backward_and_step_never_wait_on_the_host(workload, monkeypatch):
+    """On a GPU, with DeepSpeed's reduction stream real: an engine's backward and step make no host
+    synchronisation (torch's sync debug mode raises on any, and DeepSpeed's and torch's synchronize are
+    made to fail) on a clean and a NaN step, and the weights, Adam state and norms end equal bit for
+    bit to an engine running DeepSpeed's own epilogue and step."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from blues_torch import deepspeed_skip
+    ours, _, _, _ = build_engine(workload, seed=0)
+    theirs, _, _, _ = build_engine(workload, seed=0)
+    assert ours.optimizer.overlap_comm and ours.optimizer.reduction_stream is not None
+
+    def synchronize(*args, **kwargs):
+        raise AssertionError("the host synchronised with the device")
+
+    for seed, factor in enumerate((1.0, math.nan, 1.0)):
+        loss = _forward(ours, workload, seed=seed, loss_factor=factor)
+        with monkeypatch.context() as m:
+            m.setattr(get_accelerator(), "synchronize", synchronize)
+            m.setattr(torch.cuda, "synchronize", synchronize)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                ours.backward(loss)
+                ours.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        with monkeypatch.context() as m:
+            for name in ("step", "independent_gradient_partition_epilogue"):
+                m.setattr(DeepSpeedZeroOptimizer, name, deepspeed_skip.ORIGINALS[name])
+            _backward(theirs, workload, seed=seed, loss_factor=factor)
+            theirs.step()
+        assert float(ours.get_global_grad_norm()) == float(theirs.get_global_grad_norm())
+        _assert_equal(_state(ours), _state(theirs))
