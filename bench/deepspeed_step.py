@@ -72,7 +72,7 @@ def fused_adam_prebuilt() -> bool:
 def ds_config_for(wl: Workload, optimizer: str, overrides: dict | None = None) -> tuple[dict, str]:
     """The project's ds_config.json, `overrides` (keys of the config to replace) written over it, with
     the bench's settings written in; -> (config, note)."""
-    from blues_torch.deepspeed_config import write_precision
+    from blues_torch.deepspeed_config import default_throughput_timer_off, write_precision
 
     path = REPO / "ds_config.json"
     if path.exists():
@@ -95,6 +95,7 @@ def ds_config_for(wl: Workload, optimizer: str, overrides: dict | None = None) -
         cfg["gradient_clipping"] = GRAD_CLIP
     cfg["steps_per_print"] = 10 ** 9
     cfg["wall_clock_breakdown"] = False
+    default_throughput_timer_off(cfg)  # as train_torch.py's config: no device synchronize in a step
     opt = cfg.setdefault("optimizer", copy.deepcopy(DEFAULT_DS_CONFIG["optimizer"]))
     params = opt.setdefault("params", {})
     params.setdefault("betas", list(BETAS))

@@ -77,6 +77,14 @@ def write_precision(cfg: dict, precision: str, where: str) -> None:
         _ds_set(cfg, ("torch_autocast", "enabled"), precision == "bf16")
 
 
+def default_throughput_timer_off(cfg: dict) -> None:
+    """Turn DeepSpeed's throughput timer off unless the config sets it (`timers.throughput`): from the
+    third step on it synchronises the device when the forward starts and when the step ends
+    (deepspeed/utils/timer.py, ThroughputTimer), a host wait every step that keeps the trainer from
+    queueing the next step (blues/loop.py). Blues measures tokens/s itself."""
+    cfg.setdefault("timers", {}).setdefault("throughput", {"enabled": False})
+
+
 def resolve_deepspeed_config(args: TrainArgs, world_size: int) -> tuple[dict, TrainArgs, dict[str, str]]:
     """Merge flags and ds_config.json: explicit flags win and are written into the dict; a field set
     to "auto" (or absent) takes the trainer's value. -> (DeepSpeed config, args, {flag: the file's
@@ -131,4 +139,5 @@ def resolve_deepspeed_config(args: TrainArgs, world_size: int) -> tuple[dict, Tr
     cfg["optimizer"]["params"].setdefault("betas", list(BETAS))
     cfg["optimizer"]["params"].setdefault("eps", EPS)
     cfg.setdefault("steps_per_print", 10 ** 9)  # progress comes from our bar, not DeepSpeed's log
+    default_throughput_timer_off(cfg)
     return cfg, args.replace(precision=precision, **values), sources

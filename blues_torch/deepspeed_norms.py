@@ -21,8 +21,10 @@ multi-tensor kernel: a few launches for all tensors, no float64 copies):
   the same device bool tensor of shape [1] the original returns, which `has_overflow` all-reduces.
 - norm: the per-tensor loop is the only change. The same gradients are selected (zero padding
   dropped, zipped with the params, pipeline-replicated params skipped, model-parallel filtering),
-  and the sum of squares, the data- and model-parallel all-reduces, the square root and the
-  NaN/inf -> -1 masking are DeepSpeed's own lines.
+  and the sum of squares, the data- and model-parallel all-reduces and the square root are
+  DeepSpeed's own lines; the NaN/inf -> -1 masking is the same `masked_fill_` with -1 given as a
+  number, where DeepSpeed's `mask_nan_or_inf_with_val_inplace` first copies a -1 tensor from the host
+  (a copy that waits for the GPU to finish everything queued: the backward, at the step).
 
 The results are the same: both compute each norm in float64 (DeepSpeed's `get_norm_dtype()`) from
 the same elements; on CPU they are bit-identical, on CUDA the multi-tensor kernel may sum in a
@@ -48,8 +50,7 @@ log = logging.getLogger(__name__)
 _SUPPORTED = (0, 19)  # major, minor of the DeepSpeed whose stage_1_and_2.py this mirrors
 # The stage_1_and_2 globals the replacements use. They are looked up on that module at call
 # time, so the replacements see exactly what the originals see (including anyone's patches).
-_MODULE_GLOBALS = ("dist", "get_accelerator", "get_norm_dtype", "is_model_parallel_parameter",
-                   "mask_nan_or_inf_with_val_inplace", "PIPE_REPLICATED")
+_MODULE_GLOBALS = ("dist", "get_accelerator", "get_norm_dtype", "is_model_parallel_parameter", "PIPE_REPLICATED")
 # float64 sums of squares of these cannot overflow (see the module docstring), so a non-finite
 # norm means a non-finite element and nothing else.
 _FAST_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -90,8 +91,9 @@ def has_overflow_partitioned_grads_serial(self):
 def get_grad_norm_direct(self, gradients, params, norm_type=2):
     """DeepSpeed's `get_grad_norm_direct` with the per-gradient norms taken in one multi-tensor call.
 
-    Everything but the norms is the original's code, line for line; norm types other than 2 (and
-    gradients `_batchable` refuses) go to the original."""
+    Everything but the norms and the masking of an invalid norm (no host copy) is the original's
+    code, line for line; norm types other than 2 (and gradients `_batchable` refuses) go to the
+    original."""
     zero = zero_module()
     # Materialised first: the fallback must still see every gradient if it is an iterator.
     gradients, params = list(gradients), list(params)
@@ -121,7 +123,9 @@ def get_grad_norm_direct(self, gradients, params, norm_type=2):
     self._model_parallel_all_reduce(tensor=total_norm, op=zero.dist.ReduceOp.SUM)
     total_norm = total_norm.pow(1. / norm_type)
 
-    zero.mask_nan_or_inf_with_val_inplace(total_norm, device=self.device)
+    # DeepSpeed's mask_nan_or_inf_with_val_inplace (an invalid norm becomes -1) without its
+    # torch.tensor(-1.0, device=...), a host-to-device copy that waits for the GPU to finish the backward.
+    total_norm.masked_fill_(~torch.isfinite(total_norm), -1.0)
     return total_norm
 
 
@@ -179,4 +183,5 @@ def uninstall() -> None:
             setattr(cls, name, original)
 
 
-__all__ = ["ORIGINALS", "install", "uninstall", "unsupported_deepspeed", "zero_module", "get_grad_norm_direct", "has_overflow_partitioned_grads_serial"]
+__all__ = ["ORIGINALS", "install", "uninstall", "unsupported_deepspeed", "zero_module", "get_grad_norm_direct",
+           "has_overflow_partitioned_grads_serial"]

@@ -214,6 +214,41 @@ def test_engine_forward_runs_under_its_modes_autocast(tmp_path, deepspeed_one_ra
         assert seen == forwards, mode
 
 
+def test_the_trainers_engine_does_not_synchronise_in_its_steps(tmp_path, deepspeed_one_rank, monkeypatch):
+    """DeepSpeed's throughput timer synchronises the device as each forward starts and each step ends,
+    from the third step on (deepspeed/utils/timer.py): a host wait that keeps the trainer from queueing
+    a step ahead. resolve_deepspeed_config turns it off for a file that does not set it, and a file
+    that turns it on keeps it (the case that shows the count would see it)."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    from blues_torch import BluesModel
+    from blues_torch.distributed import Dist
+    from blues_torch.training import TrainStep, make_engine
+
+    without_timers = {k: v for k, v in NUMERIC.items() if k != "timers"}
+    timer_on = {**NUMERIC, "timers": {"throughput": {"enabled": True}}}
+    dist = Dist(False)
+    device = dist.device
+    for ds, expect_synchronize in ((without_timers, False), (timer_on, True)):
+        cfg, args, _ = _resolve(tmp_path, ds, "--config", CONFIG, "--batch_size", "2", world_size=1)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = BluesModel(args.model_config)
+        engine, optimizer = make_engine(model, cfg, args.weight_decay)
+        step = TrainStep(model, optimizer, dist=dist, grad_clip=args.grad_clip, precision=args.precision,
+                         gen=torch.Generator(device=device).manual_seed(1), engine=engine)
+        tokens = np.random.default_rng(0).integers(0, args.model_config.vocab_size, 2 * args.seq_len + 1)
+        x, y = (torch.from_numpy(tokens[:-1].reshape(2, -1)).long().to(device),
+                torch.from_numpy(tokens[1:].reshape(2, -1)).long().to(device))  # [B, T] each
+        calls = []
+        with monkeypatch.context() as m:
+            m.setattr(get_accelerator(), "synchronize", lambda device_index=None: calls.append(device_index))
+            for _ in range(4):
+                step([(x, y)], lr=1e-3).read()
+        assert bool(calls) is expect_synchronize, (ds.get("timers"), len(calls))
+
+
 def test_bench_config_keeps_the_files_bf16_mode(tmp_path, monkeypatch):
     """bench/deepspeed_step.py forces bf16 in the mode the config chooses: the project's file's bf16
     module; torch_autocast from a ds_config.json, or a variant (scripts/ds_variants.py), enabling it."""
