@@ -87,8 +87,6 @@ def test_report_rows_table_vs_peer_and_merge(tmp_path):
     assert "datasheet 989 TFLOP/s" in table
     assert "correctness checks: 2/2 passed" in table
     assert "not run:" in table and "jax / train bench" in table
-    # issue 8's targets, evaluated from the rows: 2.5x the peer's tokens/s, at most 0.6x its memory
-    assert "train bench torch eager: 2.50x the peer's tokens/s (>= 2.5x: met), 0.50x its memory (<= 0.6x: met)" in table
     compact = res.table(compact=True)
     assert "| pass |" in compact and "attn ok" not in compact
     # DeepSpeed is held to plain PyTorch like for like: eager engine vs eager, compiled engine vs compiled
@@ -96,8 +94,7 @@ def test_report_rows_table_vs_peer_and_merge(tmp_path):
     res.add(Row(framework="torch+deepspeed", workload="train bench", variant="zero2", tokens_per_s=95e3))
     res.add(Row(framework="torch+deepspeed", workload="train bench", variant="zero2-compile", tokens_per_s=150e3))
     table = res.table()
-    assert "train bench deepspeed zero2 / torch eager tokens/s 0.95 (>= 0.9: met)" in table
-    assert "train bench deepspeed zero2-compile / torch compile tokens/s 0.75 (>= 0.9: MISSED)" in table
+    assert "train bench deepspeed zero2-compile / torch compile tokens/s 0.750 (>= 0.95: MISSED)" in table
     assert "0.75x torch compile" in next(l for l in table.splitlines() if "| zero2-compile |" in l)
 
     other = Results(tmp_path / "b", argv=["--test"])
