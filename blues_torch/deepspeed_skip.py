@@ -42,7 +42,9 @@ non-contiguous gradient path's, offload's) are DeepSpeed's own.
 
 Check: `python -m pytest -q tests/test_deepspeed_skip.py` runs clean, non-finite and clipped steps
 through two engines, one with each step, and compares the weights, Adam state and norms bit for bit;
-it also fails the host checks to show this step never reaches them.
+it also fails the host checks to show this step never reaches them, follows the epilogue's stream
+wait with stand-in streams on a CPU, and on a GPU lists every host wait of the forward, backward and
+step (torch's sync debug mode and the synchronize functions watched): there must be none.
 
 Only DeepSpeed 0.19.x is patched (blues_torch/deepspeed_norms.py's version check).
 """
