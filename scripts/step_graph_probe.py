@@ -13,7 +13,8 @@ Two ways, same process, same model and batch, taking turns (2 rounds each):
 The lr is fixed (the graph holds it; the trainer would hand AdamW a tensor), and the router noise comes
 from the generator registered with the graph (or the default one where torch cannot register it).
 tokens/s = tokens of the timed steps / wall time from the first launch to the last read. Every loss
-read must be finite and the last round's below the first's (checked). Needs a CUDA GPU.
+read must be finite (asserted); whether the loss fell from the first read to the last is printed.
+Needs a CUDA GPU.
 """
 from __future__ import annotations
 
