@@ -78,7 +78,8 @@ def train(trainer: Trainer, args: TrainArgs, step: int, *, guard: BadStepGuard, 
 
     try:
         while step < args.max_steps:
-            timer.restart()
+            if not queued:  # the first step, or the host stopped for an evaluation or a checkpoint
+                timer.restart()
             while may_launch():
                 lr = learning_rate(launched, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
                                    max_steps=args.max_steps)

@@ -334,7 +334,11 @@ def seconds_since_start() -> float:
 
 
 class StepTimer:
-    """tokens/s of the last step, excluding evaluation and checkpoint time."""
+    """tokens/s of each step read: the time since the previous step was read, or since `restart` when
+    nothing was in flight (the first step, a step after an evaluation or a checkpoint, which are
+    therefore not counted). With a step queued ahead, consecutive reads are one step of device time
+    apart, the last step's included; the host's work after a read (logging, the next launch) overlaps
+    the queued step and is not subtracted from it."""
 
     def __init__(self):
         self.t0 = time.perf_counter()
@@ -343,7 +347,8 @@ class StepTimer:
         self.t0 = time.perf_counter()
 
     def tokens_per_s(self, tokens: int) -> float:
-        dt = time.perf_counter() - self.t0
+        now = time.perf_counter()
+        dt, self.t0 = now - self.t0, now
         return tokens / dt if dt > 0 else 0.0
 
 

@@ -76,8 +76,10 @@ class TorchTrainer:
         self.graphs_first_step = None
         self.sample_window = sample_window(tokenizer, args.seq_len)
         # one process queues a step before reading the last (blues/loop.py), unless its step waits for
-        # the device anyway (a DeepSpeed step that reads its gradient norm on the host)
-        self.run_ahead = dist.world_size == 1 and not step_fn.waits_on_host
+        # the device anyway (a DeepSpeed step that reads its gradient norm on the host) or there is no
+        # device to queue on: a CPU step runs as it is launched, so queueing it gains nothing and would
+        # time each step's work in the step before it
+        self.run_ahead = dist.world_size == 1 and not step_fn.waits_on_host and dist.device.type != "cpu"
 
     def launch(self, lr: float, inject_nan: bool) -> Callable[[], StepResult]:
         batches = [to_device(next(self.train_iter), self.dist.device) for _ in range(self.args.grad_accum)]

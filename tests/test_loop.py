@@ -5,7 +5,9 @@ trainer records the order of launches ("L3": step 3 queued), reads ("R3"), evalu
 No framework: the loop is framework-free."""
 from __future__ import annotations
 
+import json
 import math
+import time
 
 import pytest
 
@@ -103,3 +105,41 @@ def test_nothing_runs_ahead_once_max_minutes_is_over(tmp_path):
     # the budget is over before the first step: that step, read before any other starts, ends the run
     out, events = run(tmp_path, FakeTrainer(out_of_time_at=1), "--max_minutes", "60", minutes=0)
     assert out["step"] == 1 and events == "L1 R1 E1 S1"
+
+
+class DeviceLikeTrainer(FakeTrainer):
+    """A device that runs each launched step for STEP_S after the previous one, the host returning
+    from a launch at once, and host work after each read (logging, housekeeping) that overlaps it."""
+    STEP_S, HOST_S = 0.05, 0.02
+
+    def __init__(self, run_ahead=True):
+        super().__init__(run_ahead=run_ahead)
+        self.free_at = 0.0  # when the device finishes the last launched step
+
+    def launch(self, lr, inject_nan):
+        self.free_at = max(self.free_at, time.perf_counter()) + self.STEP_S
+        finish, read = self.free_at, super().launch(lr, inject_nan)
+
+        def wait():
+            time.sleep(max(0.0, finish - time.perf_counter()))
+            return read()
+        return wait
+
+    def after_step(self):
+        time.sleep(self.HOST_S)
+
+
+@pytest.mark.parametrize("run_ahead", [True, False])
+def test_tokens_per_s_is_one_step_of_device_time_every_step(tmp_path, run_ahead):
+    """Each step's tokens/s is its step of device time, the last one and the ones after an
+    evaluation included. Timed from the top of each loop turn instead, a queued step's time lost the
+    host's work after the previous read: the last step came out at 1 / (0.05 - 0.02) s, 1.7x too
+    fast (and on a CPU, whose steps run at their launch, at ~1e8 tokens/s). Without a step queued
+    every step also counts the host's work after its launch, so the bound is looser there."""
+    run(tmp_path, DeviceLikeTrainer(run_ahead=run_ahead))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]  # tokens_per_step 1
+    assert len(rates) == 8
+    expected = 1 / DeviceLikeTrainer.STEP_S
+    low = expected / (1.5 if run_ahead else 2.0)  # sleeps overshoot by a few ms; read every step: + HOST_S
+    assert all(low < rate < expected * 1.15 for rate in rates), [round(r) for r in rates]
