@@ -53,9 +53,9 @@ def epochs_per_step(run_dir: Path) -> float | None:
 
 
 def plot_curves(run_dirs: list[Path], out_png: Path, bigram: float | None) -> None:
-    from blues.plots import plt, save_figure
+    from blues.plots import pyplot, save_figure
 
-    fig, ax = plt.subplots(figsize=(8, 4.8))
+    fig, ax = pyplot().subplots(figsize=(8, 4.8))
     for d in run_dirs:
         evals = [r for r in eval_records(read_metrics(d / "metrics.jsonl")) if r["val_perplexity"] is not None]
         scale = epochs_per_step(d)
