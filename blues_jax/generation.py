@@ -239,10 +239,11 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, param
         ids, start = left_pad(prompts, eot_id, prefill_width(prompts, max_new_tokens, context), dtype=np.int32)
         batch = ids.shape[0]
         generate_all, prefill, step = _compiled(graphdef, dataclasses.replace(params, seed=0))
-        # Reuse the last call's buffers when the batch size matches (they are donated and returned).
-        key = (batch, jnp.dtype(model.dtype))
+        # Reuse the last call's buffers for the same batch size, dtype and model shape (they are donated
+        # and returned).
+        key = (batch, jnp.dtype(model.dtype), cfg)
         cache = _CACHES.pop(key, None)
-        if cache is None or cache.length != context or len(cache.k) != cfg.num_layers:
+        if cache is None:
             _CACHES.clear()
             cache = KVCache.allocate(cfg, batch, context, dtype=model.dtype)
         seed = jnp.uint32(params.seed & MASK32)

@@ -330,6 +330,19 @@ def test_generation_follows_weights_changed_between_calls(framework):
         assert predicted.tolist() == tokens
 
 
+def test_jax_generation_after_a_model_of_another_width(small_models):
+    """JAX reuses the last call's cache buffers for the next call of the same batch size: only for a
+    model of the same shape (a model with another head width got them and failed in attention)."""
+    cfg, tm, jm = small_models
+    other_cfg = small_config(head_dim=8, num_attention_heads=8, num_key_value_heads=4)
+    other = from_canonical(random_canonical(other_cfg, seed=5), other_cfg, "jax")
+    other.eval()
+    greedy = SamplingParams(temperature=0.0)
+    alone = jgen.generate(jm, PROMPTS, 6, greedy, eot_id=0, stop_at_eot=False)
+    jgen.generate(other, PROMPTS, 6, greedy, eot_id=0, stop_at_eot=False)
+    assert jgen.generate(jm, PROMPTS, 6, greedy, eot_id=0, stop_at_eot=False) == alone
+
+
 def test_generation_stops_at_endoftext(small_models):
     cfg, tm, jm = small_models
     greedy = SamplingParams(temperature=0.0)
