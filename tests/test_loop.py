@@ -110,7 +110,7 @@ def test_nothing_runs_ahead_once_max_minutes_is_over(tmp_path):
 class DeviceLikeTrainer(FakeTrainer):
     """A device that runs each launched step for STEP_S after the previous one, the host returning
     from a launch at once, and host work after each read (logging, housekeeping) that overlaps it."""
-    STEP_S, HOST_S = 0.05, 0.02
+    STEP_S, HOST_S = 0.1, 0.04
 
     def __init__(self, run_ahead=True):
         super().__init__(run_ahead=run_ahead)
@@ -132,14 +132,14 @@ class DeviceLikeTrainer(FakeTrainer):
 @pytest.mark.parametrize("run_ahead", [True, False])
 def test_tokens_per_s_is_one_step_of_device_time_every_step(tmp_path, run_ahead):
     """Each step's tokens/s is its step of device time, the last one and the ones after an
-    evaluation included. Timed from the top of each loop turn instead, a queued step's time lost the
-    host's work after the previous read: the last step came out at 1 / (0.05 - 0.02) s, 1.7x too
-    fast (and on a CPU, whose steps run at their launch, at ~1e8 tokens/s). Without a step queued
-    every step also counts the host's work after its launch, so the bound is looser there."""
+    evaluation included. Timed from the top of each loop turn instead, every queued step lost the
+    host's work after the previous read and came out at 1 / (0.1 - 0.04) s, 1.67x too fast (and on
+    a CPU, whose steps run at their launch, the last one at ~1e8 tokens/s). The upper bound (1.15x)
+    is what the old timing breaks; the lower one only says "about one step": a loaded machine's
+    sleeps overshoot, and a step read before the next is launched also counts the host's work."""
     run(tmp_path, DeviceLikeTrainer(run_ahead=run_ahead))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]  # tokens_per_step 1
     assert len(rates) == 8
     expected = 1 / DeviceLikeTrainer.STEP_S
-    low = expected / (1.5 if run_ahead else 2.0)  # sleeps overshoot by a few ms; read every step: + HOST_S
-    assert all(low < rate < expected * 1.15 for rate in rates), [round(r) for r in rates]
+    assert all(expected / 2.5 < rate < expected * 1.15 for rate in rates), [round(r, 1) for r in rates]
