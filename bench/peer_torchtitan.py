@@ -42,7 +42,12 @@ Deviations, each on purpose:
 
 torchtitan and the packages it imports that the GPU image lacks are carried as wheels
 (scripts/gpu_peers.sh); torchtitan stays an optional import, so the module imports it inside
-its functions.
+its functions. The wheel set for the GPU image (torchtitan's imports that the image lacks, the
+library-kernel peers and DeepSpeed; found by importing this module with nothing else installed),
+built from the repository root:
+
+    ../shared/tools/device-wheels torchtitan==0.2.2 tyro docstring-parser shtab typeguard torchdata \
+        datasets multiprocess dill liger-kernel cut-cross-entropy
 """
 from __future__ import annotations
 
