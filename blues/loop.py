@@ -13,10 +13,10 @@ AdamW in PyTorch, inside the compiled step in JAX). The loop does not run ahead 
 outcome decides something before the next one may start: an evaluation, a checkpoint, --stop_after,
 the last step, a step that could reach --max_bad_steps, or any step once --max_minutes is over. A
 stop signal or --max_minutes noticed while a step is queued ends the run after that step. Runs of
-several processes, and a DeepSpeed step that reads its gradient norm on the host (any configuration
-but blues_torch/deepspeed_skip.py's), read every step before launching the next
-(`Trainer.run_ahead`): a stop signal reaches the processes at different times, and they agree on it
-through the step they launch next.
+several processes, a DeepSpeed step that reads its gradient norm on the host (any configuration
+but blues_torch/deepspeed_skip.py's) and a PyTorch run on a CPU (whose step runs as it is launched)
+read every step before launching the next (`Trainer.run_ahead`): a stop signal reaches the processes
+at different times, and they agree on it through the step they launch next.
 The process's first step and first evaluation are logged with the seconds since it started
 ("first step after 12.3 s (compile included)"; scripts/time_to_first_step.py reads them).
 """
