@@ -239,7 +239,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, param
         ids, start = left_pad(prompts, eot_id, prefill_width(prompts, max_new_tokens, context), dtype=np.int32)
         batch = ids.shape[0]
         generate_all, prefill, step = _compiled(graphdef, dataclasses.replace(params, seed=0))
-        # Reuse the last call's buffers for the same batch size, dtype and model shape (they are donated
+        # Reuse the last call's buffers for the same batch size, dtype and model config (they are donated
         # and returned).
         key = (batch, jnp.dtype(model.dtype), cfg)
         cache = _CACHES.pop(key, None)
