@@ -3,10 +3,10 @@ with TRITON_INTERPRET=1 set (tests/test_triton_interpreter.py runs each check in
 Triton reads the variable when it is imported). Exits 0 when the check holds.
 
 The interpreter runs each program of a launch with numpy, so these checks hold the kernels' indexing,
-masks, online softmaxes and float32 math to the functions they compute; the GPU compile is
-tests/test_decode_kernels.py's sm_90 check and the speed is the benchmark's. Kernels with a `tl.dot`
-run in float16 and float32 here: the interpreter's bf16 dot is wrong (a 16 x 16 product came out
-~1e10 off, Triton 3.6), and the GPU tests run them in bf16.
+masks, online softmaxes and float32 math to the functions they compute; their GPU compile and speed
+are tests/test_gpu.py's and the benchmark's. A kernel with a `tl.dot` runs in float16 and float32
+here: the interpreter's bf16 dot is wrong (a 16 x 16 product came out ~1e10 off, Triton 3.6 and
+3.7); the GPU tests run it in bf16.
 """
 from __future__ import annotations
 
