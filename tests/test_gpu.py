@@ -17,6 +17,8 @@ torch = pytest.importorskip("torch")
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
+from kernel_cases import check_gated_gelu_backward, check_loss_kernels  # noqa: E402
+
 CUDA = torch.cuda.is_available()
 JAX_GPU = any(d.platform == "gpu" for d in jax.devices()) if CUDA else False
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (torch)")
@@ -130,20 +132,13 @@ def test_sorted_mosaic_experts_match_blocks_gpu():
 def test_gated_gelu_triton_backward_matches_aten_gpu():
     """blues_torch/gated_gelu.py's Triton backward, eager and compiled into one graph, against the
     aten formula it replaces, on a row count and a width its blocks do not divide (masked edges)."""
-    import torch.nn.functional as F
     from blues_torch import gated_gelu
-    g = torch.Generator(device="cuda").manual_seed(6)
-    m, f = 1001, 384
-    hidden = torch.randn(m, 2 * f, device="cuda", generator=g).mul(2).bfloat16()
-    grad = torch.randn(m, f, device="cuda", generator=g).bfloat16()
-    if not gated_gelu.fused_applies(hidden):
+    if not gated_gelu.fused_applies(torch.empty(0, device="cuda")):
         pytest.skip("needs Triton")
-    value, gate = hidden.float().chunk(2, dim=-1)
-    want = torch.cat([grad.float() * F.gelu(gate), torch.ops.aten.gelu_backward(grad.float() * value, gate)], dim=-1)
+    g = torch.Generator(device="cuda").manual_seed(6)
     compiled = torch.compile(gated_gelu.backward, fullgraph=True)
-    for got in (gated_gelu.backward(hidden, grad), compiled(hidden, grad)):
-        assert got.dtype == torch.bfloat16 and got.shape == (m, 2 * f)
-        torch.testing.assert_close(got.float(), want, rtol=2 ** -7, atol=1e-5)
+    for backward in (gated_gelu.backward, compiled):
+        check_gated_gelu_backward(backward, 1001, 384, g)
 
 
 @needs_jax_gpu
@@ -199,26 +194,11 @@ def test_torch_loss_kernel_matches_aten_gpu(monkeypatch):
     """blues_torch/xent_kernel.py's Triton kernels at the real vocabulary (V 200019 in Vp 200064: a
     partial last piece, and padding columns holding garbage that must be ignored) against the float32
     aten form, alone and inside the chunked loss with its gradients under bf16 autocast, against the
-    same loss with the kernels off (the compiled aten form). Tolerances as the JAX kernel's test: the
-    nll is float32 math on the same bf16 logits (2e-5 absolute on values ~15); the gradient is rounded
-    to bf16 on both sides (one bf16 ulp, 2^-7 relative)."""
+    same loss with the kernels off (the compiled aten form); tolerances in tests/kernel_cases.py."""
     from blues_torch import loss, xent_kernel
     r, d, v, vp = 2048, 256, 200019, 200064
     g = torch.Generator(device="cuda").manual_seed(8)
-    logits = (3 * torch.randn(r, vp, device="cuda", generator=g)).bfloat16()  # [R, Vp]
-    logits[:, v:] = 5.0  # not -inf: the kernels must mask the padding themselves
-    targets = torch.randint(0, v, (r,), device="cuda", generator=g)
-    targets[:2] = torch.tensor([0, v - 1])
-    scale = torch.where(torch.arange(r, device="cuda") % 7 == 0, 0.0, 1.0 / r)  # [R]
-    x = logits.float()
-    x[:, v:] = float("-inf")
-    want_nll = torch.logsumexp(x, -1) - x.gather(1, targets[:, None])[:, 0]  # [R]
-    valid = torch.ones(r, dtype=torch.bool, device="cuda")
-    _, want_grad = loss._nll_and_grad_logits_eager(x, targets, valid, scale, torch.bfloat16, True)
-    nll = xent_kernel.softmax_xent_(logits, targets, scale, v, with_grad=True)  # logits now hold the gradient
-    torch.testing.assert_close(nll, want_nll, rtol=0, atol=2e-5)
-    torch.testing.assert_close(logits[:, :v].float(), want_grad[:, :v].float(), rtol=2 ** -7, atol=1e-12)
-    assert torch.count_nonzero(logits[:, v:]) == 0
+    check_loss_kernels(r, v, vp, g)
 
     h = (torch.randn(4, 512, d, device="cuda", generator=g)).requires_grad_()
     embed = torch.randn(vp, d, device="cuda", generator=g) / d ** 0.5
