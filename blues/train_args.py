@@ -82,6 +82,7 @@ DEFAULTS: dict[str, Any] = dict(
     deepspeed=None,
     local_rank=-1,
     compile=False,  # torch.compile the training forward
+    cuda_graph=False,  # replay the whole step from one CUDA graph
     expert_parallel=1,  # P: ranks sharing out each layer's experts
     # jax only
     mesh=None,
@@ -91,7 +92,8 @@ DEFAULTS: dict[str, Any] = dict(
     process_id=None,
 )
 _PATH_FLAGS = ("out_dir", "resume", "init_from", "deepspeed", "config")  # plus --data's list
-_FRAMEWORK_ONLY = {"deepspeed": "torch", "local_rank": "torch", "compile": "torch", "expert_parallel": "torch", "mesh": "jax",
+_FRAMEWORK_ONLY = {"deepspeed": "torch", "local_rank": "torch", "compile": "torch", "cuda_graph": "torch",
+                   "expert_parallel": "torch", "mesh": "jax",
                    "scan_layers": "jax", "coordinator": "jax", "num_processes": "jax", "process_id": "jax"}
 
 
@@ -130,6 +132,7 @@ class TrainArgs:
     deepspeed: str | None = None
     local_rank: int = -1
     compile: bool = False
+    cuda_graph: bool = False
     expert_parallel: int = 1
     mesh: dict[str, int] | None = None
     scan_layers: bool = False
@@ -229,6 +232,9 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
             "~1.4x the tokens/s of eager at the bench size, docs/performance.md; the first step compiles, a "
             "repeated run loads the compiled graphs from BLUES_CACHE/inductor)",
             action="store_true")
+        add("--cuda_graph", "replay the whole training step from one CUDA graph after 3 ordinary steps: "
+            "fewer host launches where the step is host-bound (small models; one process, no DeepSpeed; "
+            "its activations stay allocated between steps)", action="store_true")
         add("--expert_parallel", "P: split every layer's experts over groups of P ranks (tokens move by "
             "all-to-all; P divides the rank count and tot_num_experts; under torchrun or deepspeed)",
             type=int, metavar="P")

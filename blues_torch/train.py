@@ -54,6 +54,7 @@ from blues_torch.deepspeed_config import resolve_deepspeed_config
 from blues_torch.distributed import Dist
 from blues_torch.expert_parallel import build_layout, check_layout, parallelize
 from blues_torch.state_dict_adapter import load_canonical
+from blues_torch.step_graph import GraphedTrainStep
 from blues_torch.training import (PRECISION_MODES, TrainStep, autocast_for, compile_cache_hits, compiled_graphs,
                                   evaluate, make_engine, make_next_logits, make_optimizer, precision_mode, to_device,
                                   use_compile_cache)
@@ -178,6 +179,8 @@ def main(argv) -> int:
             engine, optimizer = make_engine(model, ds_config, args.weight_decay, layout)
         step_fn = TrainStep(model, optimizer, dist=dist, grad_clip=args.grad_clip, precision=args.precision, gen=gen,
                             engine=engine, compile=args.compile, layout=layout)
+        if args.cuda_graph:
+            step_fn = GraphedTrainStep(step_fn)
 
         checkpointer = Checkpointer(args, dist, model, optimizer, engine, gen, layout)
         guard = BadStepGuard(args.max_bad_steps)

@@ -190,8 +190,11 @@ class TrainStep:
             else:
                 self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
                 self.engine.step()  # applies the update only at the accumulation boundary
-        for i, flag in enumerate(flags):
-            sums[4 + i] = float(flag) * g
+        if isinstance(flags, torch.Tensor):  # [F] on the device (blues_torch/step_graph.py: read in the graph)
+            sums[4:] = flags * g
+        else:
+            for i, flag in enumerate(flags):
+                sums[4 + i] = float(flag) * g
         reduced = self.dist.mean(sums / g)
         if self.engine is not None and not self.waits_on_host:  # deepspeed_skip's step: flags on the device
             norm = self.engine.get_global_grad_norm()  # [] (+inf when skipped)

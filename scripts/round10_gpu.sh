@@ -38,7 +38,10 @@
 #    waits on the reduction stream; DeepSpeed synchronises the device): the tests on the GPU, the GPU
 #    test again with the epilogue left DeepSpeed's (must fail), then ds_variants at `bench`, twice:
 #    plain compiled, ds_config.json, the device step with DeepSpeed's epilogue, DeepSpeed's own step.
-#   bash scripts/round10_gpu.sh A|B|C|D|E|F|G|H|I|K|L|M|N|O   (writes $OUT/logs/*.txt)
+# P: `train_torch.py --cuda_graph` (blues_torch/step_graph.py): its tests on the GPU, then the
+#    time-to-quality recipe for 300 steps compiled, without and with the graph, alternating twice:
+#    median tokens/s of steps 51-300 (metrics.jsonl) and the validation perplexities, which must match.
+#   bash scripts/round10_gpu.sh A|B|C|D|E|F|G|H|I|K|L|M|N|O|P   (writes $OUT/logs/*.txt)
 set -uo pipefail
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 mkdir -p "$OUT/logs"
@@ -168,6 +171,19 @@ O)
   for round in 1 2; do
     timeout 200 python3 scripts/ds_variants.py --compile --plain --presets bench --steps 20 --warmup 3 \
       --variants ds_config.json "DeepSpeed epilogue" "host skip (DeepSpeed step)" >> "$OUT/logs/o3_ds.txt" 2>&1
+  done
+  ;;
+P)
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_step_graph.py > "$OUT/logs/p1_tests.txt" 2>&1
+  recipe=(--preset tiny --precision bf16 --batch_size 32 --max_steps 300 --lr 0.003 --min_lr 0.0003 --warmup_steps 100
+          --weight_decay 2 --config '{"dropout": 0.1}' --eval_every 50 --eval_batches 1000 --save_every 300 --compile)
+  for round in 1 2; do
+    for way in plain graph; do
+      extra=(); [ $way = graph ] && extra=(--cuda_graph)
+      dir=/tmp/p/$way-$round; began=$SECONDS
+      timeout 100 python3 train_torch.py "${recipe[@]}" "${extra[@]}" --out_dir $dir > "$OUT/logs/p_$way-$round.txt" 2>&1
+      python3 -c "import json,statistics; r=[json.loads(l) for l in open('$dir/metrics.jsonl')]; t=[x['tokens_per_s'] for x in r if 'tokens_per_s' in x and x['step']>50]; v=[round(x['val_perplexity'],3) for x in r if 'val_perplexity' in x]; print('$way round $round: median tokens/s %.0f, wall %d s, val ppl %s' % (statistics.median(t), $SECONDS-$began, v))" >> "$OUT/logs/p2_ab.txt" 2>&1
+    done
   done
   ;;
 K)

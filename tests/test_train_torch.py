@@ -226,6 +226,7 @@ def torch_bad_cases(tmp):
         (["--bogus_flag"], 2, "--bogus_flag"),
         (["--config", str(tmp / "missing.json")], 2, "--config"),
         (["--deepspeed", str(tmp / "missing_ds.json")], 2, "--deepspeed"),
+        (["--cuda_graph"], 2, "--cuda_graph needs a CUDA GPU"),  # the suite runs on a CPU
     ]
 
 
