@@ -52,6 +52,8 @@ def parse_args(argv):
     p.add_argument("--torch-compile", default="off", choices=("off", "on", "both"),
                    help="train, deepspeed, decode, peer-train and titan-train: plain eager (off), "
                         "torch.compile only (on), or both rows")
+    p.add_argument("--torch-cuda-graph", default="off", choices=("off", "on", "both"),
+                   help="train: the PyTorch step replayed from one CUDA graph (on), not (off), or both rows")
     p.add_argument("--ds-optimizer", default="auto", choices=("auto", "deepspeed", "torch"),
                    help="DeepSpeed's FusedAdam (deepspeed), its torch_adam switch (torch), or FusedAdam only if prebuilt (auto)")
     p.add_argument("--dense", default="auto", choices=("auto", "always", "never"),
@@ -179,8 +181,9 @@ def run_sections(args, results) -> Runner:
             wl = train_step.train_workload(preset, q)
             if "torch" in fws:
                 for compile in compiles:
-                    r.run("torch", wl.name, train_step.torch_train, wl, steps=args.steps, warmup=args.warmup,
-                          compile=compile, seed=args.seed)
+                    for graph in {"off": (False,), "on": (True,), "both": (False, True)}[args.torch_cuda_graph]:
+                        r.run("torch", wl.name, train_step.torch_train, wl, steps=args.steps, warmup=args.warmup,
+                              compile=compile, seed=args.seed, cuda_graph=graph)
             if "jax" in fws:
                 for scan in {"on": (True,), "off": (False,), "both": (True, False)}[args.jax_scan]:
                     r.run("jax", wl.name, train_step.jax_train, wl, steps=args.steps, warmup=args.warmup,

@@ -260,7 +260,7 @@ class Results:
             titan = next((r for r in self.rows if r.framework == "peer" and r.workload == wl and r.tokens_per_s
                           and r.variant.startswith("torchtitan") and r.variant.endswith(" compile")
                           and not r.error and not r.skipped), None)
-            for fw, variant in (("torch", "compile"), ("jax", None)):
+            for fw, variant in (("torch", "compile"), ("torch", "compile cuda graph"), ("jax", None)):
                 row = self._find(fw, wl, variant)
                 if row is None or not row.tokens_per_s:
                     continue

@@ -107,14 +107,20 @@ def fresh_torch_compile() -> None:
 
 
 def torch_train(wl: Workload, *, steps: int, warmup: int, compile: bool = False, attn_impl: str = "auto",
-                check: bool = True, seed: int = 0) -> Row:
+                check: bool = True, seed: int = 0, cuda_graph: bool = False) -> Row:
+    """cuda_graph: the step replayed from one CUDA graph (train_torch.py --cuda_graph), captured in
+    the last warm-up step."""
     import torch
     from blues_torch import BluesModel
     from blues_torch.distributed import Dist
+    from blues_torch.step_graph import GraphedTrainStep
     from blues_torch.training import TrainStep, compiled_graphs, make_optimizer
 
     device = torch_device()
-    variant = "compile" if compile else "eager"
+    variant = ("compile" if compile else "eager") + (" cuda graph" if cuda_graph else "")
+    if cuda_graph and device.type != "cuda":
+        return Row(framework="torch", workload=wl.name, variant=variant, skipped="a CUDA graph needs a CUDA GPU",
+                   config=wl.describe())
     mem = PeakMemory("torch", device)
     mem.reset()
     torch.manual_seed(seed)
@@ -140,6 +146,8 @@ def torch_train(wl: Workload, *, steps: int, warmup: int, compile: bool = False,
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     train_step = TrainStep(model, optimizer, dist=Dist(False), grad_clip=GRAD_CLIP, precision="bf16", gen=gen,
                            compile=compile)
+    if cuda_graph:
+        train_step = GraphedTrainStep(train_step, warmup=max(warmup - 1, 1))
     pending = []
 
     def step():

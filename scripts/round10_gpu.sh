@@ -38,9 +38,10 @@
 #    waits on the reduction stream; DeepSpeed synchronises the device): the tests on the GPU, the GPU
 #    test again with the epilogue left DeepSpeed's (must fail), then ds_variants at `bench`, twice:
 #    plain compiled, ds_config.json, the device step with DeepSpeed's epilogue, DeepSpeed's own step.
-# P: `train_torch.py --cuda_graph` (blues_torch/step_graph.py): its tests on the GPU, then the
-#    time-to-quality recipe for 300 steps compiled, without and with the graph, alternating twice:
-#    median tokens/s of steps 51-300 (metrics.jsonl) and the validation perplexities, which must match.
+# P: `train_torch.py --cuda_graph` (blues_torch/step_graph.py): its tests on the GPU; the bench's `tiny`
+#    rows, compiled PyTorch without and with the graph beside compiled transformers (one call); then the
+#    time-to-quality recipe for 300 steps compiled, without and with the graph: median tokens/s of steps
+#    51-300 (metrics.jsonl) and the validation perplexities.
 #   bash scripts/round10_gpu.sh A|B|C|D|E|F|G|H|I|K|L|M|N|O|P   (writes $OUT/logs/*.txt)
 set -uo pipefail
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -174,10 +175,13 @@ O)
   done
   ;;
 P)
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_step_graph.py > "$OUT/logs/p1_tests.txt" 2>&1
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_step_graph.py > "$OUT/logs/p1_tests.txt" 2>&1
+  timeout 200 python3 -m bench --what dense,train,peer-train --preset tiny --framework torch --torch-compile on \
+    --torch-cuda-graph both --steps 6 --warmup 3 --table compact --out /tmp/p_bench > "$OUT/logs/p0_bench.txt" 2>&1
+  cp /tmp/p_bench/bench_table.md "$OUT/logs/p0_bench_table.md" 2>/dev/null
   recipe=(--preset tiny --precision bf16 --batch_size 32 --max_steps 300 --lr 0.003 --min_lr 0.0003 --warmup_steps 100
           --weight_decay 2 --config '{"dropout": 0.1}' --eval_every 50 --eval_batches 1000 --save_every 300 --compile)
-  for round in 1 2; do
+  for round in 1; do
     for way in plain graph; do
       extra=(); [ $way = graph ] && extra=(--cuda_graph)
       dir=/tmp/p/$way-$round; began=$SECONDS

@@ -71,3 +71,10 @@ def test_the_graphed_step_trains_as_the_ordinary_step():
     assert graph.graph is not None  # the later steps were replays
     for p, q in zip(ordinary.model.parameters(), graphed.model.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's answer")
+def test_the_bench_row_says_why_it_did_not_run_on_a_cpu():
+    from bench.train_step import torch_train
+    row = torch_train(train_workload("tiny", quick=True), steps=1, warmup=1, compile=True, cuda_graph=True)
+    assert row.variant == "compile cuda graph" and "CUDA" in row.skipped and row.tokens_per_s is None
