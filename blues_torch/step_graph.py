@@ -19,7 +19,8 @@ call from then on copies its batch, lr and flags into those inputs and replays:
   router noise and dropout;
 - outputs: the step's values are copied out of the graph's buffers before the next replay
   overwrites them, so the loop may queue a step ahead as without the graph.
-A step with `inject_nan` (the tests' hook) runs ordinarily, outside the graph.
+A step with `inject_nan` (the tests' hook) runs ordinarily, outside the graph; a capture that fails
+leaves a warning and ordinary steps.
 
 The graph keeps the step's activations in its own memory pool between steps: more resident memory
 than the ordinary step, whose activations are freed after each backward. Use it where the step is
@@ -27,10 +28,15 @@ host-bound (small models, short sequences); at `bench` the step is GPU-bound.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from blues.errors import UsageError
 from blues_torch.training import StepValues, TrainStep
+
+
+logger = logging.getLogger("blues")
 
 
 class GraphedTrainStep:
@@ -44,11 +50,13 @@ class GraphedTrainStep:
         if step.dist.device.type != "cuda":
             raise UsageError(f"--cuda_graph needs a CUDA GPU; this process trains on {step.dist.device.type}")
         if step.engine is not None:
-            raise UsageError("--cuda_graph is for plain PyTorch; DeepSpeed's step cannot be captured (drop --deepspeed)")
+            raise UsageError("--cuda_graph is for plain PyTorch: DeepSpeed's step cannot be captured "
+                             "(drop --deepspeed)")
         if step.dist.world_size > 1:
             raise UsageError(f"--cuda_graph runs in one process; this run has {step.dist.world_size}")
         self.step, self.warmup = step, warmup
         self.calls = 0
+        self.failed = False  # the capture failed: ordinary steps from then on
         self.side = torch.cuda.Stream()
         self.graph: torch.cuda.CUDAGraph | None = None
         self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []  # the captured inputs
@@ -58,10 +66,17 @@ class GraphedTrainStep:
 
     def __call__(self, batches, lr: float, inject_nan: bool = False, flags=()) -> StepValues:
         self.calls += 1
-        if inject_nan or (self.graph is None and self.calls <= self.warmup):
+        if inject_nan or self.failed or (self.graph is None and self.calls <= self.warmup):
             return self._on_side_stream(lambda: self.step(batches, lr, inject_nan, flags))
         if self.graph is None:
-            self._capture(batches, flags)
+            try:
+                self._capture(batches, flags)
+            except Exception as e:  # e.g. an operation that cannot be captured: train on, ordinarily
+                logger.warning("the training step could not be captured in a CUDA graph (%s); running it "
+                               "ordinarily", str(e).splitlines()[0] if str(e) else type(e).__name__)
+                torch.cuda.synchronize()
+                self.failed, self.graph = True, None
+                return self._on_side_stream(lambda: self.step(batches, lr, inject_nan, flags))
         for (x, y), (sx, sy) in zip(batches, self.batches):
             sx.copy_(x, non_blocking=True)
             sy.copy_(y, non_blocking=True)
