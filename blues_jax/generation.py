@@ -6,7 +6,9 @@
   padding mask, so a prompt's output does not depend on the other prompts in its batch.
 - `generate`: the whole generation is one compiled function: prefill in one pass, then
   `lax.while_loop` over chunks of `DECODE_CHUNK` decode steps (stopping when every row has emitted
-  `<|endoftext|>` or the budget is spent), sampling on the device. XLA reads a `while_loop`'s
+  `<|endoftext|>` or the budget is spent), sampling on the device (greedy decoding of a 16-bit
+  model on a GPU picks each token from the final hidden state in one fused head,
+  blues_jax/greedy_head.py). XLA reads a `while_loop`'s
   condition back to the host on every iteration, but not a loop of known trip count's, so the steps
   of a chunk run with no host round trip and the stop test is read once a chunk. The cache buffers are
   donated in and handed back out, so one allocation serves every call of a batch size. Streaming
@@ -30,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from blues.sampling import FMIX_C1, FMIX_C2, MASK32, ROW_MUL, STEP_MUL, TOKEN_MUL, SamplingParams, left_pad, prefill_width
+from blues_jax import greedy_head
 
 # Decode steps between host reads of the stop test. A call computes up to DECODE_CHUNK - 1 steps past
 # its budget (or past the step where every row finished) and drops them.
@@ -162,10 +165,20 @@ def sample(logits: jax.Array, params: SamplingParams, step: jax.Array, rows: jax
 
 # ---- generation ----------------------------------------------------------------------------------
 
-def _emit(logits, step, finished, out_ids, rows, seed, params, eot_id, stop_at_eot):
-    """Sample from logits [B, V] into column `step` of out_ids; -> (token [B], finished, out_ids).
+def _next_tokens(model, ids, cache, step, rows, seed, params: SamplingParams):
+    """ids [B, t] through the model into the cache -> the next token of each row, [B] int32. Greedy
+    decoding of a 16-bit model on a GPU takes it straight from the final hidden state
+    (blues_jax/greedy_head.py): the [B, V] logits are never written."""
+    fused = params.greedy and greedy_head.fused_applies(model.dtype, model.config.hidden_size)
+    out = model(ids, cache=cache, return_logits=not fused)
+    if fused:
+        return greedy_head.greedy_tokens(out.hidden[:, -1], model.embed[...], model.config.vocab_size)
+    return sample(out.logits[:, -1], params, step, rows, seed)  # [B, V] -> [B]
+
+
+def _emit(nxt, step, finished, out_ids, eot_id, stop_at_eot):
+    """Record the tokens nxt [B] in column `step` of out_ids; -> (token [B], finished, out_ids).
     `eot_id` and `stop_at_eot` are traced values: one compiled function serves every setting."""
-    nxt = sample(logits, params, step, rows, seed)  # [B]
     nxt = jnp.where(stop_at_eot & finished, eot_id, nxt)  # a finished row only repeats <|endoftext|>
     finished = finished | (nxt == eot_id)
     out_ids = jax.lax.dynamic_update_slice(out_ids, nxt[:, None], (0, step))
@@ -181,17 +194,15 @@ def _compiled(graphdef, params: SamplingParams):
         b = ids.shape[0]
         cache.index, cache.start = jnp.zeros((), jnp.int32), start
         cache.load_qkv(model)
-        logits = model(ids, cache=cache).logits[:, -1]  # [B, V]
+        nxt = _next_tokens(model, ids, cache, 0, rows, seed, params)  # [B]
         out_ids = jnp.full((b, cache.length), eot_id, jnp.int32)  # [B, S]: room for any budget
-        tok, finished, out_ids = _emit(logits, 0, jnp.zeros((b,), bool), out_ids, rows, seed,
-                                       params, eot_id, stop_at_eot)
+        tok, finished, out_ids = _emit(nxt, 0, jnp.zeros((b,), bool), out_ids, eot_id, stop_at_eot)
         return tok, finished, out_ids, cache
 
     def step(state, tok, step_i, finished, out_ids, rows, seed, eot_id, stop_at_eot, cache):
         model = nnx.merge(graphdef, state)
-        logits = model(tok[:, None], cache=cache).logits[:, -1]  # [B, V]
-        tok, finished, out_ids = _emit(logits, step_i, finished, out_ids, rows, seed,
-                                       params, eot_id, stop_at_eot)
+        nxt = _next_tokens(model, tok[:, None], cache, step_i, rows, seed, params)  # [B]
+        tok, finished, out_ids = _emit(nxt, step_i, finished, out_ids, eot_id, stop_at_eot)
         return tok, finished, out_ids, cache
 
     def generate_all(state, ids, start, rows, seed, eot_id, stop_at_eot, max_new, cache):

@@ -46,6 +46,7 @@ class BluesOutput:
     router_probs: jax.Array  # [L, B, T, E] router softmax (gradient stopped: a diagnostic)
     expert_counts: jax.Array  # [L, E] assignments each expert received, before capacity
     dropped: jax.Array  # [L] assignments refused by capacity (0 when dropless)
+    hidden: jax.Array  # [B, T, d] the final norm's output in the compute dtype, the LM head's input
 
 
 class RouterStats(NamedTuple):
@@ -260,7 +261,8 @@ class BluesModel(nnx.Module):
         (blues_jax.generation.KVCache): the T tokens continue the cached ones (its arrays are
         replaced by the updated ones). `return_logits` (default: not in training): with targets,
         False computes the loss chunk by chunk and returns no logits (the evaluation's path), True
-        materialises them."""
+        materialises them; without targets, False skips the head (the caller reads `hidden`: greedy
+        decoding's fused head)."""
         cfg = self.config
         b, t = input_ids.shape
         if t > cfg.max_position_embeddings:
@@ -297,9 +299,12 @@ class BluesModel(nnx.Module):
         aux_loss = jnp.mean(stats.aux_loss)
         z_loss = jnp.mean(stats.z_loss)
         head_in = h.astype(self.dtype)  # the LM-head GEMM runs in the compute dtype, logits float32
+        skip_head = targets is None and return_logits is False
         if return_logits is None:
             return_logits = self.deterministic
-        if targets is not None and not return_logits:
+        if skip_head:
+            logits, lm_loss = None, None
+        elif targets is not None and not return_logits:
             # Training and evaluation never materialise [B, T, Vp] logits: the loss is computed chunk by chunk.
             logits = None
             # The Pallas loss kernel is a per-device call that XLA's partitioner cannot split: a mesh
@@ -319,7 +324,8 @@ class BluesModel(nnx.Module):
             expert_indices=stats.indices,  # [L, B, T, k]
             router_probs=stats.probs,  # [L, B, T, E]
             expert_counts=stats.counts,  # [L, E]
-            dropped=stats.dropped)  # [L]
+            dropped=stats.dropped,  # [L]
+            hidden=head_in)  # [B, T, d]
 
     def _scan_blocks(self, h, cos, sin, noise_keys):
         """The blocks as one `lax.scan` over their stacked parameters: XLA compiles one block, not L.

@@ -7,7 +7,8 @@
   values they would get alone: its output does not depend on the other prompts in the batch.
 - `generate`: one prefill pass over the padded prompts, then a decode loop of one token per step.
   Every step has the same shapes and no host synchronisation (the sampler is on the device, the
-  stop test is read only every `STOP_CHECK_EVERY` steps), so on a GPU the step is captured once in
+  stop test is read only every `STOP_CHECK_EVERY` steps; greedy decoding of a 16-bit model on a
+  GPU picks each token from the final hidden state in one fused head, blues_torch/greedy_head.py), so on a GPU the step is captured once in
   a CUDA graph and replayed (optionally torch.compile'd first); a step that cannot be captured falls
   back, with a warning, to eager. On CUDA the experts of a decode-sized block run sync-free
   (blues_torch/experts.py, SMALL_BLOCK_ROWS), so a float32 step captures too.
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from blues.sampling import FMIX_C1, FMIX_C2, MASK32, ROW_MUL, STEP_MUL, TOKEN_MUL, SamplingParams, left_pad, prefill_width
+from blues_torch import greedy_head
 
 logger = logging.getLogger("blues")
 
@@ -193,6 +195,9 @@ class _Decoder:
         cfg = model.config
         device = model.embed.device
         self.model, self.params, self.eot_id, self.stop_at_eot = model, params, eot_id, stop_at_eot
+        # Greedy decoding of a 16-bit model on a GPU takes each token straight from the final hidden
+        # state (blues_torch/greedy_head.py): the [B, V] logits are never written.
+        self.fused_head = params.greedy and greedy_head.fused_applies(model.embed)
         # The cache spans the whole context, whatever this call's lengths: one static shape per batch
         # size, so a captured graph serves every later call of that size.
         self.cache = KVCache.allocate(cfg, batch, cfg.max_position_embeddings, device=device, dtype=model.embed.dtype)
@@ -209,9 +214,15 @@ class _Decoder:
         self.step_fn = torch.compile(self.decode_step, dynamic=False) if compile else self.decode_step
         self.prefill_fn = torch.compile(self.prefill, dynamic=False) if compile else self.prefill
 
-    def emit(self, logits: torch.Tensor) -> None:
-        """Sample from logits [B, V], record the token at column `step`, advance (all on the device)."""
-        nxt = sample(logits, self.params, self.step, self.rows, self.seed)  # [B]
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, t] through the model into the cache -> the next token of each row, [B] int64."""
+        out = self.model(ids, cache=self.cache, return_logits=not self.fused_head)
+        if self.fused_head:
+            return greedy_head.greedy_tokens(out.hidden[:, -1], self.model.embed, self.model.config.vocab_size)
+        return sample(out.logits[:, -1], self.params, self.step, self.rows, self.seed)  # [B, V] -> [B]
+
+    def emit(self, nxt: torch.Tensor) -> None:
+        """Record the tokens nxt [B] at column `step` and advance (all on the device)."""
         if self.stop_at_eot:
             nxt = torch.where(self.finished, self.eot_id, nxt)
             self.finished |= nxt == self.eot_id
@@ -221,11 +232,10 @@ class _Decoder:
 
     def prefill(self, ids: torch.Tensor) -> None:
         """Run the padded prompts ids [B, P] through the model into the cache and emit the first token."""
-        self.emit(self.model(ids, cache=self.cache).logits[:, -1])  # [B, V]
+        self.emit(self.forward(ids))
 
     def decode_step(self) -> None:
-        logits = self.model(self.token, cache=self.cache).logits[:, -1]  # [B, V]
-        self.emit(logits)
+        self.emit(self.forward(self.token))
 
     def capture(self) -> bool:
         """Capture `decode_step` in a CUDA graph; False (and eager decoding) if it cannot be."""

@@ -39,6 +39,7 @@ class BluesOutput:
     router_probs: torch.Tensor  # [L, B, T, E] router softmax (detached: a diagnostic)
     expert_counts: torch.Tensor  # [L, E] assignments each expert received, before capacity
     dropped: torch.Tensor  # [L] assignments refused by capacity (0 when dropless)
+    hidden: torch.Tensor  # [B, T, d] the final norm's output, the LM head's input
     # Under a parallel layout (blues_torch/expert_parallel.py) expert_counts and dropped are the
     # whole global batch's, the other fields this rank's.
 
@@ -276,7 +277,8 @@ class BluesModel(nn.Module):
         device) feeds the router noise in training; None uses the global RNG. `cache`
         (blues_torch.generation.KVCache): the T tokens continue the cached ones. `return_logits`
         (default: not in training): with targets, False computes the loss chunk by chunk and
-        returns no logits (the evaluation's path), True materialises them."""
+        returns no logits (the evaluation's path), True materialises them; without targets, False
+        skips the head (the caller reads `hidden`: greedy decoding's fused head)."""
         cfg = self.config
         b, t = input_ids.shape
         if t > cfg.max_position_embeddings:
@@ -305,9 +307,12 @@ class BluesModel(nn.Module):
 
         aux_loss = torch.stack([s.aux_loss for s in stats]).mean()
         z_loss = torch.stack([s.z_loss for s in stats]).mean()
+        skip_head = targets is None and return_logits is False
         if return_logits is None:
             return_logits = not self.training
-        if targets is not None and not return_logits:
+        if skip_head:
+            logits, lm_loss = None, None
+        elif targets is not None and not return_logits:
             # Training and evaluation never materialise [B, T, Vp] logits: the loss is computed chunk by chunk.
             logits = None
             lm_loss = chunked_lm_loss(h, self.embed, targets, cfg.vocab_size, self.loss_chunk_size)
@@ -323,4 +328,5 @@ class BluesModel(nn.Module):
             expert_indices=torch.stack([s.indices for s in stats]),  # [L, B, T, k]
             router_probs=torch.stack([s.probs for s in stats]),  # [L, B, T, E]
             expert_counts=torch.stack([s.counts for s in stats]),  # [L, E]
-            dropped=torch.stack([s.dropped for s in stats]))  # [L]
+            dropped=torch.stack([s.dropped for s in stats]),  # [L]
+            hidden=h)  # [B, T, d]

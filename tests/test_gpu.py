@@ -244,6 +244,89 @@ def test_greedy_argmax_is_first_maximum_gpu():
         assert torch.equal(greedy_argmax(x), x.float().argmax(-1).to(torch.int64)), (b, v)
 
 
+def _head_draws(seed, batch, d=192, v=200019, vp=200064):
+    """(draw, h [B, d], table [Vp, d]) with small-integer entries: every logit is an integer below
+    2^24, exact in float32 whatever the GEMM's order of summation and exact in bf16 up to 256, so
+    the fused head and the reference must pick the same ids, ties included."""
+    rng = np.random.default_rng(seed)
+    for draw in ("ties", "wide", "negative"):
+        lo, hi = (-2, 3) if draw == "ties" else (-8, 9)
+        h, t = rng.integers(lo, hi, (batch, d)), rng.integers(lo, hi, (vp, d))
+        if draw == "negative":  # every real logit < 0: a padding column counted as 0 would win
+            h, t = np.abs(h) + 1, -np.abs(t) - 1
+        t[v:] = 9  # padding rows: large logits that must never win
+        yield draw, h.astype(np.float32), t.astype(np.float32)
+
+
+@needs_cuda
+def test_fused_greedy_head_is_argmax_of_the_logits_gpu():
+    """blues_torch/greedy_head.py's Triton kernels at the real vocabulary against greedy_argmax of
+    the head's bf16 logits: one partial row tile, one whole, two."""
+    from blues_torch.generation import greedy_argmax
+    from blues_torch.greedy_head import greedy_tokens
+    from blues_torch.loss import lm_head_logits
+    for batch in (1, 5, 64, 100):
+        for draw, h, t in _head_draws(batch, batch):
+            h, t = (torch.from_numpy(a).cuda().bfloat16() for a in (h, t))
+            want = greedy_argmax(lm_head_logits(h, t, 200019))
+            assert torch.equal(greedy_tokens(h, t, 200019), want), (batch, draw)
+
+
+@needs_jax_gpu
+def test_fused_greedy_head_pallas_is_argmax_of_the_logits_gpu():
+    """blues_jax/greedy_head.py's Pallas kernels, compiled by Triton, against argmax of the head's
+    float32 logits, as the torch test."""
+    from blues_jax.greedy_head import greedy_tokens
+    from blues_jax.loss import lm_head_logits
+    for batch in (1, 5, 64, 100):
+        for draw, h, t in _head_draws(batch, batch):
+            h, t = jnp.asarray(h, jnp.bfloat16), jnp.asarray(t, jnp.bfloat16)
+            want = jnp.argmax(lm_head_logits(h, t, 200019), axis=-1)
+            got = jax.jit(greedy_tokens, static_argnums=2)(h, t, 200019)
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"{batch}, {draw}")
+
+
+def _bf16_decode_models():
+    from parity.convert import from_canonical
+    config = BluesConfig(vocab_size=200019, max_position_embeddings=64)  # tiny's widths
+    arrays = random_canonical(config, seed=11)
+    tm = from_canonical(arrays, config, "torch").cuda().eval().to(torch.bfloat16)
+    jm = from_canonical(arrays, config, "jax", dtype=jnp.bfloat16)
+    jm.eval()
+    prompts = np.random.default_rng(12).integers(0, config.vocab_size - 1, (3, 9)).tolist()
+    return config, tm, jm, prompts
+
+
+@needs_cuda
+@needs_jax_gpu
+def test_greedy_generation_with_the_fused_head_gpu(monkeypatch):
+    """Greedy decoding of a bf16 model with the fused head (CUDA-graph step in PyTorch, the compiled
+    loop in JAX) emits the tokens the unfused head's argmax emits. The layers' kernels are the same
+    in both runs, so only the head differs; with random weights a flip needs two logits within the
+    GEMMs' float32 rounding of each other (~1e-4 per token)."""
+    from blues.sampling import SamplingParams
+    from blues_jax import generation as jgen
+    from blues_jax import greedy_head as jhead
+    from blues_torch import generation as tgen
+    from blues_torch import greedy_head as thead
+    config, tm, jm, prompts = _bf16_decode_models()
+    greedy = SamplingParams(temperature=0.0)
+    runs = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(thead, "fused_applies", lambda h: False)
+            monkeypatch.setattr(jhead, "fused_applies", lambda dtype, d: False)
+            jgen._compiled.cache_clear()
+        tgen._DECODERS.clear()
+        runs[fused] = (tgen.generate(tm, prompts, 24, greedy, eot_id=0, stop_at_eot=False),
+                       jgen.generate(jm, prompts, 24, greedy, eot_id=0, stop_at_eot=False))
+        decoder = next(iter(tgen._DECODERS.values()))
+        assert decoder.fused_head is fused and decoder.graph is not None
+    jgen._compiled.cache_clear()
+    assert runs[True][0] == runs[False][0]  # PyTorch
+    assert runs[True][1] == runs[False][1]  # JAX
+
+
 @needs_cuda
 def test_chunked_loss_matches_plain_gpu():
     from blues_torch.loss import chunked_lm_loss, cross_entropy, lm_head_logits
