@@ -14,7 +14,9 @@ Check, before timing (float32 weights, float32 matmuls): the greedy tokens the c
 emits must be exactly the argmax of a full forward pass over the same sequence (teacher forcing on
 the generated text), position by position — the design page's "decoding with a cache computes the
 same logits as the full forward pass". With random weights the top-2 logit gap is ~0.2, float32
-differences ~1e-6, so a tie flip has odds of ~1e-4 per run.
+differences ~1e-6, so a tie flip has odds of ~1e-4 per run. Where the fused greedy head applies
+(bf16 on a GPU), the timed model's greedy tokens through it must also equal those through the
+logits' argmax (`_check_fused_head`).
 """
 from __future__ import annotations
 
@@ -70,6 +72,28 @@ def _check_cached_greedy(generate, plain_logits, model, cfg: BluesConfig, prompt
     return hits == total, msg
 
 
+def _check_fused_head(generate, model, cfg: BluesConfig, prompt: int, seed: int) -> tuple[bool, str]:
+    """The timed (bf16) model: greedy tokens through the fused head (blues_*/greedy_head.py) are the
+    logits' argmax's, step by step. Only the head differs between the two runs (the same layers'
+    kernels), so a flip needs two logits within the GEMMs' float32 rounding of each other."""
+    prompts = random_prompts(cfg, CHECK_BATCH, prompt, seed + 9)
+    kw = dict(eot_id=cfg.vocab_size - 1, stop_at_eot=False)
+    fused = generate(model, prompts, CHECK_NEW, _greedy(), **kw)
+    plain = generate(model, prompts, CHECK_NEW, _greedy(), fused_head=False, **kw)
+    same = sum(a == b for rf, rp in zip(fused, plain) for a, b in zip(rf, rp))
+    total = CHECK_BATCH * CHECK_NEW
+    msg = f"bf16 fused head == logits argmax {same}/{total}"
+    log(f"  check: {msg}")
+    return same == total and all(len(r) == CHECK_NEW for r in fused), msg
+
+
+def _both(first: tuple[bool | None, str], second: tuple[bool, str] | None) -> tuple[bool | None, str]:
+    if second is None:
+        return first
+    ok = second[0] if first[0] is None else first[0] and second[0]
+    return ok, "; ".join(m for m in (first[1], second[1]) if m)
+
+
 # ==== PyTorch =========================================================================================
 
 def _decode_row(framework: str, backend: str, cfg: BluesConfig, *, preset, batch, prompt, new, quick,
@@ -91,7 +115,7 @@ def torch_decode(preset: str, *, quick: bool, steps: int, warmup: int, seed: int
     """`compile`: torch.compile the decode step before its CUDA graph is captured (generate(compile=True));
     the float32 check then runs the compiled step too."""
     import torch
-    from blues_torch import BluesModel
+    from blues_torch import BluesModel, greedy_head
     from blues_torch.generation import generate, plain_logits
     from bench.train_step import fresh_torch_compile, torch_device
 
@@ -108,6 +132,9 @@ def torch_decode(preset: str, *, quick: bool, steps: int, warmup: int, seed: int
     generate = functools.partial(generate, compile=compile)
     check_ok, check_msg = _check_cached_greedy(generate, plain_logits, model, cfg, prompt, seed) if check else (None, "")
     model.to(torch.bfloat16)
+    if check and greedy_head.fused_applies(model.embed):  # the head's check runs the eager step (no second compile)
+        eager = functools.partial(generate, compile=False)
+        check_ok, check_msg = _both((check_ok, check_msg), _check_fused_head(eager, model, cfg, prompt, seed))
     rows = []
     for batch in batches:
         mem = PeakMemory("torch", device)
@@ -135,7 +162,7 @@ def jax_decode(preset: str, *, quick: bool, steps: int, warmup: int, seed: int =
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from blues_jax import BluesModel
+    from blues_jax import BluesModel, greedy_head
     from blues_jax.generation import generate, plain_logits
     from bench.timing import jax_sync
 
@@ -155,6 +182,8 @@ def jax_decode(preset: str, *, quick: bool, steps: int, warmup: int, seed: int =
     model.eval()
     params = nnx.state(model, nnx.Param)
     nnx.update(model, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))
+    if check and greedy_head.fused_applies(jnp.bfloat16, cfg.hidden_size):
+        check_ok, check_msg = _both((check_ok, check_msg), _check_fused_head(generate, model, cfg, prompt, seed))
     rows = []
     for batch in batches:
         mem = PeakMemory("jax")

@@ -191,13 +191,13 @@ class _Decoder:
     """The state of one batch shape: cache, token buffers and (on CUDA) the captured decode step."""
 
     def __init__(self, model, batch: int, max_new: int, params: SamplingParams, eot_id: int, stop_at_eot: bool,
-                 compile: bool = False):
+                 compile: bool = False, fused_head: bool = True):
         cfg = model.config
         device = model.embed.device
         self.model, self.params, self.eot_id, self.stop_at_eot = model, params, eot_id, stop_at_eot
         # Greedy decoding of a 16-bit model on a GPU takes each token straight from the final hidden
         # state (blues_torch/greedy_head.py): the [B, V] logits are never written.
-        self.fused_head = params.greedy and greedy_head.fused_applies(model.embed)
+        self.fused_head = fused_head and params.greedy and greedy_head.fused_applies(model.embed)
         # The cache spans the whole context, whatever this call's lengths: one static shape per batch
         # size, so a captured graph serves every later call of that size.
         self.cache = KVCache.allocate(cfg, batch, cfg.max_position_embeddings, device=device, dtype=model.embed.dtype)
@@ -263,14 +263,14 @@ _DECODERS: dict = {}
 
 
 def _decoder(model, batch: int, max_new: int, params: SamplingParams, eot_id: int, stop_at_eot: bool,
-             cuda_graphs: bool, compile: bool) -> _Decoder:
+             cuda_graphs: bool, compile: bool, fused_head: bool) -> _Decoder:
     # One decoder per (model, shape, settings); the output buffer is sized for the context, so any
     # max_new of a later call fits.
     context = model.config.max_position_embeddings
-    key = (id(model), batch, dataclasses.replace(params, seed=0), eot_id, stop_at_eot, cuda_graphs, compile)
+    key = (id(model), batch, dataclasses.replace(params, seed=0), eot_id, stop_at_eot, cuda_graphs, compile, fused_head)
     dec = _DECODERS.get(key)
     if dec is None or dec.model is not model:
-        dec = _Decoder(model, batch, context, params, eot_id, stop_at_eot, compile)
+        dec = _Decoder(model, batch, context, params, eot_id, stop_at_eot, compile, fused_head)
         if cuda_graphs:
             dec.capture()  # on failure: a warning, and eager steps
         _DECODERS.clear()  # one live decoder at a time: each holds a full-context cache
@@ -281,14 +281,17 @@ def _decoder(model, batch: int, max_new: int, params: SamplingParams, eot_id: in
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, params: SamplingParams, *,
              eot_id: int, stop_at_eot: bool = True, on_token: Callable[[int, np.ndarray], None] | None = None,
-             row_offset: int = 0, cuda_graphs: bool | None = None, compile: bool = False) -> list[list[int]]:
+             row_offset: int = 0, cuda_graphs: bool | None = None, compile: bool = False,
+             fused_head: bool = True) -> list[list[int]]:
     """New token ids for each prompt (each prompt a non-empty id list; the caller checks lengths).
 
     Rows stop at `<|endoftext|>` (not included) when `stop_at_eot`. `on_token(step, ids [B])` is
     called after every step (it forces a host sync per token: streaming only). Row b draws its
     random numbers as sample `row_offset + b` (so splitting a request into batches changes nothing).
     `cuda_graphs`: capture the decode step (None = when the model is on a CUDA device); `compile`:
-    torch.compile it first (a one-time cost of tens of seconds for a faster step).
+    torch.compile it first (a one-time cost of tens of seconds for a faster step); `fused_head`
+    False: greedy tokens from the logits' argmax even where the fused head applies (the reference
+    the benchmark's check holds it to).
     """
     was_training = model.training
     model.eval()
@@ -297,7 +300,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, param
         cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         ids, start = left_pad(prompts, eot_id, prefill_width(prompts, max_new_tokens, model.config.max_position_embeddings))
         batch, _ = ids.shape
-        dec = _decoder(model, batch, max_new_tokens, params, eot_id, stop_at_eot, cuda_graphs, compile)
+        dec = _decoder(model, batch, max_new_tokens, params, eot_id, stop_at_eot, cuda_graphs, compile, fused_head)
         dec.cache.reset(torch.from_numpy(start).to(device))
         dec.cache.load_qkv(model)
         dec.step.zero_()

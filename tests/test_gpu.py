@@ -299,32 +299,25 @@ def _bf16_decode_models():
 
 @needs_cuda
 @needs_jax_gpu
-def test_greedy_generation_with_the_fused_head_gpu(monkeypatch):
+def test_greedy_generation_with_the_fused_head_gpu():
     """Greedy decoding of a bf16 model with the fused head (CUDA-graph step in PyTorch, the compiled
-    loop in JAX) emits the tokens the unfused head's argmax emits. The layers' kernels are the same
-    in both runs, so only the head differs; with random weights a flip needs two logits within the
-    GEMMs' float32 rounding of each other (~1e-4 per token)."""
+    loop in JAX) emits the tokens the logits' argmax emits (`fused_head=False`). The layers' kernels
+    are the same in both runs, so only the head differs; with random weights a flip needs two logits
+    within the GEMMs' float32 rounding of each other (~1e-4 per token)."""
     from blues.sampling import SamplingParams
     from blues_jax import generation as jgen
-    from blues_jax import greedy_head as jhead
     from blues_torch import generation as tgen
-    from blues_torch import greedy_head as thead
     config, tm, jm, prompts = _bf16_decode_models()
     greedy = SamplingParams(temperature=0.0)
-    runs = {}
     for fused in (True, False):
-        if not fused:
-            monkeypatch.setattr(thead, "fused_applies", lambda h: False)
-            monkeypatch.setattr(jhead, "fused_applies", lambda dtype, d: False)
-            jgen._compiled.cache_clear()
-        tgen._DECODERS.clear()
-        runs[fused] = (tgen.generate(tm, prompts, 24, greedy, eot_id=0, stop_at_eot=False),
-                       jgen.generate(jm, prompts, 24, greedy, eot_id=0, stop_at_eot=False))
+        torch_ids = tgen.generate(tm, prompts, 24, greedy, eot_id=0, stop_at_eot=False, fused_head=fused)
         decoder = next(iter(tgen._DECODERS.values()))
         assert decoder.fused_head is fused and decoder.graph is not None
-    jgen._compiled.cache_clear()
-    assert runs[True][0] == runs[False][0]  # PyTorch
-    assert runs[True][1] == runs[False][1]  # JAX
+        jax_ids = jgen.generate(jm, prompts, 24, greedy, eot_id=0, stop_at_eot=False, fused_head=fused)
+        if fused:
+            fused_ids = torch_ids, jax_ids
+    assert fused_ids[0] == torch_ids  # PyTorch
+    assert fused_ids[1] == jax_ids  # JAX
 
 
 @needs_cuda
