@@ -16,8 +16,8 @@
 - `sample`: the sampling specification of `blues/sampling.py`.
 - `score`: per-token NLL and routing of a batch of windows, for perplexity.
 
-The model reads the cache through `cache.positions(t)`, `cache.qkv[layer]`, `cache.update(layer, k,
-v)` and `cache.advance(t)`, exactly as in torch. Inside a trace these calls replace the Python object's
+The model reads the cache through `cache.positions(t)`, `cache.qkv[layer]`, `cache.attend(layer, q,
+k, v, ...)` and `cache.advance(t)`, exactly as in torch. Inside a trace these calls replace the Python object's
 arrays (functional updates: `dynamic_update_slice`), and the caller returns the object as a pytree.
 """
 from __future__ import annotations
@@ -32,7 +32,8 @@ import numpy as np
 from flax import nnx
 
 from blues.sampling import FMIX_C1, FMIX_C2, MASK32, ROW_MUL, STEP_MUL, TOKEN_MUL, SamplingParams, left_pad, prefill_width
-from blues_jax import greedy_head
+from blues_jax import decode_attention, greedy_head
+from blues_jax.attention import attention
 
 # Decode steps between host reads of the stop test. A call computes up to DECODE_CHUNK - 1 steps past
 # its budget (or past the step where every row finished) and drops them.
@@ -97,6 +98,17 @@ class KVCache:
         self.k[layer] = jax.lax.dynamic_update_slice(self.k[layer], k.astype(self.k[layer].dtype), at)
         self.v[layer] = jax.lax.dynamic_update_slice(self.v[layer], v.astype(self.v[layer].dtype), at)
         return self.k[layer], self.v[layer], self._mask
+
+    def attend(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, softcap: float | None,
+               impl: str) -> jax.Array:
+        """Store k/v [B, t, K, Dh] (`update`) and attend q [B, t, H, Dh] over every cached slot under
+        this step's mask -> [B, t, H, Dh]. A one-token step on a GPU runs one kernel that reads the
+        mask's rule from `index` and `start` (blues_jax/decode_attention.py); otherwise `attention`
+        with the mask (the `reference` implementation when asked for)."""
+        k, v, mask = self.update(layer, k, v)
+        if impl != "reference" and decode_attention.applies(q):
+            return decode_attention.decode_attention(q[:, 0], k, v, self.index, self.start, softcap)[:, None]
+        return attention(q, k, v, softcap=softcap, impl=impl, mask=mask)
 
     def advance(self, t: int) -> None:
         self.index = self.index + t

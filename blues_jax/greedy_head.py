@@ -7,7 +7,7 @@ ids[b] = the first maximum of logits[b, :V], logits = h @ table^T as the model's
 products in h's dtype summed in float32, the logits float32 (blues_jax/loss.py's head). The same
 function as `jnp.argmax(lm_head_logits(h, table, V), -1)` up to the GEMM's order of summation.
 
-Two Pallas (Triton) kernels with PyTorch's tiles (blues/head_launch.py): the first computes a tile of
+Two Pallas (Triton) kernels with PyTorch's tiles (blues/decode_launch.py): the first computes a tile of
 128 table rows against the batch and keeps, for each batch row, the tile's maximum and its first
 column; the second picks each row's first block holding the row's maximum. The head's 77 MB table
 is read once either way; what this saves is writing and re-reading the float32 logits (51 MB at
@@ -20,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from blues.head_launch import fits, tiles
+from blues.decode_launch import head_fits, head_tiles
 
 _NO_COLUMN = 2 ** 31 - 1
 
@@ -28,7 +28,7 @@ _NO_COLUMN = 2 ** 31 - 1
 def fused_applies(dtype, hidden_size: int) -> bool:
     """The kernels run on a GPU, for the 16-bit decode of mixed-precision models."""
     return (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-            and fits(hidden_size))
+            and head_fits(hidden_size))
 
 
 def greedy_tokens(h: jax.Array, table: jax.Array, vocab_size: int, *, interpret: bool = False) -> jax.Array:
@@ -39,7 +39,7 @@ def greedy_tokens(h: jax.Array, table: jax.Array, vocab_size: int, *, interpret:
     batch, depth = h.shape
     padded = table.shape[0]
     table = table.astype(h.dtype)
-    t = tiles(batch, padded, depth)
+    t = head_tiles(batch, padded, depth)
     row_tiles = -(-batch // t.rows)
     # Whole tiles of rows (zeros below the batch): a Pallas slice may not run past its array.
     h = jnp.pad(h, ((0, row_tiles * t.rows - batch), (0, 0)))  # [row_tiles * rows, d]

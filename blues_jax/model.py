@@ -111,10 +111,10 @@ class Attention(nnx.Module):
         q = q.reshape(b, t, h, dh)  # [B, T, H, Dh]
         k, v = k.reshape(b, t, kv, dh), v.reshape(b, t, kv, dh)  # [B, T, K, Dh] each
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask = None
-        if cache is not None:  # decoding: store k, v and attend over every cached slot (generation.py)
-            k, v, mask = cache.update(layer, k, v)  # [B, S, K, Dh] each, mask [B, T, S]
-        out = attention(q, k, v, softcap=self.softcap, impl=self.attn_impl, mask=mask)  # [B, T, H, Dh]
+        if cache is None:
+            out = attention(q, k, v, softcap=self.softcap, impl=self.attn_impl)  # [B, T, H, Dh]
+        else:  # decoding: store k, v and attend over every cached slot (generation.py)
+            out = cache.attend(layer, q, k, v, softcap=self.softcap, impl=self.attn_impl)  # [B, T, H, Dh]
         return out.reshape(b, t, h * dh) @ self.o[...].astype(self.dtype)  # [B, T, d]
 
 

@@ -18,8 +18,8 @@
 The model reads the cache through three calls and one field (mirrored in blues_jax/generation.py):
 `cache.positions(t)` (RoPE positions of the t new tokens, [B, t]; also prepares the step's mask),
 `cache.qkv[layer]` (the layer's q, k, v weights side by side, `load_qkv`: one projection GEMM),
-`cache.update(layer, k, v)` (store k/v, return the layer's whole buffers and the [B, t, S] mask)
-and `cache.advance(t)` after the last layer.
+`cache.attend(layer, q, k, v, ...)` (store k/v and attend over the layer's cached slots under the
+step's mask) and `cache.advance(t)` after the last layer.
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from blues.sampling import FMIX_C1, FMIX_C2, MASK32, ROW_MUL, STEP_MUL, TOKEN_MUL, SamplingParams, left_pad, prefill_width
-from blues_torch import greedy_head
+from blues_torch import decode_attention, greedy_head
+from blues_torch.attention import attention
 
 logger = logging.getLogger("blues")
 
@@ -97,6 +98,17 @@ class KVCache:
         self.k[layer].index_copy_(1, slots, k.to(self.k[layer].dtype))
         self.v[layer].index_copy_(1, slots, v.to(self.v[layer].dtype))
         return self.k[layer], self.v[layer], self._mask
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softcap: float | None,
+               impl: str) -> torch.Tensor:
+        """Store k/v [B, t, K, Dh] (`update`) and attend q [B, t, H, Dh] over every cached slot under
+        this step's mask -> [B, t, H, Dh]. A one-token step on a GPU runs one kernel that reads the
+        mask's rule from `index` and `start` (blues_torch/decode_attention.py); otherwise `attention`
+        with the mask (the `reference` implementation when asked for)."""
+        k, v, mask = self.update(layer, k, v)
+        if impl != "reference" and decode_attention.applies(q):
+            return decode_attention.decode_attention(q[:, 0], k, v, self.index, self.start, softcap)[:, None]
+        return attention(q, k, v, softcap=softcap, impl=impl, mask=mask)
 
     def advance(self, t: int) -> None:
         self.index += t

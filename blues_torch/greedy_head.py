@@ -8,7 +8,7 @@ float32 dot product rounded to the table's dtype (the dtype of the logits the he
 in bf16 go to the lower id as `greedy_argmax` breaks them). The same function as
 `greedy_argmax(lm_head_logits(h, table, V))` up to the GEMM's order of summation.
 
-Two Triton kernels. The first tiles the GEMM (blues/head_launch.py: 128 table rows a program, 1,563
+Two Triton kernels. The first tiles the GEMM (blues/decode_launch.py: 128 table rows a program, 1,563
 programs at the real vocabulary; rows past the batch are masked) and keeps, for each batch row, the tile's maximum and its first
 column; the second picks each row's first block holding the row's maximum. At decode sizes the
 head reads the 77 MB table once either way; what this saves is writing and re-reading the logits
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from blues.head_launch import fits, tiles
+from blues.decode_launch import head_fits, head_tiles
 
 try:
     import triton
@@ -30,7 +30,7 @@ except ImportError:  # CPU-only installs: generation.py's unfused head
 
 def fused_applies(h: torch.Tensor) -> bool:
     """The kernels run on a CUDA device with Triton, for the 16-bit decode of mixed-precision models."""
-    return triton is not None and h.is_cuda and h.dtype in (torch.bfloat16, torch.float16) and fits(h.shape[-1])
+    return triton is not None and h.is_cuda and h.dtype in (torch.bfloat16, torch.float16) and head_fits(h.shape[-1])
 
 
 def greedy_tokens(h: torch.Tensor, table: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -39,7 +39,7 @@ def greedy_tokens(h: torch.Tensor, table: torch.Tensor, vocab_size: int) -> torc
     padded = table.shape[0]
     assert table.shape[1] == depth and h.dtype == table.dtype and 0 < vocab_size <= padded, (h.shape, table.shape)
     h, table = h.contiguous(), table.contiguous()
-    t = tiles(batch, padded, depth)
+    t = head_tiles(batch, padded, depth)
     block_max = torch.empty(batch, t.vocab_blocks, device=h.device, dtype=torch.float32)  # [B, blocks]
     block_arg = torch.empty(batch, t.vocab_blocks, device=h.device, dtype=torch.int32)  # [B, blocks]
     ids = torch.empty(batch, device=h.device, dtype=torch.int64)  # [B]

@@ -11,9 +11,12 @@ blues_torch.generation with compile=True, under changes that leave the function 
   inductor fuses, instead of SDPA's kernel;
 - `max-autotune`: inductor's Triton GEMM templates with fused epilogues (autotuned);
 - `unfused-head`: the LM head's logits and then the argmax, instead of the fused greedy head
-  (blues_torch/greedy_head.py).
-JAX variants: the attention implementation (`cudnn`, `xla`), and `unfused-head` (cuDNN attention,
-the head's float32 logits and then the argmax instead of blues_jax/greedy_head.py).
+  (blues_torch/greedy_head.py);
+- `no-decode-attention`: the cache's masked attention through SDPA, instead of the one-query
+  kernel (blues_torch/decode_attention.py).
+JAX variants: the attention implementation of the prefill (`cudnn`, `xla`), and, with cuDNN,
+`unfused-head` (the head's float32 logits and then the argmax instead of blues_jax/greedy_head.py)
+and `no-decode-attention` (XLA's masked attention instead of blues_jax/decode_attention.py).
 Per variant and batch (1, 64): tokens/s over whole generate calls (median of --calls after two
 warm-up calls), the captured step's kernels and GPU time per token (torch.profiler over replays),
 and how many greedy tokens equal the `base` variant's (bf16: a changed reduction order can flip a
@@ -33,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.decode import NEW_TOKENS, PROMPT, _greedy, decode_config, random_prompts  # noqa: E402
 
-TORCH_VARIANTS = ("base", "cdt", "ref-attn", "ref-attn+cdt", "max-autotune", "unfused-head")
-JAX_VARIANTS = ("cudnn", "xla", "unfused-head")
+TORCH_VARIANTS = ("base", "cdt", "ref-attn", "ref-attn+cdt", "max-autotune", "unfused-head", "no-decode-attention")
+JAX_VARIANTS = ("cudnn", "xla", "unfused-head", "no-decode-attention")
 
 
 def _torch_variant(name: str, calls: int, steps: int, base_tokens: dict) -> list[str]:
@@ -43,7 +46,7 @@ def _torch_variant(name: str, calls: int, steps: int, base_tokens: dict) -> list
     from torch.profiler import ProfilerActivity, profile
 
     from blues_torch import BluesModel
-    from blues_torch import generation, greedy_head
+    from blues_torch import decode_attention, generation, greedy_head
 
     torch._dynamo.reset()
     generation._DECODERS.clear()
@@ -66,9 +69,11 @@ def _torch_variant(name: str, calls: int, steps: int, base_tokens: dict) -> list
         return real_compile(fn, options=options or None, **kw)
 
     generation.torch.compile = compile_with_options  # the module's torch: only _Decoder compiles through it
-    fused_applies = greedy_head.fused_applies
+    fused_applies, attention_applies = greedy_head.fused_applies, decode_attention.applies
     if name == "unfused-head":
         greedy_head.fused_applies = lambda h: False
+    if name == "no-decode-attention":
+        decode_attention.applies = lambda q: False
     eot = cfg.vocab_size - 1
     lines = []
     try:
@@ -115,7 +120,7 @@ def _torch_variant(name: str, calls: int, steps: int, base_tokens: dict) -> list
                 print(f"      {e.self_device_time_total / steps:6.1f} us x{e.count / steps:4.1f} {e.key[:100]}", flush=True)
     finally:
         generation.torch.compile = real_compile
-        greedy_head.fused_applies = fused_applies
+        greedy_head.fused_applies, decode_attention.applies = fused_applies, attention_applies
         generation._DECODERS.clear()
     return lines
 
@@ -126,13 +131,16 @@ def _jax_one(variant: str, calls: int) -> None:
     import numpy as np
     from flax import nnx
 
-    from blues_jax import BluesModel, greedy_head
+    from blues_jax import BluesModel, decode_attention, greedy_head
     from blues_jax.generation import generate
 
     if variant == "unfused-head":
         greedy_head.fused_applies = lambda dtype, d: False
+    if variant == "no-decode-attention":
+        decode_attention.applies = lambda q: False
     cfg = decode_config("tiny", False, PROMPT, NEW_TOKENS)
-    model = BluesModel(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, attn_impl="cudnn" if variant == "unfused-head" else variant)
+    attn = variant if variant in ("cudnn", "xla") else "cudnn"
+    model = BluesModel(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, attn_impl=attn)
     model.eval()
     params = nnx.state(model, nnx.Param)
     nnx.update(model, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))

@@ -42,9 +42,10 @@
 #    rows, compiled PyTorch without and with the graph beside compiled transformers (one call); then the
 #    time-to-quality recipe for 300 steps compiled, without and with the graph: median tokens/s of steps
 #    51-300 (metrics.jsonl) and the validation perplexities.
-# Q: the fused greedy head (blues_torch/greedy_head.py, blues_jax/greedy_head.py): its GPU tests, the
-#    torch test with the tie rule planted wrong (must fail), then scripts/decode_probe.py at `tiny`:
-#    both frameworks with and without the fused head (tokens/s, replay and kernel time, kernels).
+# Q: the decode step's kernels (blues_*/greedy_head.py, blues_*/decode_attention.py): their GPU tests,
+#    the torch tests with the head's tie rule and the attention's padding rule planted wrong (each
+#    must fail), then scripts/decode_probe.py at `tiny`: both frameworks with both kernels, without
+#    the fused head, without the attention kernel (tokens/s, replay and kernel time, kernels).
 #   bash scripts/round10_gpu.sh A|B|C|D|E|F|G|H|I|K|L|M|N|O|P|Q   (writes $OUT/logs/*.txt)
 set -uo pipefail
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -195,14 +196,17 @@ P)
   ;;
 Q)
   nvidia-smi --query-gpu=name --format=csv,noheader > "$OUT/logs/q0_gpu.txt"
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "greedy" > "$OUT/logs/q1_tests.txt" 2>&1
-  cp blues_torch/greedy_head.py /tmp/greedy_head.py  # planted: ties to the higher id
-  sed -i 's/tl.min(tl.where(logits == best/tl.max(tl.where(logits == best/' blues_torch/greedy_head.py
-  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "fused_greedy_head_is_argmax" \
-    > "$OUT/logs/q2_planted.txt" 2>&1
-  cp /tmp/greedy_head.py blues_torch/greedy_head.py
-  timeout 330 python3 scripts/decode_probe.py --torch base unfused-head --jax cudnn unfused-head --calls 5 \
-    > "$OUT/logs/q3_decode.txt" 2>&1
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "greedy or decode_attention" \
+    > "$OUT/logs/q1_tests.txt" 2>&1
+  cp blues_torch/greedy_head.py /tmp/greedy_head.py; cp blues_torch/decode_attention.py /tmp/decode_attention.py
+  sed -i 's/tl.min(tl.where(logits == best/tl.max(tl.where(logits == best/' blues_torch/greedy_head.py  # ties to the higher id
+  sed -i 's/allowed = (slot <= index) & ((slot >= start) | (slot == index))/allowed = slot <= index/' \
+    blues_torch/decode_attention.py  # padding attended
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+    -k "fused_greedy_head_is_argmax or decode_attention_matches_reference_gpu" > "$OUT/logs/q2_planted.txt" 2>&1
+  cp /tmp/greedy_head.py blues_torch/greedy_head.py; cp /tmp/decode_attention.py blues_torch/decode_attention.py
+  timeout 340 python3 scripts/decode_probe.py --torch base unfused-head no-decode-attention \
+    --jax cudnn unfused-head no-decode-attention --calls 3 > "$OUT/logs/q3_decode.txt" 2>&1
   ;;
 K)
   timeout 560 python3 scripts/run_ahead_probe.py --frameworks torch,jax --presets tiny,bench --steps 30 \

@@ -330,99 +330,6 @@ def test_the_head_can_be_skipped_for_the_hidden_state(small_models, framework):
                                       np.asarray(full.logits))
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_fused_greedy_head_is_the_first_maximum_of_the_logits(dtype):
-    """blues_jax/greedy_head.py's Pallas kernels in Pallas's interpreter (blues_torch/greedy_head.py's
-    Triton kernels have the same tiles; tests/test_gpu.py runs both compiled, at the real vocabulary)
-    against argmax of the head's logits: batches of one row tile, several and a partial one, a table
-    with padding rows, and small-integer weights whose logits are exact in any summation order and
-    tie everywhere (ties go to the lower id)."""
-    from blues_jax.greedy_head import greedy_tokens
-    from blues_jax.loss import lm_head_logits
-    rng = np.random.default_rng(3)
-    vocab, padded = 1001, 1024  # 8 blocks of 128, the last with 23 real columns
-    for batch, depth in ((1, 64), (3, 96), (70, 32)):
-        for draw in ("ties", "normal", "negative"):
-            shape_h, shape_t = (batch, depth), (padded, depth)
-            h, t = ((rng.integers(-2, 3, shape_h), rng.integers(-2, 3, shape_t)) if draw == "ties" else
-                    (rng.standard_normal(shape_h), rng.standard_normal(shape_t)))
-            if draw == "negative":  # every real logit < 0: a padding column read as 0 would win
-                h, t = np.abs(h) + 0.5, -np.abs(t) - 0.5
-            t[vocab:] = 9  # padding rows: large logits that must never win
-            h, t = jnp.asarray(h, dtype), jnp.asarray(t, dtype)
-            got = greedy_tokens(h, t, vocab, interpret=True)
-            want = jnp.argmax(lm_head_logits(h, t, vocab), axis=-1)
-            np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"{batch} x {depth}, {draw}")
-
-
-@pytest.mark.parametrize("framework", ["torch", "jax"])
-def test_greedy_generation_through_the_fused_head_path(small_models, framework, monkeypatch):
-    """Decoding with the fused head's path taken (it applies on GPUs only: forced here) emits what
-    the logits' argmax emits: the model skips its head and the kernel reads the last position's
-    hidden state and the tied table. JAX runs its real kernels in Pallas's interpreter inside the
-    compiled decode loop; PyTorch's stand-in is the reference function the GPU test holds its
-    kernels to (greedy_argmax of the head's logits), so this checks PyTorch's plumbing only."""
-    cfg, tm, jm = small_models
-    greedy = SamplingParams(temperature=0.0)
-    if framework == "torch":
-        from blues_torch import greedy_head
-        from blues_torch.loss import lm_head_logits
-        engine, model = tgen, tm
-        want = engine.generate(model, PROMPTS, 12, greedy, eot_id=0, stop_at_eot=False)
-        called = []
-        monkeypatch.setattr(greedy_head, "fused_applies", lambda h: True)
-        monkeypatch.setattr(greedy_head, "greedy_tokens", lambda h, table, v: called.append(h.shape) or
-                            tgen.greedy_argmax(lm_head_logits(h, table, v)))
-        tgen._DECODERS.clear()
-        got = engine.generate(model, PROMPTS, 12, greedy, eot_id=0, stop_at_eot=False)
-        tgen._DECODERS.clear()
-        assert called[0] == (len(PROMPTS), cfg.hidden_size)
-    else:
-        from blues_jax import greedy_head
-        engine, model = jgen, jm
-        want = engine.generate(model, PROMPTS, 12, greedy, eot_id=0, stop_at_eot=False)
-        monkeypatch.setattr(greedy_head, "fused_applies", lambda dtype, d: True)
-        monkeypatch.setattr(greedy_head, "greedy_tokens",
-                            functools.partial(greedy_head.greedy_tokens, interpret=True))
-        jgen._compiled.cache_clear()
-        got = engine.generate(model, PROMPTS, 12, greedy, eot_id=0, stop_at_eot=False)
-        jgen._compiled.cache_clear()
-    assert got == want
-
-
-@pytest.mark.parametrize("batch", [1, 64, 100])
-def test_fused_greedy_head_lowers_to_triton_for_a_gpu(batch):
-    """The Pallas kernels lower through Pallas's Triton lowering for CUDA without a GPU here: a
-    primitive that lowering lacks fails now, not on the GPU (a planted jnp.sort in the tile kernel
-    fails this test)."""
-    from blues_jax.greedy_head import greedy_tokens
-    h = jax.ShapeDtypeStruct((batch, 192), jnp.bfloat16)
-    table = jax.ShapeDtypeStruct((200064, 192), jnp.bfloat16)
-    lowered = jax.jit(greedy_tokens, static_argnums=2).trace(h, table, 200019).lower(lowering_platforms=("cuda",))
-    assert lowered.as_text().count("custom_call @__gpu$xla.gpu.triton(") == 2  # the tile and the pick kernels
-
-
-def test_fused_greedy_head_triton_kernels_compile_for_sm90():
-    """blues_torch/greedy_head.py's kernels compile to an sm_90 cubin with Triton's own compiler, no
-    GPU needed (skipped where Triton is not installed: CPU builds of torch do not bring it)."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from blues_torch import greedy_head
-    options = {"num_warps": 4, "num_stages": 1}
-    tile = {"h_ptr": "*bf16", "table_ptr": "*bf16", "max_ptr": "*fp32", "arg_ptr": "*i32", "batch": "i32",
-            "vocab": "i32", "blocks": "i32", "D": "constexpr", "ROWS": "constexpr", "VOCAB": "constexpr",
-            "DEPTH": "constexpr"}
-    for rows in (16, 64):
-        src = ASTSource(fn=greedy_head._tile_kernel, signature=tile,
-                        constexprs={"D": 192, "ROWS": rows, "VOCAB": 128, "DEPTH": 64})
-        assert "mma" in triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
-    pick = {"max_ptr": "*fp32", "arg_ptr": "*i32", "ids_ptr": "*i64", "blocks": "i32", "WIDTH": "constexpr"}
-    src = ASTSource(fn=greedy_head._pick_kernel, signature=pick, constexprs={"WIDTH": 2048})
-    assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
-
-
 @pytest.mark.parametrize("framework", ["torch", "jax"])
 def test_generation_follows_weights_changed_between_calls(framework):
     """A later generate call of the same model (its decoder and cache reused) projects with the
@@ -489,7 +396,7 @@ def test_jax_decode_chunk_is_a_loop_of_known_trip_count(small_models):
     condition back to the host (a while loop of unknown count reads it every iteration)."""
     cfg, _, jm = small_models
     graphdef, state = nnx.split(jm)
-    generate_all = jgen._compiled(graphdef, SamplingParams(temperature=0.0))[0]
+    generate_all = jgen._compiled(graphdef, SamplingParams(temperature=0.0), True)[0]
     ids, start = jgen.left_pad(PROMPTS, 0, 16, dtype=np.int32)
     cache = jgen.KVCache.allocate(cfg, len(PROMPTS), cfg.max_position_embeddings)
     hlo = generate_all.lower(state, jnp.asarray(ids), jnp.asarray(start), jnp.arange(3, dtype=jnp.int32),

@@ -286,6 +286,49 @@ def test_fused_greedy_head_pallas_is_argmax_of_the_logits_gpu():
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"{batch}, {draw}")
 
 
+def _decode_attention_case(seed, b, h=4, kv=2, dh=48, s=288):
+    """q [B, H, Dh], k/v [B, S, K, Dh], the step's slot, each row's first real slot (row 0 a padding
+    query) and the cache's mask [B, 1, S], as tests/test_decode_kernels.py builds them."""
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal(shape).astype(np.float32) for shape in ((b, h, dh), (b, s, kv, dh), (b, s, kv, dh)))
+    index, start = s * 2 // 3, rng.integers(0, s // 2, b)
+    start[0] = index
+    keys = np.arange(s)
+    return q, k, v, index, start, ((keys <= index) & ((keys[None] >= start[:, None]) | (keys == index)))[:, None, :]
+
+
+@needs_cuda
+def test_decode_attention_matches_reference_gpu():
+    """blues_torch/decode_attention.py's Triton kernel against the reference attention under the
+    cache's mask: float32 (1e-5: only the order of the sums differs) and bf16 inputs (the kernel
+    computes in float32 and rounds its output once: BF16_REL)."""
+    from blues_torch.attention import reference_attention
+    from blues_torch.decode_attention import decode_attention
+    for b, softcap in ((1, None), (64, None), (3, 30.0)):
+        q, k, v, index, start, mask = (torch.from_numpy(np.asarray(a)).cuda() for a in _decode_attention_case(b, b))
+        want = reference_attention(q[:, None], k, v, softcap=softcap, mask=mask)[:, 0]
+        got = decode_attention(q, k, v, index, start, softcap)
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (b, softcap, (got - want).abs().max())
+        got16 = decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), index, start, softcap)
+        want16 = reference_attention(q.bfloat16()[:, None], k.bfloat16(), v.bfloat16(), softcap=softcap, mask=mask)[:, 0]
+        assert rel_err(got16.float().cpu(), want16.float().cpu()) < BF16_REL, (b, softcap)
+
+
+@needs_jax_gpu
+def test_decode_attention_pallas_matches_reference_gpu():
+    """blues_jax/decode_attention.py's Pallas kernel, compiled by Triton, as the torch test."""
+    from blues_jax.attention import reference_attention
+    from blues_jax.decode_attention import decode_attention
+    for b, softcap in ((1, None), (64, None), (3, 30.0)):
+        q, k, v, index, start, mask = _decode_attention_case(b, b)
+        with jax.default_matmul_precision("float32"):  # the reference's einsums at full float32 (TF32 otherwise)
+            want = np.asarray(reference_attention(jnp.asarray(q)[:, None], jnp.asarray(k), jnp.asarray(v),
+                                                  softcap=softcap, mask=jnp.asarray(mask))[:, 0])
+        run = jax.jit(lambda *a: decode_attention(*a, softcap))
+        got = run(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.int32(index), jnp.asarray(start, jnp.int32))
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5, err_msg=f"{b}, {softcap}")
+
+
 def _bf16_decode_models():
     from parity.convert import from_canonical
     config = BluesConfig(vocab_size=200019, max_position_embeddings=64)  # tiny's widths
