@@ -8,12 +8,13 @@ float32 dot product rounded to the table's dtype (the dtype of the logits the he
 in bf16 go to the lower id as `greedy_argmax` breaks them). The same function as
 `greedy_argmax(lm_head_logits(h, table, V))` up to the GEMM's order of summation.
 
-Two Triton kernels. The first tiles the GEMM (blues/decode_launch.py: 128 table rows a program, 1,563
-programs at the real vocabulary; rows past the batch are masked) and keeps, for each batch row, the tile's maximum and its first
-column; the second picks each row's first block holding the row's maximum. At decode sizes the
-head reads the 77 MB table once either way; what this saves is writing and re-reading the logits
-and the argmax's own launches (at batch 64 the head wrote 25 MB of bf16 logits that the argmax's
-first stage then read in 33 us of a 245 us decode step, H200, docs/performance.md "Decoding").
+Two Triton kernels. The first tiles the GEMM (blues/decode_launch.py: 128 table rows a program,
+1,563 programs at the real vocabulary; rows past the batch are masked) and keeps, for each batch
+row, the tile's maximum and its first column; the second picks each row's first block holding the
+row's maximum. At decode sizes the head reads the 77 MB table once either way; what this saves is
+writing and re-reading the logits and the argmax's own launches (at batch 64 the head wrote 25 MB
+of bf16 logits that the argmax's first stage then read in 33 us of a 245 us decode step, H200,
+docs/performance.md "Decoding").
 """
 from __future__ import annotations
 
