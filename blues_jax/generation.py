@@ -267,7 +267,6 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, param
         generate_all, prefill, step = _compiled(graphdef, dataclasses.replace(params, seed=0), fused_head)
         # Reuse the last call's buffers for the same batch size, dtype and model config (they are donated
         # and returned).
-        # and returned).
         key = (batch, jnp.dtype(model.dtype), cfg)
         cache = _CACHES.pop(key, None)
         if cache is None:
