@@ -46,7 +46,8 @@
 #    the torch tests with the head's tie rule and the attention's padding rule planted wrong (each
 #    must fail), then scripts/decode_probe.py at `tiny`: both frameworks with both kernels, without
 #    the fused head, without the attention kernel (tokens/s, replay and kernel time, kernels).
-#   bash scripts/round10_gpu.sh A|B|C|D|E|F|G|H|I|K|L|M|N|O|P|Q   (writes $OUT/logs/*.txt)
+# R: P's tests and Q whole in one call (both branches' correctness on the GPU, and the decode probe).
+#   bash scripts/round10_gpu.sh A|B|C|D|E|F|G|H|I|K|L|M|N|O|P|Q|R   (writes $OUT/logs/*.txt)
 set -uo pipefail
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 mkdir -p "$OUT/logs"
@@ -194,9 +195,12 @@ P)
     done
   done
   ;;
-Q)
+R)
+  timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_step_graph.py > "$OUT/logs/p1_tests.txt" 2>&1
+  ;;&
+Q|R)
   nvidia-smi --query-gpu=name --format=csv,noheader > "$OUT/logs/q0_gpu.txt"
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "greedy or decode_attention" \
+  timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "greedy or decode_attention" \
     > "$OUT/logs/q1_tests.txt" 2>&1
   cp blues_torch/greedy_head.py /tmp/greedy_head.py; cp blues_torch/decode_attention.py /tmp/decode_attention.py
   sed -i 's/tl.min(tl.where(logits == best/tl.max(tl.where(logits == best/' blues_torch/greedy_head.py  # ties to the higher id
@@ -205,7 +209,7 @@ Q)
   timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
     -k "fused_greedy_head_is_argmax or decode_attention_matches_reference_gpu" > "$OUT/logs/q2_planted.txt" 2>&1
   cp /tmp/greedy_head.py blues_torch/greedy_head.py; cp /tmp/decode_attention.py blues_torch/decode_attention.py
-  timeout 340 python3 scripts/decode_probe.py --torch base unfused-head no-decode-attention \
+  timeout 320 python3 scripts/decode_probe.py --torch base unfused-head no-decode-attention \
     --jax cudnn unfused-head no-decode-attention --calls 3 > "$OUT/logs/q3_decode.txt" 2>&1
   ;;
 K)
