@@ -12,7 +12,8 @@ Rows (`--rows`, run in the order given; default the first four): `torch` = Blues
 `torch.compile(model)`; `titan` = torchtitan's Qwen3-MoE with its per-block compile (both peers:
 bench/quality_peers.py, which says what is the peer's own and what is Blues'; the titan row is
 skipped with a note where torchtitan does not import); `torch-eager`, `hf-eager`, `titan-eager` =
-the same three without compiling. A run of a few hundred steps can be over before a cold compile
+the same three without compiling; `torch-graph`, `torch-eager-graph` = Blues' PyTorch rows with
+`--cuda_graph` (the step replayed from one CUDA graph; --quick runs them as `torch-eager`). A run of a few hundred steps can be over before a cold compile
 has paid for itself, so the fastest peer is whichever of its rows in the call reached the target first.
 
 The recipe is the README's tiny one: `--preset tiny --precision bf16 --batch_size 32 --max_steps
@@ -74,17 +75,21 @@ from blues.train_args import DEFAULTS
 REPO = Path(__file__).resolve().parent.parent
 PROG = "python -m bench --what quality"
 
-ROWS = ("torch", "jax", "hf", "titan", "torch-eager", "hf-eager", "titan-eager")
+ROWS = ("torch", "jax", "hf", "titan", "torch-eager", "hf-eager", "titan-eager", "torch-graph", "torch-eager-graph")
 DEFAULT_ROWS = ROWS[:4]
 PEERS = ("hf", "titan", "hf-eager", "titan-eager")
 EAGER = "-eager"  # a row name's suffix: the row's trainer without compiling
+GRAPH = "-graph"  # a row name's suffix: train_torch.py --cuda_graph
 ROW_NAMES = {"torch": "Blues, PyTorch (`train_torch.py --compile`)", "jax": "Blues, JAX (`train_jax.py`)",
              "hf": "transformers Mixtral, `torch.compile(model)`", "titan": "torchtitan Qwen3-MoE, per-block compile",
              "torch-eager": "Blues, PyTorch (`train_torch.py`, eager)", "hf-eager": "transformers Mixtral, eager",
-             "titan-eager": "torchtitan Qwen3-MoE, eager"}
+             "titan-eager": "torchtitan Qwen3-MoE, eager",
+             "torch-graph": "Blues, PyTorch (`train_torch.py --compile --cuda_graph`)",
+             "torch-eager-graph": "Blues, PyTorch (`train_torch.py --cuda_graph`, eager)"}
 # --quick runs every row eagerly
 QUICK_ROW_NAMES = {**ROW_NAMES, "torch": ROW_NAMES["torch-eager"], "hf": ROW_NAMES["hf-eager"],
-                   "titan": ROW_NAMES["titan-eager"]}
+                   "titan": ROW_NAMES["titan-eager"], "torch-graph": ROW_NAMES["torch-eager"],
+                   "torch-eager-graph": ROW_NAMES["torch-eager"]}
 
 TARGET_PPL = 400.0  # issue 26: validation perplexity 400 on the embedded corpus
 # --quick: above the perplexity of every freshly initialised toy model (~200k-350k at V = 200,019), so any
@@ -141,11 +146,14 @@ def quick_recipe(data: Path) -> Recipe:
 
 
 def row_command(row: str, recipe: Recipe, out_dir: Path, *, max_minutes: float, compile: bool) -> list[str]:
-    """The command line of one row (run from the repository root); `compile` False runs every row eagerly."""
+    """The command line of one row (run from the repository root); `compile` False runs every row eagerly
+    and without a CUDA graph (--quick, on a CPU)."""
+    graph = compile and row.endswith(GRAPH)
+    row = row.removesuffix(GRAPH)
     compile = compile and not row.endswith(EAGER)
     row = row.removesuffix(EAGER)
     if row == "torch":
-        cmd = [sys.executable, "train_torch.py"] + (["--compile"] if compile else [])
+        cmd = [sys.executable, "train_torch.py"] + (["--compile"] if compile else []) + (["--cuda_graph"] if graph else [])
     elif row == "jax":
         cmd = [sys.executable, "train_jax.py"]
     else:

@@ -233,8 +233,8 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
             "repeated run loads the compiled graphs from BLUES_CACHE/inductor)",
             action="store_true")
         add("--cuda_graph", "replay the whole training step from one CUDA graph after 3 ordinary steps: "
-            "fewer host launches where the step is host-bound (small models; one process, no DeepSpeed; "
-            "its activations stay allocated between steps)", action="store_true")
+            "fewer host launches where the step is host-bound (small models; --precision bf16, one process, "
+            "no DeepSpeed; its activations stay allocated between steps)", action="store_true")
         add("--expert_parallel", "P: split every layer's experts over groups of P ranks (tokens move by "
             "all-to-all; P divides the rank count and tot_num_experts; under torchrun or deepspeed)",
             type=int, metavar="P")

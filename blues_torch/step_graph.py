@@ -54,6 +54,15 @@ class GraphedTrainStep:
                              "(drop --deepspeed)")
         if step.dist.world_size > 1:
             raise UsageError(f"--cuda_graph runs in one process; this run has {step.dist.world_size}")
+        # Only the bf16 dropless experts (one grouped GEMM over device-side counts) run without reading the
+        # device; float32 experts split their rows by counts read on the host, capacity mode selects its
+        # kept rows by a device mask, and neither can be captured.
+        if step.precision != "bf16":
+            raise UsageError(f"--cuda_graph needs --precision bf16 (this run: {step.precision}): the float32 "
+                             "experts read their token counts on the host, which a CUDA graph cannot hold")
+        if step.model.config.capacity_factor is not None:
+            raise UsageError("--cuda_graph needs dropless experts: capacity_factor selects the kept tokens on "
+                             "the host, which a CUDA graph cannot hold")
         self.step, self.warmup = step, warmup
         self.calls = 0
         self.failed = False  # the capture failed: ordinary steps from then on

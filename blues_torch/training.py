@@ -164,6 +164,7 @@ class TrainStep:
     def __init__(self, model, optimizer, *, dist: Dist, grad_clip: float, precision: str, gen,
                  engine=None, compile: bool = False, layout: ParallelLayout | None = None):
         self.model, self.optimizer, self.engine, self.dist, self.gen = model, optimizer, engine, dist, gen
+        self.precision = precision
         self.layout = layout  # several plain ranks (torchrun): gradients reduced by expert_parallel's rules
         self.forward = engine if engine is not None else model
         # the engine applies its torch_autocast in its forward; the module called directly needs ours

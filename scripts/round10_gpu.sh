@@ -47,7 +47,10 @@
 #    must fail), then scripts/decode_probe.py at `tiny`: both frameworks with both kernels, without
 #    the fused head, without the attention kernel (tokens/s, replay and kernel time, kernels).
 # R: P's tests and Q whole in one call (both branches' correctness on the GPU, and the decode probe).
-#   bash scripts/round10_gpu.sh A|B|C|D|E|F|G|H|I|K|L|M|N|O|P|Q|R   (writes $OUT/logs/*.txt)
+# S: the step's CUDA graph, compiled and eager: the bench's `tiny` rows (PyTorch eager and compiled, each
+#    without and with the graph, beside compiled transformers), then time to quality with the graph rows
+#    beside the plain ones and torchtitan's eager row (the fastest peer of the last call).
+#   bash scripts/round10_gpu.sh A|B|C|D|E|F|G|H|I|K|L|M|N|O|P|Q|R|S   (writes $OUT/logs/*.txt)
 set -uo pipefail
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 mkdir -p "$OUT/logs"
@@ -211,6 +214,17 @@ Q|R)
   cp /tmp/greedy_head.py blues_torch/greedy_head.py; cp /tmp/decode_attention.py blues_torch/decode_attention.py
   timeout 320 python3 scripts/decode_probe.py --torch base unfused-head no-decode-attention \
     --jax cudnn unfused-head no-decode-attention --calls 3 > "$OUT/logs/q3_decode.txt" 2>&1
+  ;;
+S)
+  nvidia-smi --query-gpu=name --format=csv,noheader > "$OUT/logs/s0_gpu.txt"
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+  timeout 230 python3 -m bench --what dense,train,peer-train --preset tiny --framework torch --torch-compile both \
+    --torch-cuda-graph both --steps 6 --warmup 3 --table compact --out /tmp/s_bench > "$OUT/logs/s1_bench.txt" 2>&1
+  cp /tmp/s_bench/bench_table.md "$OUT/logs/s1_bench_table.md" 2>/dev/null
+  timeout 330 python3 -m bench --what quality --rows torch-eager-graph,torch-eager,torch-graph,torch,titan-eager \
+    --stop-at-target --max-minutes 1 --out /tmp/s_ttq > "$OUT/logs/s2_quality.txt" 2>&1
+  cp /tmp/s_ttq/time_to_quality.* "$OUT/logs/" 2>/dev/null
   ;;
 K)
   timeout 560 python3 scripts/run_ahead_probe.py --frameworks torch,jax --presets tiny,bench --steps 30 \

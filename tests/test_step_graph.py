@@ -1,8 +1,9 @@
 """blues_torch/step_graph.py: the training step replayed from one CUDA graph (`train_torch.py --cuda_graph`).
 
 On a CPU: what the graph relies on in TrainStep. Flags given as a device tensor and the lr given as a
-tensor (what the graph fills before each replay) train exactly as numbers do, bit for bit.
-On a GPU: the graphed step against the ordinary one, two models from the same weights and generator
+tensor (what the graph fills before each replay) train exactly as numbers do, bit for bit; steps a
+graph cannot hold (float32 experts, capacity mode) are refused.
+On a GPU: the graphed bf16 step, compiled and eager, against the ordinary one, two models from the same weights and generator
 seed: every step's losses, norm and applied flag and the final weights equal bit for bit, with the
 lr changing every step (a graph that held the first lr would drift), flags changing, and a NaN step
 (run outside the graph) skipped by both.
@@ -24,13 +25,13 @@ from blues_torch.training import TrainStep, make_optimizer
 LRS = [2.0 ** -10 * (1 + i / 8) for i in range(8)]
 
 
-def _step(device, config, *, compile=False) -> TrainStep:
+def _step(device, config, *, compile=False, precision="fp32") -> TrainStep:
     torch.manual_seed(0)
     with torch.device(device):
         model = BluesModel(config)
     model.train()
     optimizer = make_optimizer(model, lr=LRS[0], weight_decay=0.1, device=device)
-    return TrainStep(model, optimizer, dist=Dist(False), grad_clip=GRAD_CLIP, precision="fp32",
+    return TrainStep(model, optimizer, dist=Dist(False), grad_clip=GRAD_CLIP, precision=precision,
                      gen=torch.Generator(device=device).manual_seed(1), compile=compile)
 
 
@@ -54,11 +55,12 @@ def test_tensor_flags_and_lr_train_as_numbers_do():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_the_graphed_step_trains_as_the_ordinary_step():
+@pytest.mark.parametrize("compile", [True, False], ids=["compiled", "eager"])
+def test_the_graphed_step_trains_as_the_ordinary_step(compile):
     from blues_torch.step_graph import GraphedTrainStep
 
     wl = train_workload("tiny", quick=True)
-    ordinary, graphed = _step("cuda", wl.config, compile=True), _step("cuda", wl.config, compile=True)
+    ordinary, graphed = (_step("cuda", wl.config, compile=compile, precision="bf16") for _ in range(2))
     graph = GraphedTrainStep(graphed, warmup=2)
     batches = _batches(wl, "cuda", len(LRS))
     nan_step = 5  # after the capture (step 3): an ordinary step between replays
@@ -71,6 +73,24 @@ def test_the_graphed_step_trains_as_the_ordinary_step():
     assert graph.graph is not None  # the later steps were replays
     for p, q in zip(ordinary.model.parameters(), graphed.model.parameters()):
         assert torch.equal(p, q)
+
+
+def test_steps_a_graph_cannot_hold_are_refused_before_training(monkeypatch):
+    """float32 experts and capacity mode read the device on the host: refused with one line each."""
+    import dataclasses
+
+    from blues.errors import UsageError
+    from blues_torch import step_graph
+
+    wl = train_workload("tiny", quick=True)
+    step = _step("cpu", wl.config)
+    monkeypatch.setattr(step.dist, "device", torch.device("cuda"))  # past the device check, on a CPU
+    with pytest.raises(UsageError, match="--precision bf16"):
+        step_graph.GraphedTrainStep(step)
+    step.precision = "bf16"
+    step.model.config = dataclasses.replace(wl.config, capacity_factor=1.25)
+    with pytest.raises(UsageError, match="dropless"):
+        step_graph.GraphedTrainStep(step)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's answer")

@@ -138,10 +138,11 @@ def test_every_row_runs_the_readme_tiny_recipe(tmp_path):
         cmd = ttq.row_command(name, ttq.Recipe(), tmp_path / name, max_minutes=1.5, compile=True)
         assert cmd[-4 - len(flags):-4] == flags
         assert cmd[-4:] == ["--max_minutes", "1.5", "--out_dir", str(tmp_path / name)]
-        assert ("--compile" in cmd) == (name != "jax" and not name.endswith("-eager"))
-        eager = ttq.row_command(name.removesuffix("-eager"), ttq.Recipe(), tmp_path / name, max_minutes=1.5,
-                                compile=False)
-        assert [c for c in cmd if c != "--compile"] == eager  # the same program and flags
+        assert ("--compile" in cmd) == (name != "jax" and "-eager" not in name)
+        assert ("--cuda_graph" in cmd) == name.endswith("-graph")
+        plain = ttq.row_command(name.removesuffix("-graph").removesuffix("-eager"), ttq.Recipe(), tmp_path / name,
+                                max_minutes=1.5, compile=False)
+        assert [c for c in cmd if c not in ("--compile", "--cuda_graph")] == plain  # the same program and flags
     assert ttq.row_command("titan", ttq.Recipe(), tmp_path, max_minutes=1, compile=False)[1:5] == \
         ["-m", "bench.quality_peers", "--peer", "titan"]
     env = ttq.row_env(tmp_path)
