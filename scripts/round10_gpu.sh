@@ -212,7 +212,7 @@ Q|R)
   timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
     -k "fused_greedy_head_is_argmax or decode_attention_matches_reference_gpu" > "$OUT/logs/q2_planted.txt" 2>&1
   cp /tmp/greedy_head.py blues_torch/greedy_head.py; cp /tmp/decode_attention.py blues_torch/decode_attention.py
-  timeout 260 python3 scripts/decode_probe.py --torch base unfused-head no-decode-attention \
+  timeout ${PROBE_S:-260} python3 scripts/decode_probe.py --torch base unfused-head no-decode-attention \
     --jax cudnn unfused-head no-decode-attention --calls 3 > "$OUT/logs/q3_decode.txt" 2>&1
   ;;
 S)
