@@ -13,8 +13,9 @@ Rows (`--rows`, run in the order given; default the first four): `torch` = Blues
 bench/quality_peers.py, which says what is the peer's own and what is Blues'; the titan row is
 skipped with a note where torchtitan does not import); `torch-eager`, `hf-eager`, `titan-eager` =
 the same three without compiling; `torch-graph`, `torch-eager-graph` = Blues' PyTorch rows with
-`--cuda_graph` (the step replayed from one CUDA graph; --quick runs them as `torch-eager`). A run of a few hundred steps can be over before a cold compile
-has paid for itself, so the fastest peer is whichever of its rows in the call reached the target first.
+`--cuda_graph` (the step replayed from one CUDA graph; --quick runs them as `torch-eager`). A run of
+a few hundred steps can be over before a cold compile has paid for itself, so the fastest peer is
+whichever of its rows in the call reached the target first.
 
 The recipe is the README's tiny one: `--preset tiny --precision bf16 --batch_size 32 --max_steps
 1200 --lr 3e-3 --min_lr 3e-4 --warmup_steps 100 --weight_decay 2.0 --config '{"dropout": 0.1}'

@@ -55,8 +55,8 @@ class GraphedTrainStep:
         if step.dist.world_size > 1:
             raise UsageError(f"--cuda_graph runs in one process; this run has {step.dist.world_size}")
         # Only the bf16 dropless experts (one grouped GEMM over device-side counts) run without reading the
-        # device; float32 experts split their rows by counts read on the host, capacity mode selects its
-        # kept rows by a device mask, and neither can be captured.
+        # device: float32 experts split their rows by counts read on the host, and capacity mode selects
+        # its kept rows with a boolean mask whose count the host reads; a capture cannot hold either.
         if step.precision != "bf16":
             raise UsageError(f"--cuda_graph needs --precision bf16 (this run: {step.precision}): the float32 "
                              "experts read their token counts on the host, which a CUDA graph cannot hold")
