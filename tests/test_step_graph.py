@@ -4,9 +4,9 @@ On a CPU: what the graph relies on in TrainStep. Flags given as a device tensor 
 tensor (what the graph fills before each replay) train exactly as numbers do, bit for bit; steps a
 graph cannot hold (float32 experts, capacity mode) are refused.
 On a GPU: the graphed bf16 step, compiled and eager, against the ordinary one, two models from the
-same weights and generator seed: every step's losses, norm and applied flag and the final weights equal bit for bit, with the
-lr changing every step (a graph that held the first lr would drift), flags changing, and a NaN step
-(run outside the graph) skipped by both.
+same weights and generator seed: every step's losses, norm and applied flag and the final weights
+equal bit for bit, with the lr changing every step (a graph that held the first lr would drift),
+flags changing, and a NaN step (run outside the graph) skipped by both.
 """
 from __future__ import annotations
 
