@@ -4,8 +4,9 @@ They run on GPUs only; here the Pallas kernels run in Pallas's interpreter again
 they compute (argmax of the head's logits; attention under the cache's mask), lower through Pallas's
 Triton lowering for CUDA (a primitive the lowering lacks fails here, not on the GPU), and decode
 through the model with the kernels' path forced, JAX's real kernels interpreted inside the compiled
-decode loop. The Triton kernels compile to sm_90 cubins where Triton is installed (CPU builds of
-torch do not bring it); tests/test_gpu.py runs both frameworks' kernels on a GPU.
+decode loop. The Triton kernels compile to sm_90 cubins here (requirements/cpu.txt pins Triton);
+tests/triton_interpreted.py runs them in Triton's interpreter, alone and through the model, and
+tests/test_gpu.py runs both frameworks' kernels on a GPU.
 """
 from __future__ import annotations
 
@@ -92,7 +93,8 @@ def test_greedy_generation_through_the_fused_head_path(small_models, framework, 
     the logits' argmax emits: the model skips its head and the kernel reads the last position's
     hidden state and the tied table. JAX runs its real kernels in Pallas's interpreter inside the
     compiled decode loop; PyTorch's stand-in is the reference function the GPU test holds its
-    kernels to (greedy_argmax of the head's logits), so this checks PyTorch's plumbing only."""
+    kernels to (greedy_argmax of the head's logits), so this checks PyTorch's plumbing only (its kernels
+    decode through the model in tests/triton_interpreted.py)."""
     cfg, tm, jm = small_models
     greedy = SamplingParams(temperature=0.0)
     if framework == "torch":
@@ -201,7 +203,7 @@ def test_decoding_through_the_decode_attention_path(small_models, framework, mon
     rows of padding). JAX runs its real kernel in Pallas's interpreter inside the compiled loop;
     PyTorch's stand-in is the reference attention under the mask the kernel's rule must equal,
     built from `index` and `start` as the kernel reads them (so this checks PyTorch's plumbing and
-    the rule, not its kernel)."""
+    the rule; its kernel decodes through the model in tests/triton_interpreted.py)."""
     cfg, tm, jm = small_models
     settings = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=20, seed=4)]
     if framework == "torch":

@@ -18,9 +18,14 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # the checkout, and tests/
 
+from blues.config import BluesConfig  # noqa: E402
+from blues.sampling import SamplingParams  # noqa: E402
 from blues.xent_launch import Launch  # noqa: E402
-from blues_torch import xent_kernel  # noqa: E402
+from blues_torch import decode_attention, generation, greedy_head, xent_kernel  # noqa: E402
+from blues_torch.attention import reference_attention  # noqa: E402
 from kernel_cases import check_gated_gelu_backward, check_loss_kernels  # noqa: E402
+from oracle import random_canonical  # noqa: E402
+from parity.convert import from_canonical  # noqa: E402
 
 
 def loss_kernels() -> None:
@@ -37,7 +42,76 @@ def gated_gelu_backward() -> None:
     check_gated_gelu_backward(torch.ops.blues.gated_gelu_backward, 101, 384, torch.Generator().manual_seed(6))
 
 
-CHECKS = {"loss_kernels": loss_kernels, "gated_gelu_backward": gated_gelu_backward}
+def fused_greedy_head() -> None:
+    """greedy_head.greedy_tokens against the first maximum of the head's logits (the float32 product
+    rounded to the table's dtype), float32 and float16: batches in one tile of rows and across several
+    (the last partial), a vocabulary ending inside a block and whole blocks of padding whose logits
+    would win if read. Normal weights, and small integers: their logits are exact in any order of
+    summation, so rows tie exactly and often (the interpreter's numpy GEMM rounds equal columns
+    differently at different positions, so copies of a table row would not tie in float32), and the
+    first maximum must win. (Planted: ties to the higher id, or the padding not masked: each fails.)"""
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.float16):
+        for batch, v, vp, d in ((1, 1000, 1024, 64), (5, 777, 1024, 96), (40, 300, 512, 48), (3, 129, 384, 16)):
+            for draw in (torch.randn, lambda *shape, generator: torch.randint(-2, 3, shape, generator=generator)):
+                h = draw(batch, d, generator=g).to(dtype)  # [B, d]
+                table = draw(vp, d, generator=g).to(dtype)  # [Vp, d]
+                table[v:] = h.float().sum(0).sign().to(dtype) * 4  # padding rows: larger logits than any real row
+                logits = (h.float() @ table.float().T).to(dtype).float()  # [B, Vp]
+                want = logits[:, :v].argmax(-1)  # [B], the first maximum
+                assert (logits[:, v:].amax(-1) > logits[:, :v].amax(-1)).any()  # the padding would win
+                got = greedy_head.greedy_tokens(h, table, v)
+                assert got.dtype == torch.int64 and torch.equal(got, want), (dtype, batch, v, got, want)
+
+
+def decode_attention_kernel() -> None:
+    """decode_attention.decode_attention against the reference attention under the cache's mask
+    (slots <= index, and >= the row's start or == index): several blocks of slots with a partial
+    last one, a head dimension padded (48 in 64), GQA groups of 1, 2 and 4, softcap, a row that is all
+    padding but its own slot; float32 (1e-5 allows the different order of the sums) and bf16 (the
+    output rounded once: one bf16 unit). (Planted: the padding rule dropped: it fails.)"""
+    g = torch.Generator().manual_seed(5)
+    for (b, h, kv, dh, s, softcap) in ((3, 4, 2, 48, 288, None), (2, 4, 1, 64, 100, 30.0), (2, 8, 8, 16, 40, None)):
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2 ** -7)):
+            q = torch.randn(b, h, dh, generator=g).to(dtype)  # [B, H, Dh]
+            k, v = (torch.randn(b, s, kv, dh, generator=g).to(dtype) for _ in range(2))  # [B, S, K, Dh]
+            index = torch.tensor(s * 2 // 3)
+            start = torch.randint(0, s // 2, (b,), generator=g)
+            start[0] = index  # row 0: a padding token, which sees only its own slot
+            slots = torch.arange(s)
+            mask = (slots <= index) & ((slots[None] >= start[:, None]) | (slots == index))  # [B, S]
+            want = reference_attention(q[:, None].float(), k.float(), v.float(), softcap=softcap,
+                                       mask=mask[:, None])[:, 0]  # [B, H, Dh]
+            got = decode_attention.decode_attention(q, k, v, index, start, softcap)
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.float(), want.to(dtype).float(), rtol=tol, atol=tol)
+
+
+def decoding_through_the_kernels() -> None:
+    """Greedy and sampled decoding of a small model with both kernels taken (they apply on CUDA
+    devices only: forced here), float32 and float16, three prompt lengths in one batch (rows of
+    padding): the same tokens as the model's own head and attention emit."""
+    cfg = BluesConfig(vocab_size=512, max_position_embeddings=64, num_layers=2, hidden_size=32, head_dim=24,
+                      num_attention_heads=4, num_key_value_heads=2, tot_num_experts=4, chosen_num_experts=2,
+                      embedding_multiplier_scale=2)
+    model = from_canonical(random_canonical(cfg, seed=1), cfg, "torch").eval()
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 9, 10, 11], [100, 200, 300, 400, 500, 11, 12, 13, 14, 15, 16, 17]]
+    settings = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=20, seed=4)]
+    fused_applies, applies = greedy_head.fused_applies, decode_attention.applies
+    for dtype in (torch.float32, torch.float16):
+        model = model.to(dtype)
+        want = [generation.generate(model, prompts, 10, p, eot_id=0, stop_at_eot=False) for p in settings]
+        greedy_head.fused_applies, decode_attention.applies = (lambda h: True), (lambda q: q.shape[1] == 1)
+        generation._DECODERS.clear()
+        got = [generation.generate(model, prompts, 10, p, eot_id=0, stop_at_eot=False) for p in settings]
+        greedy_head.fused_applies, decode_attention.applies = fused_applies, applies
+        generation._DECODERS.clear()
+        assert got == want, (dtype, got, want)
+
+
+CHECKS = {"loss_kernels": loss_kernels, "gated_gelu_backward": gated_gelu_backward,
+          "fused_greedy_head": fused_greedy_head, "decode_attention_kernel": decode_attention_kernel,
+          "decoding_through_the_kernels": decoding_through_the_kernels}
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1"
