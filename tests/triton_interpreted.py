@@ -4,9 +4,10 @@ Triton reads the variable when it is imported). Exits 0 when the check holds.
 
 The interpreter runs each program of a launch with numpy, so these checks hold the kernels' indexing,
 masks, online softmaxes and float32 math to the functions they compute (tests/kernel_cases.py, the
-GPU tests' cases at smaller sizes); their GPU compile and speed are tests/test_gpu.py's and the
-benchmark's. A kernel with a `tl.dot` runs in float16 and float32 here: the interpreter's bf16 dot
-is wrong (a 16 x 16 product came out ~1e10 off, Triton 3.6 and 3.7); the GPU tests run it in bf16.
+GPU tests' cases at smaller sizes); their compile for a GPU is tests/test_decode_kernels.py's sm_90
+check, and their speed and GPU results are tests/test_gpu.py's and the benchmark's. A kernel with a
+`tl.dot` (the fused greedy head) runs in float16 and float32 here: the interpreter's bf16 dot is
+wrong (a 16 x 16 product came out ~1e10 off, Triton 3.6 and 3.7); the GPU tests run it in bf16.
 """
 from __future__ import annotations
 
