@@ -38,19 +38,32 @@ def applies(q: torch.Tensor) -> bool:
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, start: torch.Tensor,
                      softcap: float | None) -> torch.Tensor:
     """q [B, H, Dh], k/v [B, S, K, Dh] (contiguous), index int [], start int [B] -> [B, H, Dh] in q's dtype."""
-    b, h, dh = q.shape
-    s, kv = k.shape[1], k.shape[2]
-    assert k.is_contiguous() and v.is_contiguous() and k.shape == v.shape, (k.shape, k.stride())
-    t = attention_tiles(s, dh)
-    q = q.contiguous()
-    out = torch.empty_like(q)  # [B, H, Dh]
-    _kernel[(b, h)](q, k, v, index, start, out, s, 1.0 / math.sqrt(dh), 0.0 if softcap is None else softcap,
-                    H=h, GROUPS=h // kv, KV_WIDTH=kv * dh, HEAD_DIM=dh, HEAD_DIM_P=t.head_dim, SLOTS=t.slots,
-                    BLOCKS=t.blocks, SOFTCAP=softcap is not None, num_warps=4, num_stages=1)
-    return out
+    return _decode_attention(q, k, v, index, start, softcap)
 
 
 if triton is not None:
+    # An opaque custom op (as blues_torch/gated_gelu.py's backward): a compiled decode step keeps it as
+    # one extern call, inductor never handles the Triton kernel itself, and a CUDA graph captures its
+    # launch.
+    @torch.library.custom_op("blues::decode_attention", mutates_args=())
+    def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+                          start: torch.Tensor, softcap: float | None) -> torch.Tensor:
+        b, h, dh = q.shape
+        s, kv = k.shape[1], k.shape[2]
+        assert k.is_contiguous() and v.is_contiguous() and k.shape == v.shape, (k.shape, k.stride())
+        t = attention_tiles(s, dh)
+        q = q.contiguous()
+        out = torch.empty_like(q)  # [B, H, Dh]
+        _kernel[(b, h)](q, k, v, index, start, out, s, 1.0 / math.sqrt(dh), 0.0 if softcap is None else softcap,
+                        H=h, GROUPS=h // kv, KV_WIDTH=kv * dh, HEAD_DIM=dh, HEAD_DIM_P=t.head_dim, SLOTS=t.slots,
+                        BLOCKS=t.blocks, SOFTCAP=softcap is not None, num_warps=4, num_stages=1)
+        return out
+
+    @_decode_attention.register_fake
+    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, start: torch.Tensor,
+          softcap: float | None) -> torch.Tensor:
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
     @triton.jit
     def _kernel(q_ptr, k_ptr, v_ptr, index_ptr, start_ptr, out_ptr, slots, scale, softcap, H: tl.constexpr,
                 GROUPS: tl.constexpr, KV_WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,

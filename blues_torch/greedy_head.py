@@ -36,22 +36,34 @@ def fused_applies(h: torch.Tensor) -> bool:
 
 def greedy_tokens(h: torch.Tensor, table: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """h [B, d], table [Vp, d] (same dtype), V <= Vp -> the first maximum of each row's logits, [B] int64."""
-    batch, depth = h.shape
-    padded = table.shape[0]
-    assert table.shape[1] == depth and h.dtype == table.dtype and 0 < vocab_size <= padded, (h.shape, table.shape)
-    h, table = h.contiguous(), table.contiguous()
-    t = head_tiles(batch, padded, depth)
-    block_max = torch.empty(batch, t.vocab_blocks, device=h.device, dtype=torch.float32)  # [B, blocks]
-    block_arg = torch.empty(batch, t.vocab_blocks, device=h.device, dtype=torch.int32)  # [B, blocks]
-    ids = torch.empty(batch, device=h.device, dtype=torch.int64)  # [B]
-    _tile_kernel[(t.vocab_blocks, triton.cdiv(batch, t.rows))](
-        h, table, block_max, block_arg, batch, vocab_size, t.vocab_blocks, D=depth, ROWS=t.rows, VOCAB=t.vocab,
-        DEPTH=t.depth, num_warps=4, num_stages=1)
-    _pick_kernel[(batch,)](block_max, block_arg, ids, t.vocab_blocks, WIDTH=t.pick_width, num_warps=4, num_stages=1)
-    return ids
+    return _greedy_tokens(h, table, vocab_size)
 
 
 if triton is not None:
+    # An opaque custom op (as blues_torch/gated_gelu.py's backward): a compiled decode step keeps it as
+    # one extern call, inductor never handles the Triton kernels itself, and a CUDA graph captures
+    # their launches.
+    @torch.library.custom_op("blues::greedy_tokens", mutates_args=())
+    def _greedy_tokens(h: torch.Tensor, table: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        batch, depth = h.shape
+        padded = table.shape[0]
+        assert table.shape[1] == depth and h.dtype == table.dtype and 0 < vocab_size <= padded, (h.shape, table.shape)
+        h, table = h.contiguous(), table.contiguous()
+        t = head_tiles(batch, padded, depth)
+        block_max = torch.empty(batch, t.vocab_blocks, device=h.device, dtype=torch.float32)  # [B, blocks]
+        block_arg = torch.empty(batch, t.vocab_blocks, device=h.device, dtype=torch.int32)  # [B, blocks]
+        ids = torch.empty(batch, device=h.device, dtype=torch.int64)  # [B]
+        _tile_kernel[(t.vocab_blocks, triton.cdiv(batch, t.rows))](
+            h, table, block_max, block_arg, batch, vocab_size, t.vocab_blocks, D=depth, ROWS=t.rows, VOCAB=t.vocab,
+            DEPTH=t.depth, num_warps=4, num_stages=1)
+        _pick_kernel[(batch,)](block_max, block_arg, ids, t.vocab_blocks, WIDTH=t.pick_width, num_warps=4,
+                               num_stages=1)
+        return ids
+
+    @_greedy_tokens.register_fake
+    def _(h: torch.Tensor, table: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        return h.new_empty(h.shape[0], dtype=torch.int64)
+
     @triton.jit
     def _tile_kernel(h_ptr, table_ptr, max_ptr, arg_ptr, batch, vocab, blocks, D: tl.constexpr, ROWS: tl.constexpr,
                      VOCAB: tl.constexpr, DEPTH: tl.constexpr):

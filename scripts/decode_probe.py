@@ -92,7 +92,15 @@ def _torch_variant(name: str, calls: int, steps: int, base_tokens: dict) -> list
                 torch.cuda.synchronize()
                 if i:
                     times.append(time.perf_counter() - t0)
+            med = statistics.median(times)
+            base = base_tokens.setdefault(batch, tokens)
+            same = sum(a == b for ra, rb in zip(tokens, base) for a, b in zip(ra, rb))
             dec = next(iter(generation._DECODERS.values()))
+            if dec.graph is None:  # the capture failed (generation logged why): eager steps, nothing to replay
+                lines.append(f"| torch {name} | {batch} | {batch * NEW_TOKENS / med:,.0f} | not captured | | | "
+                             f"{same}/{batch * NEW_TOKENS} | {first:.1f} |")
+                print(lines[-1], flush=True)
+                continue
             dec.cache.index.fill_(PROMPT)  # replays continue from the prompt: steps < NEW_TOKENS stay in the cache
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(steps):
@@ -109,9 +117,6 @@ def _torch_variant(name: str, calls: int, steps: int, base_tokens: dict) -> list
             end.record()
             torch.cuda.synchronize()
             replay_us = start.elapsed_time(end) * 1e3 / steps
-            med = statistics.median(times)
-            base = base_tokens.setdefault(batch, tokens)
-            same = sum(a == b for ra, rb in zip(tokens, base) for a, b in zip(ra, rb))
             lines.append(f"| torch {name} | {batch} | {batch * NEW_TOKENS / med:,.0f} | {replay_us:.0f} | "
                          f"{gpu_us:.0f} | {kernels:.0f} | {same}/{batch * NEW_TOKENS} | {first:.1f} |")
             print(lines[-1], flush=True)

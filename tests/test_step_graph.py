@@ -31,7 +31,9 @@ def _step(device, config, *, compile=False, precision="fp32") -> TrainStep:
         model = BluesModel(config)
     model.train()
     optimizer = make_optimizer(model, lr=LRS[0], weight_decay=0.1, device=device)
-    return TrainStep(model, optimizer, dist=Dist(False), grad_clip=GRAD_CLIP, precision=precision,
+    dist = Dist(False)
+    dist.device = torch.device(device)  # a CPU step on a GPU machine too (Dist picks CUDA where there is one)
+    return TrainStep(model, optimizer, dist=dist, grad_clip=GRAD_CLIP, precision=precision,
                      gen=torch.Generator(device=device).manual_seed(1), compile=compile)
 
 

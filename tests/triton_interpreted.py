@@ -110,9 +110,44 @@ def decoding_through_the_kernels() -> None:
         assert got == want, (dtype, got, want)
 
 
+def compiled_decoding_through_the_kernels() -> None:
+    """The decode step torch.compile'd (inductor) with both kernels taken, as `generate(compile=True)` runs
+    it on a GPU: the kernels reach the compiled graph as the opaque custom ops blues::greedy_tokens and
+    blues::decode_attention (a fullgraph compile of each passes), and greedy and sampled decoding emit
+    the eager model's tokens."""
+    cfg = BluesConfig(vocab_size=512, max_position_embeddings=64, num_layers=1, hidden_size=32, head_dim=16,
+                      num_attention_heads=4, num_key_value_heads=2, tot_num_experts=4, chosen_num_experts=2,
+                      embedding_multiplier_scale=2)
+    model = from_canonical(random_canonical(cfg, seed=2), cfg, "torch").eval()
+    gen = torch.Generator().manual_seed(0)
+    h, table = torch.randn(3, 32, generator=gen), torch.randn(512, 32, generator=gen)
+    head = torch.compile(lambda h, table: greedy_head.greedy_tokens(h * 2.0, table, 500) + 1, fullgraph=True)
+    assert torch.equal(head(h, table), greedy_head.greedy_tokens(h * 2.0, table, 500) + 1)
+    q, k, v = (torch.randn(*shape, generator=gen) for shape in ((2, 4, 16), (2, 9, 2, 16), (2, 9, 2, 16)))
+    index, start = torch.tensor(5), torch.tensor([0, 3])
+    attend = torch.compile(lambda q: decode_attention.decode_attention(q * 2.0, k, v, index, start, 30.0) + 1,
+                           fullgraph=True)
+    torch.testing.assert_close(attend(q), decode_attention.decode_attention(q * 2.0, k, v, index, start, 30.0) + 1,
+                               rtol=0, atol=0)
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 9, 10, 11]]
+    settings = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=20, seed=4)]
+    want = [generation.generate(model, prompts, 6, p, eot_id=0, stop_at_eot=False) for p in settings]
+    fused_applies, applies = greedy_head.fused_applies, decode_attention.applies
+    greedy_head.fused_applies, decode_attention.applies = (lambda h: True), (lambda q: q.shape[1] == 1)
+    generation._DECODERS.clear()
+    try:
+        got = [generation.generate(model, prompts, 6, p, eot_id=0, stop_at_eot=False, compile=True)
+               for p in settings]
+    finally:
+        greedy_head.fused_applies, decode_attention.applies = fused_applies, applies
+        generation._DECODERS.clear()
+    assert got == want, (got, want)
+
+
 CHECKS = {"loss_kernels": loss_kernels, "gated_gelu_backward": gated_gelu_backward,
           "fused_greedy_head": fused_greedy_head, "decode_attention_kernel": decode_attention_kernel,
-          "decoding_through_the_kernels": decoding_through_the_kernels}
+          "decoding_through_the_kernels": decoding_through_the_kernels,
+          "compiled_decoding_through_the_kernels": compiled_decoding_through_the_kernels}
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1"
