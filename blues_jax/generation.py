@@ -52,7 +52,8 @@ class KVCache:
         self.index = index  # int32 []: slots written so far (the same for every row)
         self.start = start  # int32 [B]: first real (non-padding) slot of each row
         self.qkv = list(qkv)  # L x [d, (H + 2K) Dh]: the layer's q, k, v weights side by side (load_qkv)
-        self._mask: jax.Array | None = None  # [B, t, S] of the step in progress
+        self._slots: jax.Array | None = None  # [t] the slots the step in progress writes
+        self._mask: jax.Array | None = None  # [B, t, S] its mask, built when attention first needs it
 
     def tree_flatten(self):
         return (tuple(self.k), tuple(self.v), self.index, self.start, tuple(self.qkv)), None
@@ -83,32 +84,39 @@ class KVCache:
         return self.k[0].shape[1]
 
     def positions(self, t: int) -> jax.Array:
-        """RoPE positions of the next t tokens, [B, t]; also builds this step's attention mask."""
-        slots = self.index + jnp.arange(t, dtype=jnp.int32)  # [t] slots being written
-        keys = jnp.arange(self.length, dtype=jnp.int32)  # [S]
-        causal = keys[None, :] <= slots[:, None]  # [t, S]
-        real = keys[None, None, :] >= self.start[:, None, None]  # [B, 1, S] not a padding slot
-        # A padding query attends to itself only, so no softmax row is empty.
-        self._mask = causal[None] & (real | (keys[None, :] == slots[:, None])[None])  # [B, t, S]
-        return jnp.maximum(slots[None, :] - self.start[:, None], 0)  # [B, t]
+        """RoPE positions of the next t tokens, [B, t]; starts a step that writes them."""
+        self._slots = self.index + jnp.arange(t, dtype=jnp.int32)  # [t] slots being written
+        self._mask = None
+        return jnp.maximum(self._slots[None, :] - self.start[:, None], 0)  # [B, t]
 
-    def update(self, layer: int, k: jax.Array, v: jax.Array):
-        """Store k/v [B, t, K, Dh] at the next t slots; -> (k, v [B, S, K, Dh], mask [B, t, S])."""
+    def _step_mask(self) -> jax.Array:
+        """The step's attention mask [B, t, S], built once a step and only where attention reads it."""
+        if self._mask is None:
+            slots = self._slots  # [t]
+            keys = jnp.arange(self.length, dtype=jnp.int32)  # [S]
+            causal = keys[None, :] <= slots[:, None]  # [t, S]
+            real = keys[None, None, :] >= self.start[:, None, None]  # [B, 1, S] not a padding slot
+            # A padding query attends to itself only, so no softmax row is empty.
+            self._mask = causal[None] & (real | (keys[None, :] == slots[:, None])[None])  # [B, t, S]
+        return self._mask
+
+    def update(self, layer: int, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Store k/v [B, t, K, Dh] at the step's slots; -> the layer's k, v [B, S, K, Dh]."""
         at = (0, self.index, 0, 0)
         self.k[layer] = jax.lax.dynamic_update_slice(self.k[layer], k.astype(self.k[layer].dtype), at)
         self.v[layer] = jax.lax.dynamic_update_slice(self.v[layer], v.astype(self.v[layer].dtype), at)
-        return self.k[layer], self.v[layer], self._mask
+        return self.k[layer], self.v[layer]
 
     def attend(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *, softcap: float | None,
                impl: str) -> jax.Array:
         """Store k/v [B, t, K, Dh] (`update`) and attend q [B, t, H, Dh] over every cached slot under
-        this step's mask -> [B, t, H, Dh]. A one-token step on a GPU runs one kernel that reads the
-        mask's rule from `index` and `start` (blues_jax/decode_attention.py); otherwise `attention`
-        with the mask (the `reference` implementation when asked for)."""
-        k, v, mask = self.update(layer, k, v)
+        this step's mask -> [B, t, H, Dh]. A one-token step on a GPU runs one kernel that applies the
+        mask's rule from `index` and `start` (blues_jax/decode_attention.py; no mask is built);
+        otherwise `attention` with the mask (the `reference` implementation when asked for)."""
+        k, v = self.update(layer, k, v)
         if impl != "reference" and decode_attention.applies(q):
             return decode_attention.decode_attention(q[:, 0], k, v, self.index, self.start, softcap)[:, None]
-        return attention(q, k, v, softcap=softcap, impl=impl, mask=mask)
+        return attention(q, k, v, softcap=softcap, impl=impl, mask=self._step_mask())
 
     def advance(self, t: int) -> None:
         self.index = self.index + t

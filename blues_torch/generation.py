@@ -16,7 +16,7 @@
 - `score`: per-token NLL and routing of a batch of windows, for perplexity (`generate.py`).
 
 The model reads the cache through three calls and one field (mirrored in blues_jax/generation.py):
-`cache.positions(t)` (RoPE positions of the t new tokens, [B, t]; also prepares the step's mask),
+`cache.positions(t)` (RoPE positions of the t new tokens, [B, t]; starts the step),
 `cache.qkv[layer]` (the layer's q, k, v weights side by side, `load_qkv`: one projection GEMM),
 `cache.attend(layer, q, k, v, ...)` (store k/v and attend over the layer's cached slots under the
 step's mask) and `cache.advance(t)` after the last layer.
@@ -51,7 +51,8 @@ class KVCache:
         self.index = index  # int64 []: slots written so far (the same for every row)
         self.start = start  # int64 [B]: first real (non-padding) slot of each row
         self.qkv = qkv  # L x [d, (H + 2K) Dh]: the layer's q, k, v weights side by side (load_qkv)
-        self._mask: torch.Tensor | None = None  # [B, t, S] of the step in progress
+        self._slots: torch.Tensor | None = None  # [t] the slots the step in progress writes
+        self._mask: torch.Tensor | None = None  # [B, t, S] its mask, built when attention first needs it
 
     @classmethod
     def allocate(cls, config, batch: int, length: int, *, device, dtype=torch.float32) -> "KVCache":
@@ -82,33 +83,39 @@ class KVCache:
         self.start.copy_(start)
 
     def positions(self, t: int) -> torch.Tensor:
-        """RoPE positions of the next t tokens, [B, t]; also builds this step's attention mask."""
-        slots = self.index + torch.arange(t, device=self.index.device)  # [t] slots being written
-        keys = torch.arange(self.length, device=self.index.device)  # [S]
-        causal = keys[None, :] <= slots[:, None]  # [t, S]
-        real = keys[None, None, :] >= self.start[:, None, None]  # [B, 1, S] not a padding slot
-        # A padding query attends to itself only (finite garbage that no real query ever reads),
-        # so no softmax row is empty.
-        self._mask = causal[None] & (real | (keys[None, :] == slots[:, None])[None])  # [B, t, S]
-        return (slots[None, :] - self.start[:, None]).clamp(min=0)  # [B, t]
+        """RoPE positions of the next t tokens, [B, t]; starts a step that writes them."""
+        self._slots = self.index + torch.arange(t, device=self.index.device)  # [t] slots being written
+        self._mask = None
+        return (self._slots[None, :] - self.start[:, None]).clamp(min=0)  # [B, t]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k/v [B, t, K, Dh] at the next t slots; -> (k, v [B, S, K, Dh], mask [B, t, S])."""
-        slots = self.index + torch.arange(k.shape[1], device=k.device)  # [t]
-        self.k[layer].index_copy_(1, slots, k.to(self.k[layer].dtype))
-        self.v[layer].index_copy_(1, slots, v.to(self.v[layer].dtype))
-        return self.k[layer], self.v[layer], self._mask
+    def _step_mask(self) -> torch.Tensor:
+        """The step's attention mask [B, t, S], built once a step and only where attention reads it."""
+        if self._mask is None:
+            slots = self._slots  # [t]
+            keys = torch.arange(self.length, device=slots.device)  # [S]
+            causal = keys[None, :] <= slots[:, None]  # [t, S]
+            real = keys[None, None, :] >= self.start[:, None, None]  # [B, 1, S] not a padding slot
+            # A padding query attends to itself only (finite garbage that no real query ever reads),
+            # so no softmax row is empty.
+            self._mask = causal[None] & (real | (keys[None, :] == slots[:, None])[None])  # [B, t, S]
+        return self._mask
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B, t, K, Dh] at the step's slots; -> the layer's k, v [B, S, K, Dh]."""
+        self.k[layer].index_copy_(1, self._slots, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(1, self._slots, v.to(self.v[layer].dtype))
+        return self.k[layer], self.v[layer]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softcap: float | None,
                impl: str) -> torch.Tensor:
         """Store k/v [B, t, K, Dh] (`update`) and attend q [B, t, H, Dh] over every cached slot under
-        this step's mask -> [B, t, H, Dh]. A one-token step on a GPU runs one kernel that reads the
-        mask's rule from `index` and `start` (blues_torch/decode_attention.py); otherwise `attention`
-        with the mask (the `reference` implementation when asked for)."""
-        k, v, mask = self.update(layer, k, v)
+        this step's mask -> [B, t, H, Dh]. A one-token step on a GPU runs one kernel that applies the
+        mask's rule from `index` and `start` (blues_torch/decode_attention.py; no mask is built);
+        otherwise `attention` with the mask (the `reference` implementation when asked for)."""
+        k, v = self.update(layer, k, v)
         if impl != "reference" and decode_attention.applies(q):
             return decode_attention.decode_attention(q[:, 0], k, v, self.index, self.start, softcap)[:, None]
-        return attention(q, k, v, softcap=softcap, impl=impl, mask=mask)
+        return attention(q, k, v, softcap=softcap, impl=impl, mask=self._step_mask())
 
     def advance(self, t: int) -> None:
         self.index += t

@@ -105,6 +105,8 @@ def decoding_through_the_kernels() -> None:
         greedy_head.fused_applies, decode_attention.applies = (lambda h: True), (lambda q: q.shape[1] == 1)
         generation._DECODERS.clear()
         got = [generation.generate(model, prompts, 10, p, eot_id=0, stop_at_eot=False) for p in settings]
+        # The kernel applies the mask's rule itself: the last decode step built no [B, 1, S] mask.
+        assert next(iter(generation._DECODERS.values())).cache._mask is None
         greedy_head.fused_applies, decode_attention.applies = fused_applies, applies
         generation._DECODERS.clear()
         assert got == want, (dtype, got, want)
